@@ -1,0 +1,295 @@
+//! COCO detection files: parse and check everything first, then write in one transaction.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rayon::prelude::*;
+use rusqlite::params;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::db::{bump, Store, PENDING};
+use crate::error::{Error, Result, StoreContext};
+use crate::scan::io_pool;
+
+#[derive(Deserialize)]
+struct RawCoco<'a> {
+    images: Vec<Image>,
+    #[serde(default)]
+    categories: Vec<Category>,
+    #[serde(default, borrow)]
+    annotations: Vec<Annotation<'a>>,
+}
+
+#[derive(Deserialize)]
+pub struct Image {
+    pub id: i64,
+    pub file_name: String,
+    pub width: Option<i64>,
+    pub height: Option<i64>,
+}
+
+#[derive(Deserialize)]
+pub struct Category {
+    pub id: i64,
+    pub name: String,
+    pub supercategory: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct Annotation<'a> {
+    pub id: Option<i64>,
+    pub image_id: i64,
+    pub category_id: i64,
+    pub bbox: Vec<f64>,
+    pub area: Option<f64>,
+    pub iscrowd: Option<i64>,
+    #[serde(borrow)]
+    pub segmentation: Option<&'a RawValue>,
+}
+
+/// A checked COCO file, borrowing the segmentation JSON from the file's bytes.
+pub struct Coco<'a> {
+    pub images: Vec<Image>,
+    pub categories: Vec<Category>,
+    pub annotations: Vec<Annotation<'a>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CocoSummary {
+    pub job_id: i64,
+    pub images: u64,
+    pub added: u64,
+    pub existing: u64,
+    pub annotations: u64,
+    pub categories: u64,
+    /// `file_name` of each COCO image whose file is not on disk.
+    pub missing: Vec<String>,
+}
+
+/// Parse and check a COCO file: ids unique, every annotation's image and category known,
+/// every bbox four finite numbers with non-negative size.
+pub fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<Coco<'a>> {
+    let raw: RawCoco<'a> = serde_json::from_slice(bytes).map_err(|e| Error::coco(path, format!("not a COCO file: {e}")))?;
+    let mut image_ids = HashSet::with_capacity(raw.images.len());
+    for (i, im) in raw.images.iter().enumerate() {
+        if !image_ids.insert(im.id) {
+            return Err(Error::coco(path, format!("images[{i}]: duplicate image id {}", im.id)));
+        }
+        if im.file_name.is_empty() {
+            return Err(Error::coco(path, format!("images[{i}]: empty file_name")));
+        }
+        if im.width.is_some_and(|w| w <= 0) || im.height.is_some_and(|h| h <= 0) {
+            return Err(Error::coco(path, format!("images[{i}]: width and height must be positive")));
+        }
+    }
+    let mut cat_ids = HashSet::with_capacity(raw.categories.len());
+    for (i, c) in raw.categories.iter().enumerate() {
+        if !cat_ids.insert(c.id) {
+            return Err(Error::coco(path, format!("categories[{i}]: duplicate category id {}", c.id)));
+        }
+    }
+    for (i, a) in raw.annotations.iter().enumerate() {
+        if !image_ids.contains(&a.image_id) {
+            return Err(Error::coco(path, format!("annotations[{i}]: image_id {} is not in images", a.image_id)));
+        }
+        if !cat_ids.contains(&a.category_id) {
+            return Err(Error::coco(path, format!("annotations[{i}]: category_id {} is not in categories", a.category_id)));
+        }
+        let ok = a.bbox.len() == 4 && a.bbox.iter().all(|v| v.is_finite()) && a.bbox[2] >= 0.0 && a.bbox[3] >= 0.0;
+        if !ok {
+            return Err(Error::coco(path, format!("annotations[{i}]: bbox must be [x, y, width, height], got {:?}", a.bbox)));
+        }
+    }
+    Ok(Coco { images: raw.images, categories: raw.categories, annotations: raw.annotations })
+}
+
+impl Store {
+    /// Read, check and ingest a COCO file for the images under `images_root` (absolute).
+    /// Nothing is written when the file is malformed.
+    pub fn ingest_coco(
+        &mut self,
+        dataset_id: i64,
+        annotations_json: &Path,
+        images_root: &Path,
+        stop: &AtomicBool,
+    ) -> Result<CocoSummary> {
+        let bytes = std::fs::read(annotations_json).map_err(|e| Error::io(annotations_json, e))?;
+        let coco = parse(annotations_json, &bytes)?;
+        let root_str = images_root
+            .to_str()
+            .ok_or_else(|| Error::InvalidArgument(format!("{}: path is not utf-8", images_root.display())))?;
+        let json_str = annotations_json.to_str().unwrap_or_default();
+
+        // Stat every listed file (in parallel), sorted by name so index inserts append.
+        let mut order: Vec<usize> = (0..coco.images.len()).collect();
+        order.sort_unstable_by(|&a, &b| coco.images[a].file_name.cmp(&coco.images[b].file_name));
+        let stats: Vec<Option<(u64, i64)>> = io_pool().install(|| {
+            order
+                .par_iter()
+                .map(|&i| {
+                    use std::os::unix::fs::MetadataExt;
+                    let m = std::fs::metadata(images_root.join(&coco.images[i].file_name)).ok()?;
+                    m.is_file().then(|| (m.len(), m.mtime() * 1_000_000_000 + m.mtime_nsec()))
+                })
+                .collect()
+        });
+        if stop.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
+
+        let (root_id, prefix, _) = self.root_for(dataset_id, root_str)?;
+        let job_id = self.create_job(dataset_id, "coco", json_str)?;
+        let path = self.path.clone();
+        let tx = self.immediate()?;
+        let file_id: i64 = tx
+            .query_row(
+                "INSERT INTO coco_files (dataset_id, path) VALUES (?1, ?2)
+                 ON CONFLICT (dataset_id, path) DO UPDATE SET path = excluded.path RETURNING id",
+                params![dataset_id, json_str],
+                |r| r.get(0),
+            )
+            .store(&path)?;
+        let mut category_rows: HashMap<i64, i64> = HashMap::new();
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT INTO categories (dataset_id, name, supercategory, coco_id) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (dataset_id, name)
+                     DO UPDATE SET supercategory = coalesce(excluded.supercategory, supercategory)
+                     RETURNING id",
+                )
+                .store(&path)?;
+            for c in &coco.categories {
+                let id: i64 = st.query_row(params![dataset_id, c.name, c.supercategory, c.id], |r| r.get(0)).store(&path)?;
+                category_rows.insert(c.id, id);
+            }
+        }
+        let mut sample_of_image: HashMap<i64, i64> = HashMap::with_capacity(coco.images.len());
+        let mut earlier: Vec<i64> = Vec::new();
+        let mut missing = Vec::new();
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT INTO samples (dataset_id, job_id, root_id, path, size_bytes, mtime_ns, coco_width, coco_height)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                     ON CONFLICT (root_id, path) DO UPDATE SET
+                         coco_width = excluded.coco_width, coco_height = excluded.coco_height,
+                         size_mismatch = (width IS NOT NULL AND excluded.coco_width IS NOT NULL
+                             AND (width != excluded.coco_width OR height != excluded.coco_height))
+                     RETURNING id, job_id",
+                )
+                .store(&path)?;
+            let mut miss = tx
+                .prepare_cached("INSERT INTO coco_missing (job_id, coco_image_id, file_name) VALUES (?1, ?2, ?3)")
+                .store(&path)?;
+            for (&i, stat) in order.iter().zip(&stats) {
+                let im = &coco.images[i];
+                let Some((size, mtime)) = stat else {
+                    miss.execute(params![job_id, im.id, im.file_name]).store(&path)?;
+                    missing.push(im.file_name.clone());
+                    continue;
+                };
+                let rel = if prefix.is_empty() { im.file_name.clone() } else { format!("{prefix}/{}", im.file_name) };
+                let (id, owner): (i64, i64) = st
+                    .query_row(params![dataset_id, job_id, root_id, rel, *size as i64, mtime, im.width, im.height], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
+                    .store(&path)?;
+                if owner != job_id {
+                    earlier.push(id);
+                }
+                sample_of_image.insert(im.id, id);
+            }
+        }
+        // Count rows this job inserted (the same file listed twice is one row).
+        let distinct_new: HashSet<i64> = {
+            let earlier_set: HashSet<i64> = earlier.iter().copied().collect();
+            sample_of_image.values().copied().filter(|id| !earlier_set.contains(id)).collect()
+        };
+        let added = distinct_new.len() as i64;
+        {
+            // Ingesting the same file again replaces its boxes instead of adding them twice.
+            let mut del = tx
+                .prepare_cached("DELETE FROM annotations WHERE sample_id = ?1 AND file_id = ?2")
+                .store(&path)?;
+            for id in &earlier {
+                del.execute(params![id, file_id]).store(&path)?;
+            }
+        }
+        let mut anns: Vec<(i64, &Annotation<'_>)> = coco
+            .annotations
+            .iter()
+            .filter_map(|a| sample_of_image.get(&a.image_id).map(|s| (*s, a)))
+            .collect();
+        anns.sort_by_key(|(s, _)| *s);
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT INTO annotations (sample_id, file_id, category_id, coco_id, x, y, w, h, area, iscrowd, segmentation)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                )
+                .store(&path)?;
+            for (sample, a) in &anns {
+                let b = &a.bbox;
+                st.execute(params![
+                    sample,
+                    file_id,
+                    category_rows[&a.category_id],
+                    a.id,
+                    b[0],
+                    b[1],
+                    b[2],
+                    b[3],
+                    a.area,
+                    a.iscrowd.unwrap_or(0),
+                    a.segmentation.map(RawValue::get),
+                ])
+                .store(&path)?;
+            }
+        }
+        bump(&tx, dataset_id, job_id, PENDING, added).store(&path)?;
+        let existing = sample_of_image.len() as i64 - added;
+        let warnings: Vec<String> = missing.iter().map(|m| format!("{m}: listed in the COCO file but not found on disk")).collect();
+        tx.execute(
+            "UPDATE jobs SET added = ?2, existing = ?3, warnings = ?4 WHERE id = ?1",
+            params![job_id, added, existing.max(0), serde_json::to_string(&warnings).unwrap_or_default()],
+        )
+        .store(&path)?;
+        tx.commit().store(&path)?;
+        Ok(CocoSummary {
+            job_id,
+            images: coco.images.len() as u64,
+            added: added as u64,
+            existing: existing.max(0) as u64,
+            annotations: anns.len() as u64,
+            categories: coco.categories.len() as u64,
+            missing,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_files_are_refused_with_a_reason() {
+        let p = Path::new("x.json");
+        let err = |s: &str| match parse(p, s.as_bytes()) {
+            Err(Error::Coco { reason, .. }) => reason,
+            Err(e) => panic!("unexpected {e}"),
+            Ok(_) => panic!("accepted {s}"),
+        };
+        assert!(err("{").contains("not a COCO file"));
+        assert!(err(r#"{"images": 3}"#).contains("not a COCO file"));
+        let base = r#""images":[{"id":1,"file_name":"a.jpg"}],"categories":[{"id":7,"name":"dog"}]"#;
+        assert!(err(&format!(r#"{{{base},"annotations":[{{"image_id":2,"category_id":7,"bbox":[0,0,1,1]}}]}}"#)).contains("image_id 2"));
+        assert!(err(&format!(r#"{{{base},"annotations":[{{"image_id":1,"category_id":8,"bbox":[0,0,1,1]}}]}}"#)).contains("category_id 8"));
+        assert!(err(&format!(r#"{{{base},"annotations":[{{"image_id":1,"category_id":7,"bbox":[0,0,1]}}]}}"#)).contains("bbox"));
+        let ok = format!(r#"{{{base},"annotations":[{{"id":5,"image_id":1,"category_id":7,"bbox":[1,2,3,4],"segmentation":[[1,2,3,4,5,6]]}}]}}"#);
+        let c = parse(p, ok.as_bytes()).unwrap();
+        assert_eq!(c.annotations[0].segmentation.unwrap().get(), "[[1,2,3,4,5,6]]");
+    }
+}

@@ -1,0 +1,521 @@
+//! The store: one SQLite file that holds datasets, samples, annotations and embeddings, and is
+//! the work queue. This module owns the schema; every write goes through `Store`.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+
+use crate::error::{Error, Result, StoreContext};
+
+/// Bumped whenever the schema changes; a store of another version is refused on open.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// The status column's values, in pipeline order. Python reads these from `_core.STATUSES`.
+pub const STATUSES: [&str; 5] = [PENDING, INDEXED, EMBEDDING, READY, FAILED];
+pub const PENDING: &str = "pending";
+pub const INDEXED: &str = "indexed";
+pub const EMBEDDING: &str = "embedding";
+pub const READY: &str = "ready";
+pub const FAILED: &str = "failed";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS datasets (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL,
+    embed_spec TEXT
+);
+CREATE TABLE IF NOT EXISTS roots (
+    id INTEGER PRIMARY KEY,
+    dataset_id INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    UNIQUE (dataset_id, path)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    dataset_id INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    source TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    added INTEGER NOT NULL DEFAULT 0,
+    existing INTEGER NOT NULL DEFAULT 0,
+    warnings TEXT NOT NULL DEFAULT '[]'
+);
+CREATE TABLE IF NOT EXISTS samples (
+    id INTEGER PRIMARY KEY,
+    dataset_id INTEGER NOT NULL,
+    job_id INTEGER NOT NULL,
+    root_id INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    size_bytes INTEGER,
+    mtime_ns INTEGER,
+    status TEXT NOT NULL DEFAULT 'pending',
+    width INTEGER,
+    height INTEGER,
+    format TEXT,
+    orientation INTEGER,
+    error TEXT,
+    coco_width INTEGER,
+    coco_height INTEGER,
+    size_mismatch INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (root_id, path)
+);
+CREATE INDEX IF NOT EXISTS samples_by_status ON samples (dataset_id, status, id);
+CREATE TABLE IF NOT EXISTS counts (
+    dataset_id INTEGER NOT NULL,
+    job_id INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (dataset_id, job_id, status)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS phase_errors (
+    dataset_id INTEGER NOT NULL,
+    phase TEXT NOT NULL,
+    message TEXT NOT NULL,
+    PRIMARY KEY (dataset_id, phase)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS leases (
+    dataset_id INTEGER NOT NULL,
+    phase TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    heartbeat REAL NOT NULL,
+    PRIMARY KEY (dataset_id, phase)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS coco_files (
+    id INTEGER PRIMARY KEY,
+    dataset_id INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    UNIQUE (dataset_id, path)
+);
+CREATE TABLE IF NOT EXISTS categories (
+    id INTEGER PRIMARY KEY,
+    dataset_id INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    supercategory TEXT,
+    coco_id INTEGER,
+    UNIQUE (dataset_id, name)
+);
+CREATE TABLE IF NOT EXISTS annotations (
+    id INTEGER PRIMARY KEY,
+    sample_id INTEGER NOT NULL,
+    file_id INTEGER NOT NULL,
+    category_id INTEGER NOT NULL,
+    coco_id INTEGER,
+    x REAL NOT NULL, y REAL NOT NULL, w REAL NOT NULL, h REAL NOT NULL,
+    area REAL,
+    iscrowd INTEGER NOT NULL DEFAULT 0,
+    segmentation TEXT
+);
+CREATE INDEX IF NOT EXISTS annotations_by_sample ON annotations (sample_id);
+CREATE TABLE IF NOT EXISTS coco_missing (
+    job_id INTEGER NOT NULL,
+    coco_image_id INTEGER NOT NULL,
+    file_name TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS models (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    pretrained TEXT NOT NULL,
+    dim INTEGER NOT NULL,
+    UNIQUE (name, pretrained)
+);
+CREATE TABLE IF NOT EXISTS embeddings (
+    id INTEGER PRIMARY KEY,
+    model_id INTEGER NOT NULL,
+    sample_id INTEGER NOT NULL,
+    vector BLOB NOT NULL,
+    UNIQUE (model_id, sample_id)
+);
+";
+
+pub fn now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Counts of one dataset or one job, by status, plus whether work is still owed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub dataset_id: i64,
+    pub counts: [i64; 5],
+    /// The dataset wants embeddings (an embedding model was asked for).
+    pub embed_wanted: bool,
+    /// `(phase, message)` for each phase that stopped on an error.
+    pub errors: Vec<(String, String)>,
+}
+
+impl Progress {
+    pub fn total(&self) -> i64 {
+        self.counts.iter().sum()
+    }
+    pub fn count(&self, status: &str) -> i64 {
+        STATUSES.iter().position(|s| *s == status).map_or(0, |i| self.counts[i])
+    }
+    /// `complete` once no row waits for a phase that can still run.
+    pub fn is_complete(&self) -> bool {
+        let embed_blocked = self.errors.iter().any(|(p, _)| p == "embed");
+        let waiting_embed = self.embed_wanted && !embed_blocked && self.count(INDEXED) > 0;
+        self.count(PENDING) == 0 && self.count(EMBEDDING) == 0 && !waiting_embed
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DatasetRow {
+    pub id: i64,
+    pub name: String,
+    pub created_at: f64,
+    pub embed_spec: Option<String>,
+}
+
+pub struct Store {
+    pub path: String,
+    pub(crate) conn: Connection,
+}
+
+impl Store {
+    /// Open (or create) the store at `path`. Fails if the file is not a fastindex store of
+    /// this schema version.
+    pub fn open(path: &str) -> Result<Store> {
+        if path.is_empty() {
+            return Err(Error::InvalidArgument("db: empty path".into()));
+        }
+        let conn = Connection::open(path).store(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(60)).store(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL").store(path)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").store(path)?;
+        conn.pragma_update(None, "temp_store", "MEMORY").store(path)?;
+        conn.pragma_update(None, "cache_size", -65536).store(path)?;
+        let mut store = Store { path: path.to_string(), conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let path = self.path.clone();
+        let found: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .or_else(|e| match e {
+                rusqlite::Error::SqliteFailure(_, Some(ref m)) if m.contains("no such table") => Ok(None),
+                e => Err(e),
+            })
+            .store(&path)?;
+        match found {
+            Some(v) => {
+                let found = v.parse::<i64>().unwrap_or(-1);
+                if found != SCHEMA_VERSION {
+                    return Err(Error::SchemaVersion { path, found, expected: SCHEMA_VERSION });
+                }
+                Ok(())
+            }
+            None => {
+                let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).store(&path)?;
+                tx.execute_batch(SCHEMA).store(&path)?;
+                tx.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?1)",
+                    [SCHEMA_VERSION.to_string()],
+                )
+                .store(&path)?;
+                tx.commit().store(&path)
+            }
+        }
+    }
+
+    pub(crate) fn immediate(&mut self) -> Result<Transaction<'_>> {
+        self.conn.transaction_with_behavior(TransactionBehavior::Immediate).store(&self.path)
+    }
+
+    pub fn create_dataset(&mut self, name: &str) -> Result<i64> {
+        let name = checked_name(name)?;
+        let path = self.path.clone();
+        let tx = self.immediate()?;
+        let exists: Option<i64> =
+            tx.query_row("SELECT id FROM datasets WHERE name = ?1", [name], |r| r.get(0)).optional().store(&path)?;
+        if exists.is_some() {
+            return Err(Error::DatasetExists(name.to_string(), path));
+        }
+        tx.execute("INSERT INTO datasets (name, created_at) VALUES (?1, ?2)", params![name, now()]).store(&path)?;
+        let id = tx.last_insert_rowid();
+        tx.commit().store(&path)?;
+        Ok(id)
+    }
+
+    pub fn find_dataset(&self, name: &str) -> Result<Option<DatasetRow>> {
+        self.conn
+            .query_row(
+                "SELECT id, name, created_at, embed_spec FROM datasets WHERE name = ?1",
+                [name],
+                dataset_row,
+            )
+            .optional()
+            .store(&self.path)
+    }
+
+    pub fn dataset(&self, id: i64) -> Result<Option<DatasetRow>> {
+        self.conn
+            .query_row("SELECT id, name, created_at, embed_spec FROM datasets WHERE id = ?1", [id], dataset_row)
+            .optional()
+            .store(&self.path)
+    }
+
+    pub fn list_datasets(&self) -> Result<Vec<DatasetRow>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT id, name, created_at, embed_spec FROM datasets ORDER BY id")
+            .store(&self.path)?;
+        let rows = st.query_map([], dataset_row).store(&self.path)?;
+        rows.collect::<std::result::Result<_, _>>().store(&self.path)
+    }
+
+    pub fn create_job(&mut self, dataset_id: i64, kind: &str, source: &str) -> Result<i64> {
+        self.conn
+            .execute(
+                "INSERT INTO jobs (dataset_id, kind, source, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![dataset_id, kind, source, now()],
+            )
+            .store(&self.path)?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// The job's summary: `(dataset_id, kind, source, added, existing, warnings as JSON)`.
+    pub fn job(&self, job_id: i64) -> Result<Option<(i64, String, String, i64, i64, String)>> {
+        self.conn
+            .query_row(
+                "SELECT dataset_id, kind, source, added, existing, warnings FROM jobs WHERE id = ?1",
+                [job_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+            )
+            .optional()
+            .store(&self.path)
+    }
+
+    /// The root row for folder `abs` in a dataset, and the prefix to put before paths found
+    /// under it. A folder inside a known root reuses that root (so nothing is added twice);
+    /// known roots inside the new folder are returned so the walk can skip them.
+    pub fn root_for(&mut self, dataset_id: i64, abs: &str) -> Result<(i64, String, Vec<String>)> {
+        let roots: Vec<(i64, String)> = {
+            let mut st = self
+                .conn
+                .prepare_cached("SELECT id, path FROM roots WHERE dataset_id = ?1")
+                .store(&self.path)?;
+            let rows = st.query_map([dataset_id], |r| Ok((r.get(0)?, r.get(1)?))).store(&self.path)?;
+            rows.collect::<std::result::Result<_, _>>().store(&self.path)?
+        };
+        let inside = |outer: &str, inner: &str| -> Option<String> {
+            let rest = inner.strip_prefix(outer)?;
+            let rest = if outer.ends_with('/') { rest } else { rest.strip_prefix('/')? };
+            Some(rest.to_string())
+        };
+        let nested: Vec<String> =
+            roots.iter().filter(|(_, p)| p != abs && inside(abs, p).is_some()).map(|(_, p)| p.clone()).collect();
+        if let Some((id, _)) = roots.iter().find(|(_, p)| p == abs) {
+            return Ok((*id, String::new(), nested));
+        }
+        if let Some((id, prefix)) = roots.iter().find_map(|(id, p)| inside(p, abs).map(|rest| (*id, rest))) {
+            return Ok((id, prefix, nested));
+        }
+        self.conn
+            .execute("INSERT INTO roots (dataset_id, path) VALUES (?1, ?2)", params![dataset_id, abs])
+            .store(&self.path)?;
+        Ok((self.conn.last_insert_rowid(), String::new(), nested))
+    }
+
+    pub fn root_paths(&self, dataset_id: i64) -> Result<std::collections::HashMap<i64, String>> {
+        let mut st = self.conn.prepare_cached("SELECT id, path FROM roots WHERE dataset_id = ?1").store(&self.path)?;
+        let rows = st.query_map([dataset_id], |r| Ok((r.get(0)?, r.get(1)?))).store(&self.path)?;
+        rows.collect::<std::result::Result<_, _>>().store(&self.path)
+    }
+
+    /// O(number of jobs): read from the counters kept in step with every status change.
+    pub fn progress(&self, dataset_id: i64, job_id: Option<i64>) -> Result<Progress> {
+        let mut p = Progress { dataset_id, ..Default::default() };
+        let sql = if job_id.is_some() {
+            "SELECT status, SUM(n) FROM counts WHERE dataset_id = ?1 AND job_id = ?2 GROUP BY status"
+        } else {
+            "SELECT status, SUM(n) FROM counts WHERE dataset_id = ?1 AND ?2 IS NULL GROUP BY status"
+        };
+        let mut st = self.conn.prepare_cached(sql).store(&self.path)?;
+        let mut rows = st.query(params![dataset_id, job_id]).store(&self.path)?;
+        while let Some(r) = rows.next().store(&self.path)? {
+            let status: String = r.get(0).store(&self.path)?;
+            let n: i64 = r.get(1).store(&self.path)?;
+            if let Some(i) = STATUSES.iter().position(|s| *s == status) {
+                p.counts[i] = n;
+            }
+        }
+        drop(rows);
+        p.embed_wanted = self
+            .conn
+            .query_row("SELECT embed_spec IS NOT NULL FROM datasets WHERE id = ?1", [dataset_id], |r| r.get(0))
+            .optional()
+            .store(&self.path)?
+            .unwrap_or(false);
+        p.errors = self.phase_errors(dataset_id)?;
+        Ok(p)
+    }
+
+    pub fn phase_errors(&self, dataset_id: i64) -> Result<Vec<(String, String)>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT phase, message FROM phase_errors WHERE dataset_id = ?1 ORDER BY phase")
+            .store(&self.path)?;
+        let rows = st.query_map([dataset_id], |r| Ok((r.get(0)?, r.get(1)?))).store(&self.path)?;
+        rows.collect::<std::result::Result<_, _>>().store(&self.path)
+    }
+
+    /// Record (or with `None`, clear) the error that stopped `phase` for a dataset.
+    pub fn set_phase_error(&mut self, dataset_id: i64, phase: &str, message: Option<&str>) -> Result<()> {
+        match message {
+            Some(m) => self.conn.execute(
+                "INSERT INTO phase_errors (dataset_id, phase, message) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (dataset_id, phase) DO UPDATE SET message = excluded.message",
+                params![dataset_id, phase, m],
+            ),
+            None => self
+                .conn
+                .execute("DELETE FROM phase_errors WHERE dataset_id = ?1 AND phase = ?2", params![dataset_id, phase]),
+        }
+        .store(&self.path)?;
+        Ok(())
+    }
+
+    /// Take (or keep) the right to run `phase` for a dataset. A lease whose holder has not
+    /// renewed it within `ttl` seconds is taken over. Returns whether `owner` holds it now.
+    pub fn acquire_lease(&mut self, dataset_id: i64, phase: &str, owner: &str, ttl: f64) -> Result<bool> {
+        let path = self.path.clone();
+        let tx = self.immediate()?;
+        let held: Option<(String, f64)> = tx
+            .query_row(
+                "SELECT owner, heartbeat FROM leases WHERE dataset_id = ?1 AND phase = ?2",
+                params![dataset_id, phase],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .store(&path)?;
+        let t = now();
+        let free = match held {
+            None => true,
+            Some((o, hb)) => o == owner || t - hb > ttl,
+        };
+        if free {
+            tx.execute(
+                "INSERT INTO leases (dataset_id, phase, owner, heartbeat) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (dataset_id, phase) DO UPDATE SET owner = excluded.owner, heartbeat = excluded.heartbeat",
+                params![dataset_id, phase, owner, t],
+            )
+            .store(&path)?;
+        }
+        tx.commit().store(&path)?;
+        Ok(free)
+    }
+
+    pub fn release_lease(&mut self, dataset_id: i64, phase: &str, owner: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "DELETE FROM leases WHERE dataset_id = ?1 AND phase = ?2 AND owner = ?3",
+                params![dataset_id, phase, owner],
+            )
+            .store(&self.path)?;
+        Ok(())
+    }
+}
+
+/// Add `delta` to the counter of `(dataset, job, status)`. Called inside the transaction that
+/// changes the rows, so the counters never drift from the table.
+pub(crate) fn bump(tx: &Transaction<'_>, dataset_id: i64, job_id: i64, status: &str, delta: i64) -> rusqlite::Result<()> {
+    if delta == 0 {
+        return Ok(());
+    }
+    tx.prepare_cached(
+        "INSERT INTO counts (dataset_id, job_id, status, n) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (dataset_id, job_id, status) DO UPDATE SET n = n + excluded.n",
+    )?
+    .execute(params![dataset_id, job_id, status, delta])?;
+    Ok(())
+}
+
+/// Move rows between statuses in the counters: `moves` holds `(job_id, delta)` per job.
+pub(crate) fn bump_moves(
+    tx: &Transaction<'_>,
+    dataset_id: i64,
+    from: &str,
+    to: &str,
+    moves: &std::collections::HashMap<i64, i64>,
+) -> rusqlite::Result<()> {
+    for (&job, &n) in moves {
+        bump(tx, dataset_id, job, from, -n)?;
+        bump(tx, dataset_id, job, to, n)?;
+    }
+    Ok(())
+}
+
+fn dataset_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DatasetRow> {
+    Ok(DatasetRow { id: r.get(0)?, name: r.get(1)?, created_at: r.get(2)?, embed_spec: r.get(3)? })
+}
+
+fn checked_name(name: &str) -> Result<&str> {
+    let trimmed = name.trim();
+    if trimmed.is_empty() || trimmed.len() > 200 || trimmed.chars().any(char::is_control) {
+        return Err(Error::InvalidArgument(format!("invalid dataset name {name:?}: use 1-200 printable characters")));
+    }
+    Ok(trimmed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_version_is_checked() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("s.db");
+        let p = p.to_str().unwrap();
+        let mut s = Store::open(p).unwrap();
+        let id = s.create_dataset("a").unwrap();
+        assert!(matches!(s.create_dataset("a"), Err(Error::DatasetExists(..))));
+        assert_eq!(s.find_dataset("a").unwrap().unwrap().id, id);
+        s.conn.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'", []).unwrap();
+        drop(s);
+        assert!(matches!(Store::open(p), Err(Error::SchemaVersion { found: 999, .. })));
+    }
+
+    #[test]
+    fn not_a_database() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("junk.db");
+        std::fs::write(&p, vec![b'x'; 4096]).unwrap();
+        assert!(matches!(Store::open(p.to_str().unwrap()), Err(Error::Store { .. })));
+    }
+
+    #[test]
+    fn roots_nest() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = Store::open(t.path().join("s.db").to_str().unwrap()).unwrap();
+        let d = s.create_dataset("d").unwrap();
+        let (child, prefix, skip) = s.root_for(d, "/data/photos/2024").unwrap();
+        assert_eq!((prefix.as_str(), skip.len()), ("", 0));
+        let (parent, _, skip) = s.root_for(d, "/data/photos").unwrap();
+        assert_ne!(parent, child);
+        assert_eq!(skip, ["/data/photos/2024"]);
+        let (again, prefix, _) = s.root_for(d, "/data/photos/2023/x").unwrap();
+        assert_eq!((again, prefix.as_str()), (parent, "2023/x"));
+        let (same, _, _) = s.root_for(d, "/data/photos/2024").unwrap();
+        assert_eq!(same, child);
+    }
+
+    #[test]
+    fn leases() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = Store::open(t.path().join("s.db").to_str().unwrap()).unwrap();
+        assert!(s.acquire_lease(1, "probe", "a", 10.0).unwrap());
+        assert!(!s.acquire_lease(1, "probe", "b", 10.0).unwrap());
+        assert!(s.acquire_lease(1, "probe", "b", -1.0).unwrap());
+        s.release_lease(1, "probe", "b").unwrap();
+        assert!(s.acquire_lease(1, "probe", "a", 10.0).unwrap());
+    }
+}

@@ -1,0 +1,30 @@
+//! fastindex's core: walk, probe and store image datasets. Plain Rust modules; `py` is the only
+//! one that knows Python.
+
+pub mod coco;
+pub mod db;
+pub mod error;
+pub mod header;
+pub mod query;
+pub mod scan;
+pub mod vectors;
+pub mod walk;
+
+mod py;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+#[pyo3(name = "_core")]
+fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("SCHEMA_VERSION", db::SCHEMA_VERSION)?;
+    m.add("STATUSES", db::STATUSES.to_vec())?;
+    m.add("IMAGE_EXTENSIONS", walk::IMAGE_EXTENSIONS.to_vec())?;
+    m.add_class::<py::Store>()?;
+    m.add_class::<py::StopFlag>()?;
+    m.add_function(wrap_pyfunction!(py::image_size, m)?)?;
+    m.add_function(wrap_pyfunction!(py::probe_image, m)?)?;
+    m.add_function(wrap_pyfunction!(py::probe_bytes, m)?)?;
+    Ok(())
+}

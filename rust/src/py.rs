@@ -1,0 +1,392 @@
+//! The Python boundary: copy arguments out, run the work with the GIL released, convert back.
+//! The only file (with lib.rs) that knows about pyo3.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList};
+
+use crate::coco::CocoSummary;
+use crate::db::{self, Progress, STATUSES};
+use crate::error::Error;
+use crate::header::{self, ImageInfo};
+use crate::query::{AnnotationRow, SampleRow};
+use crate::scan::{self, ScanSummary};
+
+/// Map a core error to the exception class of the same name in `fastindex.errors` (defined in
+/// Python so they can also derive from `ValueError`, `LookupError`, ...).
+fn to_py(e: Error) -> PyErr {
+    let class = match &e {
+        Error::InvalidArgument(_) => "InvalidArgumentError",
+        Error::DatasetNotFound(..) => "DatasetNotFoundError",
+        Error::DatasetExists(..) => "DatasetExistsError",
+        Error::Image { .. } => "ImageError",
+        Error::Coco { .. } => "CocoError",
+        Error::SchemaVersion { .. } => "SchemaVersionError",
+        Error::Store { .. } => "StoreError",
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => "PathNotFoundError",
+        Error::Io { .. } => "InvalidArgumentError",
+        Error::Cancelled => "CancelledError",
+    };
+    let msg = e.to_string();
+    Python::attach(|py| {
+        match py.import("fastindex.errors").and_then(|m| m.getattr(class)) {
+            Ok(cls) => match cls.call1((msg.clone(),)) {
+                Ok(inst) => PyErr::from_value(inst),
+                Err(err) => err,
+            },
+            Err(_) => PyRuntimeError::new_err(msg),
+        }
+    })
+}
+
+type Res<T> = PyResult<T>;
+
+fn r<T>(v: crate::error::Result<T>) -> Res<T> {
+    v.map_err(to_py)
+}
+
+/// A flag that long calls check between steps; set it to cancel them.
+#[pyclass(module = "fastindex._core", frozen)]
+#[derive(Clone, Default)]
+pub struct StopFlag {
+    flag: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+}
+
+#[pymethods]
+impl StopFlag {
+    #[new]
+    fn new() -> Self {
+        Self::default()
+    }
+    fn set(&self) {
+        self.flag.store(true, Ordering::Relaxed);
+    }
+    fn is_set(&self) -> bool {
+        self.flag.load(Ordering::Relaxed)
+    }
+    /// Rows processed so far by the call that holds this flag.
+    #[getter]
+    fn done(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
+    }
+}
+
+fn info_dict<'py>(py: Python<'py>, i: &ImageInfo) -> Res<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("width", i.width)?;
+    d.set_item("height", i.height)?;
+    d.set_item("format", i.format.name())?;
+    d.set_item("orientation", i.orientation)?;
+    Ok(d)
+}
+
+/// `(width, height)` from the header of the image at `path`.
+#[pyfunction]
+pub fn image_size(py: Python<'_>, path: PathBuf) -> Res<(u32, u32)> {
+    let info = py.detach(|| header::probe_path(&path).map_err(|reason| Error::image(&path, reason.to_string())));
+    let info = r(info)?;
+    Ok((info.width, info.height))
+}
+
+/// Width, height, format and EXIF orientation from the header of the image at `path`.
+#[pyfunction]
+pub fn probe_image<'py>(py: Python<'py>, path: PathBuf) -> Res<Bound<'py, PyDict>> {
+    let info = py.detach(|| header::probe_path(&path).map_err(|reason| Error::image(&path, reason.to_string())));
+    info_dict(py, &r(info)?)
+}
+
+/// The same, for an image held in memory.
+#[pyfunction]
+pub fn probe_bytes<'py>(py: Python<'py>, data: &[u8]) -> Res<Bound<'py, PyDict>> {
+    let info = header::probe_bytes(data).map_err(|reason| Error::image(Path::new("<bytes>"), reason.to_string()));
+    info_dict(py, &r(info)?)
+}
+
+/// One connection to a store. Calls release the GIL; calls on one `Store` take turns.
+#[pyclass(module = "fastindex._core", frozen)]
+pub struct Store {
+    inner: Mutex<db::Store>,
+    #[pyo3(get)]
+    path: String,
+}
+
+impl Store {
+    fn lock(&self) -> MutexGuard<'_, db::Store> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn sample_dict<'py>(py: Python<'py>, s: SampleRow) -> Res<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("id", s.id)?;
+    d.set_item("dataset_id", s.dataset_id)?;
+    d.set_item("job_id", s.job_id)?;
+    d.set_item("root", s.root)?;
+    d.set_item("path", s.path)?;
+    d.set_item("size_bytes", s.size_bytes)?;
+    d.set_item("mtime_ns", s.mtime_ns)?;
+    d.set_item("status", s.status)?;
+    d.set_item("width", s.width)?;
+    d.set_item("height", s.height)?;
+    d.set_item("format", s.format)?;
+    d.set_item("orientation", s.orientation)?;
+    d.set_item("error", s.error)?;
+    d.set_item("coco_width", s.coco_width)?;
+    d.set_item("coco_height", s.coco_height)?;
+    d.set_item("size_mismatch", s.size_mismatch)?;
+    Ok(d)
+}
+
+fn sample_dicts<'py>(py: Python<'py>, rows: Vec<SampleRow>) -> Res<Vec<Bound<'py, PyDict>>> {
+    rows.into_iter().map(|s| sample_dict(py, s)).collect()
+}
+
+type AnnotationTuple = (i64, i64, String, Option<String>, (f64, f64, f64, f64), Option<f64>, bool, Option<String>);
+
+fn annotation_tuple(a: AnnotationRow) -> AnnotationTuple {
+    let [x, y, w, h] = a.bbox;
+    (a.id, a.sample_id, a.category, a.supercategory, (x, y, w, h), a.area, a.iscrowd, a.segmentation)
+}
+
+fn progress_dict<'py>(py: Python<'py>, p: &Progress) -> Res<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("dataset_id", p.dataset_id)?;
+    d.set_item("total", p.total())?;
+    for (name, n) in STATUSES.iter().zip(p.counts) {
+        d.set_item(*name, n)?;
+    }
+    d.set_item("status", if p.is_complete() { "complete" } else { "in_progress" })?;
+    let errors = PyDict::new(py);
+    for (phase, msg) in &p.errors {
+        errors.set_item(phase, msg)?;
+    }
+    d.set_item("errors", errors)?;
+    Ok(d)
+}
+
+type DatasetTuple = (i64, String, f64, Option<String>);
+
+fn dataset_tuple(d: db::DatasetRow) -> DatasetTuple {
+    (d.id, d.name, d.created_at, d.embed_spec)
+}
+
+#[pymethods]
+impl Store {
+    /// Open or create the store at `path` (blocks on the file; releases the GIL).
+    #[new]
+    fn new(py: Python<'_>, path: String) -> Res<Self> {
+        let inner = r(py.detach(|| db::Store::open(&path)))?;
+        Ok(Store { inner: Mutex::new(inner), path })
+    }
+
+    fn create_dataset(&self, py: Python<'_>, name: String) -> Res<i64> {
+        r(py.detach(|| self.lock().create_dataset(&name)))
+    }
+
+    fn find_dataset(&self, py: Python<'_>, name: String) -> Res<Option<DatasetTuple>> {
+        Ok(r(py.detach(|| self.lock().find_dataset(&name)))?.map(dataset_tuple))
+    }
+
+    fn dataset(&self, py: Python<'_>, dataset_id: i64) -> Res<Option<DatasetTuple>> {
+        Ok(r(py.detach(|| self.lock().dataset(dataset_id)))?.map(dataset_tuple))
+    }
+
+    fn list_datasets(&self, py: Python<'_>) -> Res<Vec<DatasetTuple>> {
+        Ok(r(py.detach(|| self.lock().list_datasets()))?.into_iter().map(dataset_tuple).collect())
+    }
+
+    /// Phase 1 for a folder; returns after the rows are committed.
+    #[pyo3(signature = (dataset_id, root, *, include_hidden=false, follow_links=false, stop=None))]
+    fn scan<'py>(
+        &self,
+        py: Python<'py>,
+        dataset_id: i64,
+        root: String,
+        include_hidden: bool,
+        follow_links: bool,
+        stop: Option<StopFlag>,
+    ) -> Res<Bound<'py, PyDict>> {
+        let stop = stop.unwrap_or_default();
+        let s: ScanSummary = r(py.detach(|| {
+            let root = scan::absolute_dir(&root)?;
+            self.lock().scan(dataset_id, &root, include_hidden, follow_links, &stop.flag)
+        }))?;
+        let d = PyDict::new(py);
+        d.set_item("job_id", s.job_id)?;
+        d.set_item("found", s.found)?;
+        d.set_item("added", s.added)?;
+        d.set_item("existing", s.existing)?;
+        d.set_item("errors", PyList::new(py, s.errors)?)?;
+        Ok(d)
+    }
+
+    /// Parse, check and ingest a COCO file (nothing is written if it is malformed).
+    #[pyo3(signature = (dataset_id, annotations_json, images_root, *, stop=None))]
+    fn ingest_coco<'py>(
+        &self,
+        py: Python<'py>,
+        dataset_id: i64,
+        annotations_json: String,
+        images_root: String,
+        stop: Option<StopFlag>,
+    ) -> Res<Bound<'py, PyDict>> {
+        let stop = stop.unwrap_or_default();
+        let s: CocoSummary = r(py.detach(|| {
+            let root = scan::absolute_dir(&images_root)?;
+            let json = std::path::absolute(&annotations_json).map_err(|e| Error::io(Path::new(&annotations_json), e))?;
+            self.lock().ingest_coco(dataset_id, &json, &root, &stop.flag)
+        }))?;
+        let d = PyDict::new(py);
+        d.set_item("job_id", s.job_id)?;
+        d.set_item("images", s.images)?;
+        d.set_item("added", s.added)?;
+        d.set_item("existing", s.existing)?;
+        d.set_item("annotations", s.annotations)?;
+        d.set_item("categories", s.categories)?;
+        d.set_item("missing", PyList::new(py, s.missing)?)?;
+        Ok(d)
+    }
+
+    /// Phase 2: probe pending rows until none is left. Blocks; releases the GIL between
+    /// batches, checks for signals, and stops early (raising `CancelledError`) once `stop`
+    /// is set. Returns the number of rows probed.
+    #[pyo3(signature = (dataset_id, *, stop=None))]
+    fn probe_pending(&self, py: Python<'_>, dataset_id: i64, stop: Option<StopFlag>) -> Res<u64> {
+        let stop = stop.unwrap_or_default();
+        let mut after = 0i64;
+        let mut total = 0u64;
+        loop {
+            if stop.flag.load(Ordering::Relaxed) {
+                return Err(to_py(Error::Cancelled));
+            }
+            let step = py.detach(|| -> crate::error::Result<Option<(i64, u64)>> {
+                let mut store = self.lock();
+                let batch = store.pending_batch(dataset_id, after, scan::PROBE_BATCH)?;
+                let Some(last) = batch.last().map(|b| b.0) else { return Ok(None) };
+                let results = scan::probe_files(&batch);
+                store.record_probes(dataset_id, &results)?;
+                Ok(Some((last, results.len() as u64)))
+            });
+            match r(step)? {
+                None => return Ok(total),
+                Some((last, n)) => {
+                    after = last;
+                    total += n;
+                    stop.done.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+            py.check_signals()?;
+        }
+    }
+
+    /// Counts by status for a dataset (or one job of it), with `status` and phase `errors`.
+    #[pyo3(signature = (dataset_id, job_id=None))]
+    fn progress<'py>(&self, py: Python<'py>, dataset_id: i64, job_id: Option<i64>) -> Res<Bound<'py, PyDict>> {
+        let p = r(py.detach(|| self.lock().progress(dataset_id, job_id)))?;
+        progress_dict(py, &p)
+    }
+
+    #[pyo3(signature = (dataset_id, *, status=None, offset=0, limit=-1))]
+    fn samples<'py>(
+        &self,
+        py: Python<'py>,
+        dataset_id: i64,
+        status: Option<String>,
+        offset: i64,
+        limit: i64,
+    ) -> Res<Vec<Bound<'py, PyDict>>> {
+        let limit = if limit < 0 { i64::MAX } else { limit };
+        let rows = r(py.detach(|| self.lock().samples(dataset_id, status.as_deref(), offset, limit)))?;
+        sample_dicts(py, rows)
+    }
+
+    fn samples_by_id<'py>(&self, py: Python<'py>, ids: Vec<i64>) -> Res<Vec<Bound<'py, PyDict>>> {
+        let rows = r(py.detach(|| self.lock().samples_by_id(&ids)))?;
+        sample_dicts(py, rows)
+    }
+
+    #[pyo3(signature = (dataset_id, sample_id=None))]
+    fn annotations(&self, py: Python<'_>, dataset_id: i64, sample_id: Option<i64>) -> Res<Vec<AnnotationTuple>> {
+        let rows = r(py.detach(|| self.lock().annotations(dataset_id, sample_id)))?;
+        Ok(rows.into_iter().map(annotation_tuple).collect())
+    }
+
+    /// `(dataset_id, kind, source, added, existing, warnings_json)` of a job.
+    fn job(&self, py: Python<'_>, job_id: i64) -> Res<Option<(i64, String, String, i64, i64, String)>> {
+        r(py.detach(|| self.lock().job(job_id)))
+    }
+
+    fn coco_missing(&self, py: Python<'_>, job_id: i64) -> Res<Vec<(i64, String)>> {
+        r(py.detach(|| self.lock().coco_missing(job_id)))
+    }
+
+    #[pyo3(signature = (dataset_id, phase, message=None))]
+    fn set_phase_error(&self, py: Python<'_>, dataset_id: i64, phase: String, message: Option<String>) -> Res<()> {
+        r(py.detach(|| self.lock().set_phase_error(dataset_id, &phase, message.as_deref())))
+    }
+
+    fn acquire_lease(&self, py: Python<'_>, dataset_id: i64, phase: String, owner: String, ttl: f64) -> Res<bool> {
+        r(py.detach(|| self.lock().acquire_lease(dataset_id, &phase, &owner, ttl)))
+    }
+
+    fn release_lease(&self, py: Python<'_>, dataset_id: i64, phase: String, owner: String) -> Res<()> {
+        r(py.detach(|| self.lock().release_lease(dataset_id, &phase, &owner)))
+    }
+
+    fn register_model(&self, py: Python<'_>, name: String, pretrained: String, dim: i64) -> Res<i64> {
+        r(py.detach(|| self.lock().register_model(&name, &pretrained, dim)))
+    }
+
+    /// `(id, name, pretrained, dim)` of every model with embeddings in this store.
+    fn models(&self, py: Python<'_>) -> Res<Vec<(i64, String, String, i64)>> {
+        r(py.detach(|| self.lock().models()))
+    }
+
+    #[pyo3(signature = (dataset_id, spec, model_id=None))]
+    fn set_embed_spec(&self, py: Python<'_>, dataset_id: i64, spec: Option<String>, model_id: Option<i64>) -> Res<()> {
+        r(py.detach(|| self.lock().set_embed_spec(dataset_id, spec.as_deref(), model_id)))
+    }
+
+    /// Move up to `limit` indexed rows to `embedding`; returns `[(id, absolute path)]`.
+    fn claim_for_embedding(&self, py: Python<'_>, dataset_id: i64, limit: usize) -> Res<Vec<(i64, PathBuf)>> {
+        r(py.detach(|| self.lock().claim_for_embedding(dataset_id, limit)))
+    }
+
+    /// Store float16 vectors (`ids.len() * dim * 2` bytes) and mark those rows `ready`;
+    /// `failed` is `[(id, reason)]`.
+    #[pyo3(signature = (dataset_id, model_id, ids, vectors, failed=Vec::new()))]
+    fn finish_embeddings(
+        &self,
+        py: Python<'_>,
+        dataset_id: i64,
+        model_id: i64,
+        ids: Vec<i64>,
+        vectors: &[u8],
+        failed: Vec<(i64, String)>,
+    ) -> Res<()> {
+        r(py.detach(|| self.lock().finish_embeddings(dataset_id, model_id, &ids, vectors, &failed)))
+    }
+
+    #[pyo3(signature = (dataset_id, ids=None))]
+    fn release_claims(&self, py: Python<'_>, dataset_id: i64, ids: Option<Vec<i64>>) -> Res<u64> {
+        r(py.detach(|| self.lock().release_claims(dataset_id, ids.as_deref())))
+    }
+
+    /// `(cursor, ids, float16 bytes)` of embeddings stored after `cursor`.
+    #[pyo3(signature = (dataset_id, model_id, after=0))]
+    fn load_embeddings<'py>(
+        &self,
+        py: Python<'py>,
+        dataset_id: i64,
+        model_id: i64,
+        after: i64,
+    ) -> Res<(i64, Vec<i64>, Bound<'py, PyBytes>)> {
+        let (cursor, ids, bytes) = r(py.detach(|| self.lock().load_embeddings(dataset_id, model_id, after)))?;
+        Ok((cursor, ids, PyBytes::new(py, &bytes)))
+    }
+}

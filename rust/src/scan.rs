@@ -1,0 +1,294 @@
+//! Phase 1 (walk + insert `pending` rows) and phase 2 (probe headers, mark `indexed`/`failed`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+use rusqlite::params;
+
+use crate::db::{bump, bump_moves, Store, FAILED, INDEXED, PENDING};
+use crate::error::{Error, Result, StoreContext};
+use crate::header::{self, ImageInfo};
+use crate::walk::{self, FileEntry, WalkOptions};
+
+/// Rows per transaction when inserting scanned files.
+const INSERT_CHUNK: usize = 250_000;
+/// Rows probed between two store writes.
+pub const PROBE_BATCH: usize = 8192;
+
+#[derive(Debug, Clone, Default)]
+pub struct ScanSummary {
+    pub job_id: i64,
+    pub found: u64,
+    pub added: u64,
+    pub existing: u64,
+    pub errors: Vec<String>,
+}
+
+/// The pool that probes files. Reads of a cold disk block, so it has many more threads than
+/// cores: 32 reads in flight are ~4x faster than one on a cold page cache.
+pub fn io_pool() -> &'static rayon::ThreadPool {
+    static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let n = std::env::var("FASTINDEX_IO_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(32usize);
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .thread_name(|i| format!("fastindex-io-{i}"))
+            .build()
+            .unwrap_or_else(|_| rayon::ThreadPoolBuilder::new().build().expect("a default rayon pool"))
+    })
+}
+
+/// Absolute, normalised form of a folder the caller named; fails if it is not a folder.
+pub fn absolute_dir(path: &str) -> Result<PathBuf> {
+    if path.is_empty() {
+        return Err(Error::InvalidArgument("images path: empty".into()));
+    }
+    let p = Path::new(path);
+    let abs = std::path::absolute(p).map_err(|e| Error::io(p, e))?;
+    // Normalise `a/./b` and `a/b/` without resolving links (the user's names are kept).
+    let mut clean = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                clean.pop();
+            }
+            other => clean.push(other),
+        }
+    }
+    let meta = std::fs::metadata(&clean).map_err(|e| Error::io(&clean, e))?;
+    if !meta.is_dir() {
+        return Err(Error::InvalidArgument(format!("{}: not a folder", clean.display())));
+    }
+    Ok(clean)
+}
+
+impl Store {
+    /// Phase 1: walk `root` and add a `pending` row for each new image file. Returns once
+    /// every row is committed.
+    pub fn scan(
+        &mut self,
+        dataset_id: i64,
+        root: &Path,
+        include_hidden: bool,
+        follow_links: bool,
+        stop: &AtomicBool,
+    ) -> Result<ScanSummary> {
+        let root_str = root.to_str().ok_or_else(|| Error::InvalidArgument(format!("{}: path is not utf-8", root.display())))?;
+        let mut report = {
+            // Walk before touching the store: a bad root writes nothing.
+            let opts = WalkOptions { include_hidden, follow_dir_links: follow_links, skip_dirs: Vec::new() };
+            walk::walk(root, &opts, stop)?
+        };
+        let (root_id, prefix, nested) = self.root_for(dataset_id, root_str)?;
+        if !nested.is_empty() {
+            // Files under other roots of this dataset are already there, under those roots.
+            let nested: Vec<String> = nested
+                .iter()
+                .filter_map(|n| n.strip_prefix(root_str).map(|r| format!("{}/", r.trim_start_matches('/'))))
+                .collect();
+            report.files.retain(|f| !nested.iter().any(|n| f.rel_path.starts_with(n.as_str())));
+        }
+        let job_id = self.create_job(dataset_id, "images", root_str)?;
+        let (added, existing) = self.insert_files(dataset_id, job_id, root_id, &prefix, &report.files)?;
+        self.finish_job(job_id, added, existing, &report.errors)?;
+        Ok(ScanSummary { job_id, found: report.files.len() as u64, added, existing, errors: report.errors })
+    }
+
+    pub(crate) fn finish_job(&mut self, job_id: i64, added: u64, existing: u64, warnings: &[String]) -> Result<()> {
+        let warnings = serde_json::to_string(warnings).unwrap_or_else(|_| "[]".into());
+        self.conn
+            .execute(
+                "UPDATE jobs SET added = ?2, existing = ?3, warnings = ?4 WHERE id = ?1",
+                params![job_id, added as i64, existing as i64, warnings],
+            )
+            .store(&self.path)?;
+        Ok(())
+    }
+
+    /// Insert files in large transactions; a path already in the root is left as it is.
+    pub fn insert_files(
+        &mut self,
+        dataset_id: i64,
+        job_id: i64,
+        root_id: i64,
+        prefix: &str,
+        files: &[FileEntry],
+    ) -> Result<(u64, u64)> {
+        let path = self.path.clone();
+        let mut added = 0u64;
+        for chunk in files.chunks(INSERT_CHUNK) {
+            let tx = self.immediate()?;
+            let mut n = 0i64;
+            {
+                let mut st = tx
+                    .prepare_cached(
+                        "INSERT INTO samples (dataset_id, job_id, root_id, path, size_bytes, mtime_ns)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (root_id, path) DO NOTHING",
+                    )
+                    .store(&path)?;
+                let mut joined = String::new();
+                for f in chunk {
+                    let rel: &str = if prefix.is_empty() {
+                        &f.rel_path
+                    } else {
+                        joined.clear();
+                        joined.push_str(prefix);
+                        joined.push('/');
+                        joined.push_str(&f.rel_path);
+                        &joined
+                    };
+                    n += st
+                        .execute(params![dataset_id, job_id, root_id, rel, f.size as i64, f.mtime_ns])
+                        .store(&path)? as i64;
+                }
+            }
+            bump(&tx, dataset_id, job_id, PENDING, n).store(&path)?;
+            tx.commit().store(&path)?;
+            added += n as u64;
+        }
+        Ok((added, files.len() as u64 - added))
+    }
+
+    /// Up to `limit` pending rows of a dataset with id above `after`: `(id, absolute path)`.
+    pub fn pending_batch(&self, dataset_id: i64, after: i64, limit: usize) -> Result<Vec<(i64, PathBuf)>> {
+        let roots = self.root_paths(dataset_id)?;
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT id, root_id, path FROM samples
+                 WHERE dataset_id = ?1 AND status = 'pending' AND id > ?2 ORDER BY id LIMIT ?3",
+            )
+            .store(&self.path)?;
+        let rows = st
+            .query_map(params![dataset_id, after, limit as i64], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?))
+            })
+            .store(&self.path)?;
+        let mut out = Vec::with_capacity(limit);
+        for row in rows {
+            let (id, root_id, rel) = row.store(&self.path)?;
+            let root = roots.get(&root_id).map_or("", String::as_str);
+            out.push((id, Path::new(root).join(rel)));
+        }
+        Ok(out)
+    }
+
+    /// Write probe results in one transaction. Only rows still `pending` change, so two
+    /// probers racing on the same rows never count a row twice.
+    pub fn record_probes(&mut self, dataset_id: i64, results: &[(i64, std::result::Result<ImageInfo, String>)]) -> Result<()> {
+        let path = self.path.clone();
+        let tx = self.immediate()?;
+        let mut indexed: HashMap<i64, i64> = HashMap::new();
+        let mut failed: HashMap<i64, i64> = HashMap::new();
+        {
+            let mut ok = tx
+                .prepare_cached(
+                    "UPDATE samples SET status = 'indexed', width = ?2, height = ?3, format = ?4,
+                         orientation = ?5, error = NULL,
+                         size_mismatch = (coco_width IS NOT NULL AND (coco_width != ?2 OR coco_height != ?3))
+                     WHERE id = ?1 AND status = 'pending' RETURNING job_id",
+                )
+                .store(&path)?;
+            let mut bad = tx
+                .prepare_cached(
+                    "UPDATE samples SET status = 'failed', error = ?2
+                     WHERE id = ?1 AND status = 'pending' RETURNING job_id",
+                )
+                .store(&path)?;
+            for (id, res) in results {
+                let job: Option<i64> = match res {
+                    Ok(i) => {
+                        let mut rows = ok
+                            .query(params![id, i.width, i.height, i.format.name(), i.orientation])
+                            .store(&path)?;
+                        rows.next().store(&path)?.map(|r| r.get(0)).transpose().store(&path)?
+                    }
+                    Err(reason) => {
+                        let mut rows = bad.query(params![id, reason]).store(&path)?;
+                        rows.next().store(&path)?.map(|r| r.get(0)).transpose().store(&path)?
+                    }
+                };
+                if let Some(job) = job {
+                    *if res.is_ok() { &mut indexed } else { &mut failed }.entry(job).or_default() += 1;
+                }
+            }
+        }
+        bump_moves(&tx, dataset_id, PENDING, INDEXED, &indexed).store(&path)?;
+        bump_moves(&tx, dataset_id, PENDING, FAILED, &failed).store(&path)?;
+        tx.commit().store(&path)
+    }
+
+    /// Phase 2: probe every pending row of the dataset until none is left or `stop` is set.
+    /// Returns the number of rows probed. `on_batch` is called after each committed batch.
+    pub fn probe_pending(&mut self, dataset_id: i64, stop: &AtomicBool, done: &AtomicU64) -> Result<u64> {
+        let mut after = 0i64;
+        let mut total = 0u64;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
+            let batch = self.pending_batch(dataset_id, after, PROBE_BATCH)?;
+            let Some(last) = batch.last() else { break };
+            after = last.0;
+            let results = probe_files(&batch);
+            self.record_probes(dataset_id, &results)?;
+            total += results.len() as u64;
+            done.fetch_add(results.len() as u64, Ordering::Relaxed);
+        }
+        Ok(total)
+    }
+}
+
+/// Probe files on the I/O pool; a file that is not a readable image gets its reason.
+pub fn probe_files(batch: &[(i64, PathBuf)]) -> Vec<(i64, std::result::Result<ImageInfo, String>)> {
+    io_pool().install(|| {
+        batch
+            .par_iter()
+            .with_min_len(16)
+            .map(|(id, p)| (*id, header::probe_path(p).map_err(|r| r.to_string())))
+            .collect()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(w: u32, h: u32) -> Vec<u8> {
+        let mut v = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
+        v.extend(w.to_be_bytes());
+        v.extend(h.to_be_bytes());
+        v.extend([8, 2, 0, 0, 0]);
+        v
+    }
+
+    #[test]
+    fn scan_probe_and_readd() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("imgs");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::write(root.join("a.png"), png(3, 4)).unwrap();
+        std::fs::write(root.join("sub/b.png"), png(5, 6)).unwrap();
+        std::fs::write(root.join("bad.jpg"), b"nope").unwrap();
+        let mut s = Store::open(t.path().join("s.db").to_str().unwrap()).unwrap();
+        let d = s.create_dataset("d").unwrap();
+        let stop = AtomicBool::new(false);
+        let sum = s.scan(d, &root, false, false, &stop).unwrap();
+        assert_eq!((sum.added, sum.existing), (3, 0));
+        assert_eq!(s.progress(d, None).unwrap().count(PENDING), 3);
+        let done = AtomicU64::new(0);
+        assert_eq!(s.probe_pending(d, &stop, &done).unwrap(), 3);
+        let p = s.progress(d, None).unwrap();
+        assert_eq!((p.count(INDEXED), p.count(FAILED), p.count(PENDING)), (2, 1, 0));
+        assert!(p.is_complete());
+        let again = s.scan(d, &root, false, false, &stop).unwrap();
+        assert_eq!((again.added, again.existing), (0, 3));
+        let sub = s.scan(d, &root.join("sub"), false, false, &stop).unwrap();
+        assert_eq!((sub.added, sub.existing), (0, 1));
+        assert_eq!(s.progress(d, None).unwrap().total(), 3);
+    }
+}

@@ -1,0 +1,217 @@
+//! Phase 3's side of the store: claiming `indexed` rows, writing embeddings, reading them back.
+//! Vectors are stored as little-endian float16, one BLOB per (model, sample).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use rusqlite::params;
+
+use crate::db::{bump_moves, Store, EMBEDDING, FAILED, INDEXED, READY};
+use crate::error::{Error, Result, StoreContext};
+
+impl Store {
+    /// The id of a model, registered on first use. A second model's embeddings live beside
+    /// the first's.
+    pub fn register_model(&mut self, name: &str, pretrained: &str, dim: i64) -> Result<i64> {
+        if dim <= 0 {
+            return Err(Error::InvalidArgument(format!("model {name}: dimension {dim} must be positive")));
+        }
+        let id: i64 = self
+            .conn
+            .query_row(
+                "INSERT INTO models (name, pretrained, dim) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name, pretrained) DO UPDATE SET dim = dim RETURNING id, dim",
+                params![name, pretrained, dim],
+                |r| r.get(0),
+            )
+            .store(&self.path)?;
+        Ok(id)
+    }
+
+    /// `(id, name, pretrained, dim)` of every registered model.
+    pub fn models(&self) -> Result<Vec<(i64, String, String, i64)>> {
+        let mut st = self.conn.prepare_cached("SELECT id, name, pretrained, dim FROM models ORDER BY id").store(&self.path)?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).store(&self.path)?;
+        rows.collect::<std::result::Result<_, _>>().store(&self.path)
+    }
+
+    /// Set the model whose embeddings the dataset's `ready` status means (a JSON spec chosen
+    /// by the caller), or `None` to stop wanting embeddings. With a model id, samples that are
+    /// `ready` without an embedding of that model go back to `indexed`, so progress tells the
+    /// truth about the work the new model still owes.
+    pub fn set_embed_spec(&mut self, dataset_id: i64, spec: Option<&str>, model_id: Option<i64>) -> Result<()> {
+        let path = self.path.clone();
+        let tx = self.immediate()?;
+        tx.execute("UPDATE datasets SET embed_spec = ?2 WHERE id = ?1", params![dataset_id, spec]).store(&path)?;
+        if let Some(model) = model_id {
+            let mut moves: HashMap<i64, i64> = HashMap::new();
+            {
+                let mut st = tx
+                    .prepare_cached(
+                        "UPDATE samples SET status = 'indexed'
+                         WHERE dataset_id = ?1 AND status = 'ready'
+                           AND id NOT IN (SELECT sample_id FROM embeddings WHERE model_id = ?2)
+                         RETURNING job_id",
+                    )
+                    .store(&path)?;
+                let mut rows = st.query(params![dataset_id, model]).store(&path)?;
+                while let Some(r) = rows.next().store(&path)? {
+                    *moves.entry(r.get(0).store(&path)?).or_default() += 1;
+                }
+            }
+            bump_moves(&tx, dataset_id, READY, INDEXED, &moves).store(&path)?;
+        }
+        tx.commit().store(&path)
+    }
+
+    /// Move up to `limit` `indexed` rows to `embedding` and return `(id, absolute path)`.
+    pub fn claim_for_embedding(&mut self, dataset_id: i64, limit: usize) -> Result<Vec<(i64, PathBuf)>> {
+        let roots = self.root_paths(dataset_id)?;
+        let path = self.path.clone();
+        let tx = self.immediate()?;
+        let mut out = Vec::new();
+        let mut moves: HashMap<i64, i64> = HashMap::new();
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "UPDATE samples SET status = 'embedding'
+                     WHERE id IN (SELECT id FROM samples WHERE dataset_id = ?1 AND status = 'indexed' ORDER BY id LIMIT ?2)
+                     RETURNING id, job_id, root_id, path",
+                )
+                .store(&path)?;
+            let mut rows = st.query(params![dataset_id, limit as i64]).store(&path)?;
+            while let Some(r) = rows.next().store(&path)? {
+                let (id, job, root, rel): (i64, i64, i64, String) =
+                    (r.get(0).store(&path)?, r.get(1).store(&path)?, r.get(2).store(&path)?, r.get(3).store(&path)?);
+                *moves.entry(job).or_default() += 1;
+                out.push((id, PathBuf::from(roots.get(&root).map_or("", String::as_str)).join(rel)));
+            }
+        }
+        bump_moves(&tx, dataset_id, INDEXED, EMBEDDING, &moves).store(&path)?;
+        tx.commit().store(&path)?;
+        out.sort_unstable_by_key(|(id, _)| *id);
+        Ok(out)
+    }
+
+    /// Store a batch: `vectors` holds `ids.len() * dim` float16 values (little-endian); each
+    /// row goes `embedding` -> `ready`. `failed` rows go to `failed` with their reason.
+    pub fn finish_embeddings(
+        &mut self,
+        dataset_id: i64,
+        model_id: i64,
+        ids: &[i64],
+        vectors: &[u8],
+        failed: &[(i64, String)],
+    ) -> Result<()> {
+        let dim: i64 = self
+            .conn
+            .query_row("SELECT dim FROM models WHERE id = ?1", [model_id], |r| r.get(0))
+            .store(&self.path)?;
+        let row_bytes = dim as usize * 2;
+        if vectors.len() != ids.len() * row_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "{} vectors of dimension {dim} need {} bytes, got {}",
+                ids.len(),
+                ids.len() * row_bytes,
+                vectors.len()
+            )));
+        }
+        let path = self.path.clone();
+        let tx = self.immediate()?;
+        let mut ready: HashMap<i64, i64> = HashMap::new();
+        let mut bad: HashMap<i64, i64> = HashMap::new();
+        {
+            let mut put = tx
+                .prepare_cached(
+                    "INSERT INTO embeddings (model_id, sample_id, vector) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (model_id, sample_id) DO UPDATE SET vector = excluded.vector",
+                )
+                .store(&path)?;
+            let mut done = tx
+                .prepare_cached("UPDATE samples SET status = 'ready' WHERE id = ?1 AND status = 'embedding' RETURNING job_id")
+                .store(&path)?;
+            for (id, v) in ids.iter().zip(vectors.chunks_exact(row_bytes)) {
+                put.execute(params![model_id, id, v]).store(&path)?;
+                let mut rows = done.query([id]).store(&path)?;
+                if let Some(r) = rows.next().store(&path)? {
+                    *ready.entry(r.get(0).store(&path)?).or_default() += 1;
+                }
+            }
+            let mut fail = tx
+                .prepare_cached(
+                    "UPDATE samples SET status = 'failed', error = ?2 WHERE id = ?1 AND status = 'embedding' RETURNING job_id",
+                )
+                .store(&path)?;
+            for (id, reason) in failed {
+                let mut rows = fail.query(params![id, reason]).store(&path)?;
+                if let Some(r) = rows.next().store(&path)? {
+                    *bad.entry(r.get(0).store(&path)?).or_default() += 1;
+                }
+            }
+        }
+        bump_moves(&tx, dataset_id, EMBEDDING, READY, &ready).store(&path)?;
+        bump_moves(&tx, dataset_id, EMBEDDING, FAILED, &bad).store(&path)?;
+        tx.commit().store(&path)
+    }
+
+    /// Put `embedding` rows back to `indexed` (after a crash or a cancel): all of the
+    /// dataset's, or only `ids`.
+    pub fn release_claims(&mut self, dataset_id: i64, ids: Option<&[i64]>) -> Result<u64> {
+        let path = self.path.clone();
+        let tx = self.immediate()?;
+        let mut moves: HashMap<i64, i64> = HashMap::new();
+        {
+            let mut collect = |rows: &mut rusqlite::Rows<'_>| -> Result<()> {
+                while let Some(r) = rows.next().store(&path)? {
+                    *moves.entry(r.get(0).store(&path)?).or_default() += 1;
+                }
+                Ok(())
+            };
+            match ids {
+                None => {
+                    let mut st = tx
+                        .prepare_cached(
+                            "UPDATE samples SET status = 'indexed' WHERE dataset_id = ?1 AND status = 'embedding' RETURNING job_id",
+                        )
+                        .store(&path)?;
+                    collect(&mut st.query([dataset_id]).store(&path)?)?;
+                }
+                Some(ids) => {
+                    let mut st = tx
+                        .prepare_cached(
+                            "UPDATE samples SET status = 'indexed' WHERE id = ?1 AND dataset_id = ?2 AND status = 'embedding' RETURNING job_id",
+                        )
+                        .store(&path)?;
+                    for id in ids {
+                        collect(&mut st.query(params![id, dataset_id]).store(&path)?)?;
+                    }
+                }
+            }
+        }
+        bump_moves(&tx, dataset_id, EMBEDDING, INDEXED, &moves).store(&path)?;
+        tx.commit().store(&path)?;
+        Ok(moves.values().sum::<i64>() as u64)
+    }
+
+    /// Embeddings of a dataset's samples by one model, inserted after row `after` (pass 0 for
+    /// all; pass the returned cursor to read only what came since).
+    /// Returns `(cursor, sample ids, float16 bytes)`.
+    pub fn load_embeddings(&self, dataset_id: i64, model_id: i64, after: i64) -> Result<(i64, Vec<i64>, Vec<u8>)> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT e.id, e.sample_id, e.vector FROM embeddings e JOIN samples s ON s.id = e.sample_id
+                 WHERE e.model_id = ?1 AND s.dataset_id = ?2 AND e.id > ?3 ORDER BY e.id",
+            )
+            .store(&self.path)?;
+        let mut rows = st.query(params![model_id, dataset_id, after]).store(&self.path)?;
+        let (mut cursor, mut ids, mut bytes) = (after, Vec::new(), Vec::new());
+        while let Some(r) = rows.next().store(&self.path)? {
+            cursor = r.get(0).store(&self.path)?;
+            ids.push(r.get(1).store(&self.path)?);
+            let v = r.get_ref(2).store(&self.path)?.as_blob().map_err(rusqlite::Error::from).store(&self.path)?;
+            bytes.extend_from_slice(v);
+        }
+        Ok((cursor, ids, bytes))
+    }
+}
