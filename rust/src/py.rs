@@ -255,8 +255,17 @@ impl Store {
     /// Phase 2: probe pending rows until none is left. Blocks; releases the GIL between
     /// batches, checks for signals, and stops early (raising `CancelledError`) once `stop`
     /// is set. Returns the number of rows probed.
-    #[pyo3(signature = (dataset_id, *, stop=None))]
-    fn probe_pending(&self, py: Python<'_>, dataset_id: i64, stop: Option<StopFlag>) -> Res<u64> {
+    ///
+    /// With `lease=(owner, ttl)` the call renews that lease on the `probe` phase after each
+    /// batch, and stops if another process has taken it over.
+    #[pyo3(signature = (dataset_id, *, stop=None, lease=None))]
+    fn probe_pending(
+        &self,
+        py: Python<'_>,
+        dataset_id: i64,
+        stop: Option<StopFlag>,
+        lease: Option<(String, f64)>,
+    ) -> Res<u64> {
         let stop = stop.unwrap_or_default();
         let mut after = 0i64;
         let mut total = 0u64;
@@ -270,6 +279,11 @@ impl Store {
                 let Some(last) = batch.last().map(|b| b.0) else { return Ok(None) };
                 let results = scan::probe_files(&batch);
                 store.record_probes(dataset_id, &results)?;
+                if let Some((owner, ttl)) = &lease {
+                    if !store.acquire_lease(dataset_id, "probe", owner, *ttl)? {
+                        return Ok(None);
+                    }
+                }
                 Ok(Some((last, results.len() as u64)))
             });
             match r(step)? {

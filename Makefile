@@ -1,0 +1,45 @@
+# One command to build, one to test, one to lint. CI (.ci/run) and the README call these.
+PYTHON ?= python3
+DIR ?= .
+DB ?= fastindex.db
+COCO ?=
+ARGS ?=
+PORT ?= 8000
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+.PHONY: install
+install: ## install the Python dependencies (reuses what is installed) and build the extension
+	$(PYTHON) -m pip install -q --upgrade-strategy only-if-needed -e '.[dev]'
+
+.PHONY: build
+build: ## rebuild the Rust extension in release mode into the current Python
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+
+.PHONY: index
+index: install ## index DIR (COCO=, DB=, ARGS=) with progress bars and the web page
+	fastindex index $(DIR) --db $(DB) $(if $(COCO),--coco $(COCO)) --serve --port $(PORT) $(ARGS)
+
+.PHONY: test
+test: install test-only ## set up, then run every test
+
+.PHONY: test-only
+test-only: ## run the Rust and Python tests without installing
+	cargo test --quiet
+	$(PYTHON) -m pytest -q
+
+.PHONY: lint
+lint: ## ruff, mypy, cargo fmt --check, clippy
+	$(PYTHON) -m ruff check python tests benches
+	$(PYTHON) -m ruff format --check python tests benches
+	$(PYTHON) -m mypy
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+
+.PHONY: bench
+bench: ## benchmarks (print tables; see benches/)
+	$(PYTHON) benches/bench_scan.py

@@ -1,0 +1,300 @@
+"""`Dataset`: the public face of one dataset in a store."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+from . import _core
+from .errors import DatasetNotFoundError, InvalidArgumentError
+from .jobs import Job, Pipeline, pipeline_for, progress_of, wait_for
+from .sample import Annotation, Sample
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .embed import EmbeddingModel
+
+DEFAULT_DB = "fastindex.db"
+
+def _check_path_arg(name: str, value: object) -> str:
+    if not isinstance(value, str | os.PathLike):
+        raise InvalidArgumentError(f"{name} must be a path, got {type(value).__name__}")
+    s = os.fspath(value)
+    if not isinstance(s, str) or not s:
+        raise InvalidArgumentError(f"{name} must be a non-empty path")
+    return s
+
+
+def _resolve_embed(embed: EmbeddingModel | bool | None) -> EmbeddingModel | None:
+    if embed is False:
+        return None
+    from . import embed as embed_mod
+
+    if embed is None:
+        return embed_mod.EmbeddingModel() if embed_mod.available() else None
+    if embed is True:
+        if not embed_mod.available():
+            raise InvalidArgumentError(
+                "embed=True needs torch and open_clip_torch: pip install 'fastindex[embed]'"
+            )
+        return embed_mod.EmbeddingModel()
+    if isinstance(embed, embed_mod.EmbeddingModel):
+        return embed
+    raise InvalidArgumentError(
+        f"embed must be an EmbeddingModel, True, False or None, got {type(embed).__name__}"
+    )
+
+
+class Dataset:
+    """A named set of samples in a store (a SQLite file).
+
+    Reads go through the store and are safe while background work writes. Create one with
+    `Dataset.create`, `Dataset.load` or `Dataset.load_or_create`.
+    """
+
+    def __init__(self, store: _core.Store, dataset_id: int, name: str) -> None:
+        self._store = store
+        self.id = dataset_id
+        self.name = name
+        self.db = store.path
+
+    def __repr__(self) -> str:
+        return f"<Dataset {self.name!r} ({self.id}) in {self.db}>"
+
+    # -- opening ----------------------------------------------------------------------------
+    @classmethod
+    def create(cls, name: str, *, db: str | os.PathLike[str] = DEFAULT_DB) -> Dataset:
+        """Create a new, empty dataset. Raises `DatasetExistsError` if the name is taken."""
+        store = _core.Store(_check_path_arg("db", db))
+        if not isinstance(name, str):
+            raise InvalidArgumentError(f"name must be a string, got {type(name).__name__}")
+        dataset_id = store.create_dataset(name)
+        return cls(store, dataset_id, name.strip())
+
+    @classmethod
+    def load(
+        cls, name: str, *, db: str | os.PathLike[str] = DEFAULT_DB, resume: bool = True
+    ) -> Dataset:
+        """Open an existing dataset. Raises `DatasetNotFoundError` if there is none.
+
+        With `resume` (the default), unfinished work (pending rows, and rows waiting for
+        the dataset's embedding model) continues in the background.
+        """
+        path = _check_path_arg("db", db)
+        if not os.path.exists(path):
+            raise DatasetNotFoundError(f"no dataset named {name!r}: {path} does not exist")
+        store = _core.Store(path)
+        row = store.find_dataset(name)
+        if row is None:
+            raise DatasetNotFoundError(f"no dataset named {name!r} in {path}")
+        ds = cls(store, row[0], row[1])
+        if resume:
+            ds.resume()
+        return ds
+
+    @classmethod
+    def load_or_create(cls, name: str, *, db: str | os.PathLike[str] = DEFAULT_DB) -> Dataset:
+        """`load` the dataset if it exists, else `create` it."""
+        path = _check_path_arg("db", db)
+        if os.path.exists(path) and _core.Store(path).find_dataset(name) is not None:
+            return cls.load(name, db=path)
+        return cls.create(name, db=path)
+
+    @property
+    def _pipeline(self) -> Pipeline:
+        return pipeline_for(self.db, self.id)
+
+    def resume(self) -> None:
+        """Start background work for whatever the store says is unfinished."""
+        model = self.embedding_model()
+        self._pipeline.kick(model)
+
+    # -- adding -----------------------------------------------------------------------------
+    def add_images_from_path(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        embed: EmbeddingModel | bool | None = None,
+        include_hidden: bool = False,
+        follow_links: bool = False,
+    ) -> Job:
+        """Add every image file under `path` (phase 1) and index them in the background.
+
+        Blocks until every file has a `pending` row (the walk and the inserts run in Rust,
+        with the GIL released); phase 2 (and phase 3 with `embed`) then run in background
+        threads. Adding a folder again adds only new files.
+
+        Args:
+            path: the folder to walk.
+            embed: an `EmbeddingModel`, True for the default model, False for none, None
+                for the default model when torch and open_clip are installed.
+            include_hidden: also take names starting with `.` (skipped by default).
+            follow_links: enter symlinked folders (symlinked files are always followed).
+
+        Raises:
+            PathNotFoundError: `path` does not exist.
+            InvalidArgumentError: `path` is not a folder, or an option is wrong.
+        """
+        root = _check_path_arg("path", path)
+        model = _resolve_embed(embed)
+        summary = self._store.scan(
+            self.id, root, include_hidden=bool(include_hidden), follow_links=bool(follow_links)
+        )
+        return self._started(summary, model)
+
+    def add_samples_from_coco(
+        self,
+        *,
+        annotations_json: str | os.PathLike[str],
+        images_path: str | os.PathLike[str],
+        embed: EmbeddingModel | bool | None = None,
+    ) -> Job:
+        """Add the images a COCO detection file lists, with their boxes and categories.
+
+        The file is parsed and checked in full before anything is written. Images listed but
+        missing on disk are reported in `job.summary["missing"]`. Blocks until the rows are
+        committed; the headers are read in the background.
+
+        Raises:
+            CocoError: the file is malformed (with the reason and where).
+            PathNotFoundError: the file or the folder does not exist.
+        """
+        ann = _check_path_arg("annotations_json", annotations_json)
+        images = _check_path_arg("images_path", images_path)
+        model = _resolve_embed(embed)
+        summary = self._store.ingest_coco(self.id, ann, images)
+        return self._started(summary, model)
+
+    def _started(self, summary: dict[str, Any], model: EmbeddingModel | None) -> Job:
+        if model is not None:
+            self.set_embedding_model(model)
+        self._pipeline.kick(model)
+        return Job(self._store, self._pipeline, summary["job_id"], summary)
+
+    # -- embeddings (phase 3) ---------------------------------------------------------------
+    def embedding_model(self) -> EmbeddingModel | None:
+        """The model whose embeddings `ready` means for this dataset, if any."""
+        row = self._store.dataset(self.id)
+        if row is None or row[3] is None:
+            return None
+        from .embed import EmbeddingModel
+
+        return EmbeddingModel.from_spec(json.loads(row[3]))
+
+    def set_embedding_model(self, model: EmbeddingModel) -> None:
+        """Make `model` the dataset's embedding model. Samples already `ready` with another
+        model go back to `indexed` until this one has embedded them too."""
+        current = self.embedding_model()
+        if current is not None and current.spec() == model.spec():
+            return
+        model_id = self._store.register_model(model.key_name, model.key_pretrained, model.dim)
+        self._store.set_embed_spec(self.id, json.dumps(model.spec()), model_id)
+
+    def embed(self, model: EmbeddingModel | bool = True) -> None:
+        """Embed every indexed sample in the background (phase 3)."""
+        resolved = _resolve_embed(model)
+        if resolved is None:
+            raise InvalidArgumentError("embed() needs a model")
+        self.set_embedding_model(resolved)
+        self._pipeline.kick(resolved)
+
+    def embeddings(self, model: EmbeddingModel | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`(ids, vectors)`: the L2-normalised float32 embeddings stored so far."""
+        from .search import index_for
+
+        return index_for(self, model).snapshot()
+
+    def search(
+        self, text: str, *, k: int = 20, model: EmbeddingModel | None = None
+    ) -> list[tuple[Sample, float]]:
+        """The `k` samples whose embeddings best match `text` (exact cosine search)."""
+        from .search import index_for
+
+        return index_for(self, model).search_text(text, k=k)
+
+    def similar(
+        self, sample_id: int, *, k: int = 20, model: EmbeddingModel | None = None
+    ) -> list[tuple[Sample, float]]:
+        """The `k` samples most like `sample_id` (itself first)."""
+        from .search import index_for
+
+        return index_for(self, model).search_sample(sample_id, k=k)
+
+    # -- progress ---------------------------------------------------------------------------
+    def get_loading_progress(self) -> dict[str, Any]:
+        """Counts by status: `{"dataset_id", "total", "pending", "indexed", "embedding",
+        "ready", "failed", "status": "in_progress" | "complete", "errors", "error"}`.
+
+        O(1) in the number of samples; safe to call from any thread or process.
+        """
+        return progress_of(self._store, self.id, None, self._pipeline)
+
+    progress = get_loading_progress
+
+    def is_ready(self) -> bool:
+        """True once every sample is through every phase that can run."""
+        return bool(self.get_loading_progress()["status"] == "complete")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the whole dataset is complete (True) or `timeout` passes (False)."""
+        return wait_for(self.get_loading_progress, self._pipeline, timeout)
+
+    def cancel(self) -> None:
+        """Stop background work; rows keep their status and resume on the next `load`."""
+        self._pipeline.cancel()
+
+    # -- reading ----------------------------------------------------------------------------
+    def samples(
+        self, *, status: str | None = None, offset: int = 0, limit: int | None = None
+    ) -> list[Sample]:
+        """Samples in id order, optionally only those of one `status`, paged."""
+        if status is not None and status not in _core.STATUSES:
+            raise InvalidArgumentError(
+                f"unknown status {status!r}: expected one of {', '.join(_core.STATUSES)}"
+            )
+        rows = self._store.samples(
+            self.id, status=status, offset=int(offset), limit=-1 if limit is None else int(limit)
+        )
+        return [Sample(**r) for r in rows]
+
+    def sample(self, sample_id: int) -> Sample:
+        """One sample by id. Raises `DatasetNotFoundError` (a `LookupError`) if absent."""
+        rows = self._store.samples_by_id([int(sample_id)])
+        if not rows or rows[0]["dataset_id"] != self.id:
+            raise DatasetNotFoundError(f"no sample {sample_id} in dataset {self.name!r}")
+        return Sample(**rows[0])
+
+    def samples_by_id(self, ids: list[int]) -> list[Sample]:
+        return [Sample(**r) for r in self._store.samples_by_id([int(i) for i in ids])]
+
+    def annotations(self, sample_id: int | None = None) -> list[Annotation]:
+        """COCO boxes with their category names: of one sample, or all of the dataset's."""
+        rows = self._store.annotations(self.id, None if sample_id is None else int(sample_id))
+        return [Annotation.from_row(r) for r in rows]
+
+    def jobs_summary(self, job_id: int) -> dict[str, Any]:
+        row = self._store.job(job_id)
+        if row is None or row[0] != self.id:
+            raise DatasetNotFoundError(f"no job {job_id} in dataset {self.name!r}")
+        _, kind, source, added, existing, warnings = row
+        return {
+            "job_id": job_id,
+            "kind": kind,
+            "source": source,
+            "added": added,
+            "existing": existing,
+            "warnings": json.loads(warnings),
+        }
+
+
+def list_datasets(*, db: str | os.PathLike[str] = DEFAULT_DB) -> list[dict[str, Any]]:
+    """Every dataset in a store: `[{"id", "name", "created_at"}]`."""
+    path = _check_path_arg("db", db)
+    if not os.path.exists(path):
+        return []
+    return [
+        {"id": i, "name": n, "created_at": c, "embed_model": json.loads(s) if s else None}
+        for i, n, c, s in _core.Store(path).list_datasets()
+    ]

@@ -1,0 +1,65 @@
+"""The exceptions fastindex raises. The Rust core maps its errors onto these by name."""
+
+from __future__ import annotations
+
+
+class FastIndexError(Exception):
+    """Base class of every fastindex error."""
+
+
+class InvalidArgumentError(FastIndexError, ValueError):
+    """An argument is unusable (a file where a folder is needed, a bad option value...).
+
+    Raised before anything is written to the store.
+    """
+
+
+class PathNotFoundError(InvalidArgumentError, FileNotFoundError):
+    """A file or folder named by the caller does not exist."""
+
+
+class DatasetNotFoundError(FastIndexError, LookupError):
+    """No dataset of that name (or id) in the store."""
+
+
+class DatasetExistsError(FastIndexError):
+    """`Dataset.create` was given a name that is taken."""
+
+
+class ImageError(FastIndexError):
+    """A file is not a readable image (corrupt, truncated or of an unsupported format)."""
+
+
+class CocoError(InvalidArgumentError):
+    """A COCO annotations file is malformed; nothing was written."""
+
+
+class StoreError(FastIndexError):
+    """The store cannot be opened or written (not a fastindex database, locked, disk full)."""
+
+
+class SchemaVersionError(StoreError):
+    """The store was written by a fastindex with another schema version."""
+
+
+class CancelledError(FastIndexError):
+    """The work was cancelled."""
+
+
+class EmbeddingError(FastIndexError):
+    """Phase 3 cannot run: the model or its weights cannot be loaded."""
+
+
+__all__ = [
+    "CancelledError",
+    "CocoError",
+    "DatasetExistsError",
+    "DatasetNotFoundError",
+    "EmbeddingError",
+    "FastIndexError",
+    "ImageError",
+    "InvalidArgumentError",
+    "PathNotFoundError",
+    "SchemaVersionError",
+    "StoreError",
+]
