@@ -9,6 +9,7 @@ are put back to `indexed`.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -175,6 +176,16 @@ class Pipeline:
 
 _pipelines: dict[tuple[str, int], Pipeline] = {}
 _pipelines_lock = threading.Lock()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Stop background work before the interpreter goes away: a worker must not be inside the
+    store when Python finalises. Rows keep their status; the next `load` resumes them."""
+    with _pipelines_lock:
+        pipelines = list(_pipelines.values())
+    for p in pipelines:
+        p.cancel()
 
 
 def pipeline_for(db: str, dataset_id: int) -> Pipeline:

@@ -61,7 +61,10 @@ CREATE TABLE IF NOT EXISTS samples (
     size_mismatch INTEGER NOT NULL DEFAULT 0,
     UNIQUE (root_id, path)
 );
-CREATE INDEX IF NOT EXISTS samples_by_status ON samples (dataset_id, status, id);
+-- Status changes touch no index: the queues walk (dataset_id, id) and check the status,
+-- and only the rare `failed` rows get a (partial) index of their own.
+CREATE INDEX IF NOT EXISTS samples_by_dataset ON samples (dataset_id, id);
+CREATE INDEX IF NOT EXISTS samples_failed ON samples (dataset_id, id) WHERE status = 'failed';
 CREATE TABLE IF NOT EXISTS counts (
     dataset_id INTEGER NOT NULL,
     job_id INTEGER NOT NULL,

@@ -100,6 +100,12 @@ impl FileSource {
     /// Open `path` and read its first [`HEAD_BYTES`].
     pub fn open(path: &Path) -> Result<Self, Reason> {
         let file = File::open(path).map_err(|e| Reason::Io(io_reason(&e)))?;
+        // Only a few KiB are needed: without this hint a cold read pulls in the kernel's
+        // readahead window too (a 64 KiB read costs ~3x a 4 KiB one on a cold disk).
+        // SAFETY: a plain syscall on a descriptor we own; failure only loses the hint.
+        unsafe {
+            libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 0, libc::POSIX_FADV_RANDOM);
+        }
         let mut head = vec![0u8; HEAD_BYTES];
         let n = read_full_at(&file, &mut head, 0).map_err(|e| Reason::Io(io_reason(&e)))?;
         head.truncate(n);

@@ -267,35 +267,27 @@ impl Store {
         lease: Option<(String, f64)>,
     ) -> Res<u64> {
         let stop = stop.unwrap_or_default();
-        let mut after = 0i64;
-        let mut total = 0u64;
-        loop {
-            if stop.flag.load(Ordering::Relaxed) {
-                return Err(to_py(Error::Cancelled));
-            }
-            let step = py.detach(|| -> crate::error::Result<Option<(i64, u64)>> {
-                let mut store = self.lock();
-                let batch = store.pending_batch(dataset_id, after, scan::PROBE_BATCH)?;
-                let Some(last) = batch.last().map(|b| b.0) else { return Ok(None) };
-                let results = scan::probe_files(&batch);
-                store.record_probes(dataset_id, &results)?;
-                if let Some((owner, ttl)) = &lease {
-                    if !store.acquire_lease(dataset_id, "probe", owner, *ttl)? {
-                        return Ok(None);
-                    }
-                }
-                Ok(Some((last, results.len() as u64)))
-            });
-            match r(step)? {
-                None => return Ok(total),
-                Some((last, n)) => {
-                    after = last;
-                    total += n;
-                    stop.done.fetch_add(n, Ordering::Relaxed);
+        let signal: Mutex<Option<PyErr>> = Mutex::new(None);
+        let after_batch = |store: &mut db::Store| -> crate::error::Result<bool> {
+            if let Some((owner, ttl)) = &lease {
+                if !store.acquire_lease(dataset_id, "probe", owner, *ttl)? {
+                    return Ok(false); // another process took the work over
                 }
             }
-            py.check_signals()?;
+            // Stay interruptible: a signal (Ctrl-C) stops the loop between batches.
+            match Python::attach(|py| py.check_signals()) {
+                Ok(()) => Ok(true),
+                Err(e) => {
+                    *signal.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    Ok(false)
+                }
+            }
+        };
+        let total = py.detach(|| self.lock().probe_pending(dataset_id, &stop.flag, &stop.done, after_batch));
+        if let Some(e) = signal.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(e);
         }
+        r(total)
     }
 
     /// Counts by status for a dataset (or one job of it), with `status` and phase `errors`.
@@ -366,9 +358,11 @@ impl Store {
         r(py.detach(|| self.lock().set_embed_spec(dataset_id, spec.as_deref(), model_id)))
     }
 
-    /// Move up to `limit` indexed rows to `embedding`; returns `[(id, absolute path)]`.
-    fn claim_for_embedding(&self, py: Python<'_>, dataset_id: i64, limit: usize) -> Res<Vec<(i64, PathBuf)>> {
-        r(py.detach(|| self.lock().claim_for_embedding(dataset_id, limit)))
+    /// Move up to `limit` indexed rows with id above `after` to `embedding`; returns
+    /// `[(id, absolute path)]` in id order. Keep the last id as the next `after`.
+    #[pyo3(signature = (dataset_id, limit, after=0))]
+    fn claim_for_embedding(&self, py: Python<'_>, dataset_id: i64, limit: usize, after: i64) -> Res<Vec<(i64, PathBuf)>> {
+        r(py.detach(|| self.lock().claim_for_embedding(dataset_id, limit, after)))
     }
 
     /// Store float16 vectors (`ids.len() * dim * 2` bytes) and mark those rows `ready`;

@@ -168,7 +168,7 @@ impl Store {
                 Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?))
             })
             .store(&self.path)?;
-        let mut out = Vec::with_capacity(limit);
+        let mut out = Vec::with_capacity(limit.min(65_536));
         for row in rows {
             let (id, root_id, rel) = row.store(&self.path)?;
             let root = roots.get(&root_id).map_or("", String::as_str);
@@ -223,23 +223,57 @@ impl Store {
     }
 
     /// Phase 2: probe every pending row of the dataset until none is left or `stop` is set.
-    /// Returns the number of rows probed. `on_batch` is called after each committed batch.
-    pub fn probe_pending(&mut self, dataset_id: i64, stop: &AtomicBool, done: &AtomicU64) -> Result<u64> {
-        let mut after = 0i64;
-        let mut total = 0u64;
-        loop {
-            if stop.load(Ordering::Relaxed) {
-                return Err(Error::Cancelled);
-            }
-            let batch = self.pending_batch(dataset_id, after, PROBE_BATCH)?;
-            let Some(last) = batch.last() else { break };
-            after = last.0;
-            let results = probe_files(&batch);
-            self.record_probes(dataset_id, &results)?;
-            total += results.len() as u64;
-            done.fetch_add(results.len() as u64, Ordering::Relaxed);
-        }
-        Ok(total)
+    ///
+    /// Reading the queue and probing happen on this thread and the I/O pool while a second
+    /// connection writes the previous batch, so the store writes overlap the file reads.
+    /// `after_batch` runs on the writer after each commit (renew a lease, check for signals);
+    /// returning `Ok(false)` stops the loop. Returns the number of rows probed.
+    pub fn probe_pending<F>(&mut self, dataset_id: i64, stop: &AtomicBool, done: &AtomicU64, after_batch: F) -> Result<u64>
+    where
+        F: FnMut(&mut Store) -> Result<bool> + Send,
+    {
+        let mut writer = Store::open(&self.path)?;
+        let keep_going = AtomicBool::new(true);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(i64, std::result::Result<ImageInfo, String>)>>(1);
+        std::thread::scope(|scope| {
+            let keep = &keep_going;
+            let write = scope.spawn(move || -> Result<u64> {
+                let mut after_batch = after_batch;
+                let mut total = 0u64;
+                for results in rx {
+                    writer.record_probes(dataset_id, &results)?;
+                    total += results.len() as u64;
+                    done.fetch_add(results.len() as u64, Ordering::Relaxed);
+                    if !after_batch(&mut writer)? {
+                        keep.store(false, Ordering::Relaxed);
+                        break;
+                    }
+                }
+                Ok(total)
+            });
+            let mut after = 0i64;
+            let read: Result<()> = loop {
+                if stop.load(Ordering::Relaxed) {
+                    break Err(Error::Cancelled);
+                }
+                if !keep.load(Ordering::Relaxed) {
+                    break Ok(());
+                }
+                let batch = match self.pending_batch(dataset_id, after, PROBE_BATCH) {
+                    Ok(b) => b,
+                    Err(e) => break Err(e),
+                };
+                let Some(last) = batch.last() else { break Ok(()) };
+                after = last.0;
+                if tx.send(probe_files(&batch)).is_err() {
+                    break Ok(()); // the writer stopped; its result says why
+                }
+            };
+            drop(tx);
+            let written = write.join().unwrap_or_else(|_| Err(Error::InvalidArgument("probe writer panicked".into())));
+            let total = written?;
+            read.map(|()| total)
+        })
     }
 }
 
@@ -281,7 +315,7 @@ mod tests {
         assert_eq!((sum.added, sum.existing), (3, 0));
         assert_eq!(s.progress(d, None).unwrap().count(PENDING), 3);
         let done = AtomicU64::new(0);
-        assert_eq!(s.probe_pending(d, &stop, &done).unwrap(), 3);
+        assert_eq!(s.probe_pending(d, &stop, &done, |_| Ok(true)).unwrap(), 3);
         let p = s.progress(d, None).unwrap();
         assert_eq!((p.count(INDEXED), p.count(FAILED), p.count(PENDING)), (2, 1, 0));
         assert!(p.is_complete());

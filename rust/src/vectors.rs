@@ -64,8 +64,10 @@ impl Store {
         tx.commit().store(&path)
     }
 
-    /// Move up to `limit` `indexed` rows to `embedding` and return `(id, absolute path)`.
-    pub fn claim_for_embedding(&mut self, dataset_id: i64, limit: usize) -> Result<Vec<(i64, PathBuf)>> {
+    /// Move up to `limit` `indexed` rows with id above `after` to `embedding` and return
+    /// `(id, absolute path)` in id order. Callers keep the last id as a cursor, so a claim
+    /// never rescans the rows already done (pass 0 for a final sweep).
+    pub fn claim_for_embedding(&mut self, dataset_id: i64, limit: usize, after: i64) -> Result<Vec<(i64, PathBuf)>> {
         let roots = self.root_paths(dataset_id)?;
         let path = self.path.clone();
         let tx = self.immediate()?;
@@ -75,11 +77,12 @@ impl Store {
             let mut st = tx
                 .prepare_cached(
                     "UPDATE samples SET status = 'embedding'
-                     WHERE id IN (SELECT id FROM samples WHERE dataset_id = ?1 AND status = 'indexed' ORDER BY id LIMIT ?2)
+                     WHERE id IN (SELECT id FROM samples WHERE dataset_id = ?1 AND id > ?3 AND status = 'indexed'
+                                  ORDER BY id LIMIT ?2)
                      RETURNING id, job_id, root_id, path",
                 )
                 .store(&path)?;
-            let mut rows = st.query(params![dataset_id, limit as i64]).store(&path)?;
+            let mut rows = st.query(params![dataset_id, limit as i64, after]).store(&path)?;
             while let Some(r) = rows.next().store(&path)? {
                 let (id, job, root, rel): (i64, i64, i64, String) =
                     (r.get(0).store(&path)?, r.get(1).store(&path)?, r.get(2).store(&path)?, r.get(3).store(&path)?);
