@@ -75,6 +75,8 @@ type Parsed<T> = Result<T, Reason>;
 /// Random access to a file's bytes. `read_at` returns exactly `len` bytes or `Truncated`.
 pub trait Source {
     fn read_at(&mut self, offset: u64, len: usize, what: &'static str) -> Parsed<&[u8]>;
+    /// Length of the whole image in bytes.
+    fn total_len(&mut self) -> Parsed<u64>;
 }
 
 /// An image already in memory (tests, fuzzing, bytes from elsewhere).
@@ -85,6 +87,29 @@ impl Source for SliceSource<'_> {
         let start = usize::try_from(offset).map_err(|_| Reason::Truncated(what))?;
         let end = start.checked_add(len).ok_or(Reason::Truncated(what))?;
         self.0.get(start..end).ok_or(Reason::Truncated(what))
+    }
+    fn total_len(&mut self) -> Parsed<u64> {
+        Ok(self.0.len() as u64)
+    }
+}
+
+/// A byte range of another source, addressed from its start (the EXIF block inside a JPEG).
+struct Within<'s, S> {
+    src: &'s mut S,
+    base: u64,
+    len: u64,
+}
+
+impl<S: Source> Source for Within<'_, S> {
+    fn read_at(&mut self, offset: u64, len: usize, what: &'static str) -> Parsed<&[u8]> {
+        let end = offset.checked_add(len as u64).ok_or(Reason::Truncated(what))?;
+        if end > self.len {
+            return Err(Reason::Truncated(what));
+        }
+        self.src.read_at(self.base + offset, len, what)
+    }
+    fn total_len(&mut self) -> Parsed<u64> {
+        Ok(self.len)
     }
 }
 
@@ -138,6 +163,9 @@ impl Source for FileSource {
         }
         let start = (offset - self.window_at) as usize;
         Ok(&self.window[start..start + len])
+    }
+    fn total_len(&mut self) -> Parsed<u64> {
+        self.file.metadata().map(|m| m.len()).map_err(|e| Reason::Io(io_reason(&e)))
     }
 }
 
@@ -228,9 +256,8 @@ fn jpeg(src: &mut impl Source) -> Parsed<ImageInfo> {
     let mut size: Option<(u32, u32)> = None;
     let mut orientation = None;
     // Each step reads 1 byte (junk or fill) or a whole marker; files end, so this ends.
-    loop {
-        let Ok(b) = src.read_at(pos, 1, "JPEG") else { break };
-        if b[0] != 0xFF {
+    while let Ok(&[b]) = src.read_at(pos, 1, "JPEG") {
+        if b != 0xFF {
             pos += 1; // junk between segments, skipped as Pillow does
             continue;
         }
@@ -269,25 +296,29 @@ fn jpeg(src: &mut impl Source) -> Parsed<ImageInfo> {
             if !matches!(s[5], 1 | 3 | 4) {
                 return Err(Reason::Unsupported(format!("JPEG with {} components", s[5])));
             }
+            if (s.len() - 6) % 3 != 0 {
+                // Pillow reads the component table three bytes at a time and fails on a remainder
+                return Err(Reason::Corrupt("JPEG SOF has a partial component entry".into()));
+            }
             size = Some((be16(s, 3), be16(s, 1)));
         } else if marker == 0xDA {
             break;
-        } else if marker == 0xE1 && orientation.is_none() && body >= 14 {
-            // IFD0 sits near the start of the block: look there first, read it all if needed.
-            let first = src.read_at(body_at, body.min(1024) as usize, "JPEG APP1")?;
-            if first.starts_with(b"Exif\0\0") {
-                let found = match exif_orientation(&first[6..]) {
-                    Some(found) => found,
-                    None => {
-                        let all = src.read_at(body_at, body as usize, "JPEG APP1")?;
-                        exif_orientation(&all[6..]).flatten()
-                    }
-                };
-                orientation = Some(found);
+        } else {
+            if marker == 0xE1 && orientation.is_none() && body >= 6 {
+                // Pillow keeps the first Exif block and reads its IFD0 (with `Exif\0\0` repeated
+                // at the start stripped, as Pillow does).
+                let (mut base, mut len) = (body_at, body);
+                while len >= 6 && src.read_at(base, 6, "JPEG APP1")? == b"Exif\0\0" {
+                    (base, len) = (base + 6, len - 6);
+                }
+                if base != body_at {
+                    orientation = Some(exif_orientation(&mut Within { src: &mut *src, base, len }));
+                }
             }
-        } else if body > 0 {
-            // Pillow reads the whole segment; a segment cut short by the end of file fails.
-            src.read_at(body_at + body - 1, 1, "JPEG")?;
+            if body > 0 {
+                // Pillow reads the whole segment; a segment cut short by the end of file fails.
+                src.read_at(body_at + body - 1, 1, "JPEG")?;
+            }
         }
         pos = body_at + body;
     }
@@ -297,46 +328,81 @@ fn jpeg(src: &mut impl Source) -> Parsed<ImageInfo> {
     Ok(info)
 }
 
-/// Tag 0x0112 of IFD0 in a TIFF-structured EXIF block: `Some(value)` when the block answers
-/// (`value` is `None` when there is no valid orientation), `None` when IFD0 runs past `tiff`.
-fn exif_orientation(tiff: &[u8]) -> Option<Option<u16>> {
-    let le = match tiff.get(..4) {
-        Some([b'I', b'I', 42, 0]) => true,
-        Some([b'M', b'M', 0, 42]) => false,
-        _ => return Some(None),
-    };
-    let u16_at = |i: usize| -> Option<u16> {
-        let b = tiff.get(i..i + 2)?;
-        Some(if le { u16::from_le_bytes([b[0], b[1]]) } else { u16::from_be_bytes([b[0], b[1]]) })
-    };
-    let u32_at = |i: usize| -> Option<u32> {
-        let b = tiff.get(i..i + 4)?;
-        let a = [b[0], b[1], b[2], b[3]];
-        Some(if le { u32::from_le_bytes(a) } else { u32::from_be_bytes(a) })
-    };
-    let Some(ifd) = u32_at(4).and_then(|o| usize::try_from(o).ok()) else { return Some(None) };
-    let count = usize::from(u16_at(ifd)?);
-    for i in 0..count {
-        let entry = ifd.checked_add(2 + 12 * i)?;
-        if u16_at(entry)? == 0x0112 {
-            let v = u16_at(entry + 8)?;
-            return Some((1..=8).contains(&v).then_some(v));
-        }
+/// EXIF orientation as Pillow's `getexif().get(0x0112)` reads it from a TIFF-structured block:
+/// `Some` only for a value equal to a whole number from 1 to 8.
+fn exif_orientation(src: &mut impl Source) -> Option<u16> {
+    let t = TiffOrder::detect(src.read_at(0, 4, "EXIF").ok()?)?;
+    if t.big {
+        return None; // Pillow reads an 8-byte header for EXIF, too short for BigTIFF: no EXIF
     }
-    Some(None)
+    let ifd = t.u32(src.read_at(4, 4, "EXIF").ok()?, 0);
+    let [value] = ifd_values(src, t, u64::from(ifd), [0x0112]);
+    let value = value?;
+    (1..=8u16).find(|&k| value.equals(i64::from(k)))
 }
 
+/// Pillow's rule: chunks up to the first IDAT; the IHDR gives the size. Chunks before the IHDR
+/// are stepped over (a name must be four letters, digits or `_`). The IHDR itself is checked as
+/// Pillow checks it: 13 bytes or more, its CRC, a known bit depth and colour type, filter 0.
+/// (Pillow would let a second IHDR before the IDAT override the first; this stops at the first.)
 fn png(src: &mut impl Source) -> Parsed<ImageInfo> {
-    let h = src.read_at(8, 16, "PNG")?;
-    if &h[4..8] != b"IHDR" {
-        return Err(Reason::Corrupt("PNG does not start with IHDR".into()));
+    let mut pos: u64 = 8;
+    // Each step moves past a whole chunk (12 bytes at least), so this ends with the file.
+    loop {
+        let h = src.read_at(pos, 8, "PNG")?;
+        let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
+        let cid = [h[4], h[5], h[6], h[7]];
+        if !cid.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_') {
+            return Err(Reason::Corrupt(format!("broken PNG chunk name {:?}", String::from_utf8_lossy(&cid))));
+        }
+        match &cid {
+            b"IHDR" => return png_ihdr(src, pos, len),
+            b"IDAT" | b"fdAT" | b"IEND" => return Err(Reason::Corrupt("PNG has no IHDR".into())),
+            _ => pos += 12 + u64::from(len),
+        }
     }
-    let w = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
-    let ht = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
-    if w > i32::MAX as u32 || ht > i32::MAX as u32 {
-        return Err(Reason::Corrupt(format!("PNG size {w}x{ht} out of range")));
+}
+
+fn png_ihdr(src: &mut impl Source, pos: u64, len: u32) -> Parsed<ImageInfo> {
+    if len < 13 {
+        return Err(Reason::Corrupt("truncated PNG IHDR chunk".into()));
+    }
+    let mut chunk = [0u8; 17]; // the name and the 13 bytes of data that the CRC covers
+    chunk.copy_from_slice(src.read_at(pos + 4, 17, "PNG IHDR")?);
+    if len == 13 {
+        // A file that ends before the CRC is read as far as it goes; a CRC that is there must match.
+        if let Ok(c) = src.read_at(pos + 21, 4, "PNG IHDR") {
+            if crc32(&chunk) != u32::from_be_bytes([c[0], c[1], c[2], c[3]]) {
+                return Err(Reason::Corrupt("PNG IHDR checksum does not match".into()));
+            }
+        }
+    }
+    let d = &chunk[4..];
+    let w = u32::from_be_bytes([d[0], d[1], d[2], d[3]]);
+    let ht = u32::from_be_bytes([d[4], d[5], d[6], d[7]]);
+    let known = matches!(
+        (d[8], d[9]),
+        (1 | 2 | 4 | 8 | 16, 0) | (8 | 16, 2) | (1 | 2 | 4 | 8, 3) | (8 | 16, 4) | (8 | 16, 6)
+    );
+    if !known {
+        return Err(Reason::Unsupported(format!("PNG bit depth {} with colour type {}", d[8], d[9])));
+    }
+    if d[11] != 0 {
+        return Err(Reason::Corrupt(format!("PNG filter method {}", d[11])));
     }
     nonzero(w, ht, Format::Png)
+}
+
+/// CRC-32 (ISO 3309, as PNG uses it), bit by bit: only a few bytes are ever checked.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
 }
 
 /// The logical screen, grown to hold the first frame when that frame reaches beyond it
@@ -349,9 +415,8 @@ fn gif(src: &mut impl Source) -> Parsed<ImageInfo> {
     if flags & 0x80 != 0 {
         pos += 3u64 << ((flags & 7) + 1);
     }
-    loop {
-        let Ok(b) = src.read_at(pos, 1, "GIF") else { break };
-        match b[0] {
+    while let Ok(&[b]) = src.read_at(pos, 1, "GIF") {
+        match b {
             b'!' => {
                 pos += 2; // introducer and label
                 pos = skip_sub_blocks(src, pos)?;
@@ -383,31 +448,80 @@ fn skip_sub_blocks(src: &mut impl Source, mut pos: u64) -> Parsed<u64> {
     }
 }
 
+/// Pillow's rule: width and height are unsigned 32-bit, except that a height whose top byte is
+/// 0xFF is a top-down image of height `2^32 - h`. The header must be whole, the pixel depth one
+/// Pillow decodes, the compression known and, for bitfields, the masks a layout Pillow knows.
 fn bmp(src: &mut impl Source) -> Parsed<ImageInfo> {
     let s = src.read_at(14, 4, "BMP")?;
     let header_size = le32(s, 0);
-    match header_size {
+    let (w, h, bits) = match header_size {
         12 => {
-            let d = src.read_at(18, 4, "BMP")?;
-            nonzero(le16(d, 0), le16(d, 2), Format::Bmp)
+            let d = src.read_at(18, 8, "BMP")?;
+            (le16(d, 0), le16(d, 2), le16(d, 6))
         }
         40 | 52 | 56 | 64 | 108 | 124 => {
-            let d = src.read_at(18, 12, "BMP")?;
+            let d = &src.read_at(18, header_size as usize - 4, "BMP")?.to_vec();
             let w = le32(d, 0);
             let raw_h = le32(d, 4);
-            // Pillow treats a height whose top byte is 0xFF as top-down (negative).
             let h = if d[7] == 0xFF { raw_h.wrapping_neg() } else { raw_h };
             let bits = le16(d, 10);
-            if !matches!(bits, 1 | 2 | 4 | 8 | 16 | 24 | 32) {
-                return Err(Reason::Unsupported(format!("BMP pixel depth {bits}")));
-            }
-            if w > i32::MAX as u32 || h > i32::MAX as u32 {
-                return Err(Reason::Corrupt(format!("BMP size {w}x{h} out of range")));
-            }
-            nonzero(w, h, Format::Bmp)
+            let compression = le32(d, 12);
+            let colors = le32(d, 28);
+            bmp_checks(src, d, bits, compression, colors)?;
+            (w, h, bits)
         }
-        other => Err(Reason::Unsupported(format!("BMP header type {other}"))),
+        other => return Err(Reason::Unsupported(format!("BMP header type {other}"))),
+    };
+    if !matches!(bits, 1 | 4 | 8 | 16 | 24 | 32) {
+        return Err(Reason::Unsupported(format!("BMP pixel depth {bits}")));
     }
+    nonzero(w, h, Format::Bmp)
+}
+
+/// What Pillow refuses in a BITMAPINFOHEADER (or later) on open, besides the pixel depth.
+fn bmp_checks(src: &mut impl Source, d: &[u8], bits: u32, compression: u32, colors: u32) -> Parsed<()> {
+    match compression {
+        0..=2 => {}
+        3 => {
+            // Bitfields: the masks follow a 40-byte header, or sit inside a longer one.
+            let masks: [u32; 4] = if d.len() >= 48 {
+                let a = if d.len() >= 52 { le32(d, 48) } else { 0 };
+                [le32(d, 36), le32(d, 40), le32(d, 44), a]
+            } else {
+                let m = src.read_at(54, 12, "BMP bitfields")?;
+                [le32(m, 0), le32(m, 4), le32(m, 8), 0]
+            };
+            let rgb = [masks[0], masks[1], masks[2]];
+            let ok = match bits {
+                32 => matches!(
+                    masks,
+                    [0xFF_0000, 0xFF00, 0xFF, 0]
+                        | [0xFF00_0000, 0xFF_0000, 0xFF00, 0]
+                        | [0xFF00_0000, 0xFF00, 0xFF, 0]
+                        | [0xFF00_0000, 0xFF_0000, 0xFF00, 0xFF]
+                        | [0xFF, 0xFF00, 0xFF_0000, 0xFF00_0000]
+                        | [0xFF_0000, 0xFF00, 0xFF, 0xFF00_0000]
+                        | [0xFF00_0000, 0xFF00, 0xFF, 0xFF_0000]
+                        | [0, 0, 0, 0]
+                ),
+                24 => rgb == [0xFF_0000, 0xFF00, 0xFF],
+                16 => rgb == [0xF800, 0x7E0, 0x1F] || rgb == [0x7C00, 0x3E0, 0x1F],
+                _ => false,
+            };
+            if !ok {
+                return Err(Reason::Unsupported("BMP bitfields layout".into()));
+            }
+        }
+        other => return Err(Reason::Unsupported(format!("BMP compression {other}"))),
+    }
+    // Palette images: Pillow takes the colour count from the header, or 2^bits.
+    if compression != 3 && bits <= 8 && bits > 0 {
+        let n = if colors == 0 { 1u64 << bits } else { u64::from(colors) };
+        if n > 65536 {
+            return Err(Reason::Unsupported(format!("BMP palette of {n} colours")));
+        }
+    }
+    Ok(())
 }
 
 fn webp(src: &mut impl Source) -> Parsed<ImageInfo> {
@@ -432,58 +546,189 @@ fn webp(src: &mut impl Source) -> Parsed<ImageInfo> {
     nonzero(w, h, Format::Webp)
 }
 
-/// ImageWidth and ImageLength of the first IFD (classic TIFF and BigTIFF, either byte order).
-fn tiff(src: &mut impl Source) -> Parsed<ImageInfo> {
-    let s = src.read_at(0, 4, "TIFF")?;
-    let le = &s[0..2] == b"II";
-    let rd16 = |b: &[u8], i: usize| if le { le16(b, i) } else { be16(b, i) };
-    let rd32 = |b: &[u8], i: usize| {
+/// Byte order and flavour of a TIFF structure, from its first four bytes, as Pillow accepts
+/// them: the two valid headers, the two with the version bytes swapped, and BigTIFF. Pillow
+/// takes a header for BigTIFF only when its third byte is 43, so a big-endian BigTIFF is read as
+/// classic TIFF (and usually fails), as Pillow does.
+#[derive(Debug, Clone, Copy)]
+struct TiffOrder {
+    le: bool,
+    big: bool,
+}
+
+impl TiffOrder {
+    fn detect(h: &[u8]) -> Option<TiffOrder> {
+        let le = match h.get(..4)? {
+            b"II\x2a\0" | b"II\0\x2a" | b"II\x2b\0" => true,
+            b"MM\0\x2a" | b"MM\x2a\0" | b"MM\0\x2b" => false,
+            _ => return None,
+        };
+        Some(TiffOrder { le, big: h[2] == 43 })
+    }
+    fn u16(self, b: &[u8], i: usize) -> u16 {
+        let a = [b[i], b[i + 1]];
+        if self.le { u16::from_le_bytes(a) } else { u16::from_be_bytes(a) }
+    }
+    fn u32(self, b: &[u8], i: usize) -> u32 {
         let a = [b[i], b[i + 1], b[i + 2], b[i + 3]];
-        if le { u32::from_le_bytes(a) } else { u32::from_be_bytes(a) }
-    };
-    let rd64 = |b: &[u8], i: usize| {
+        if self.le { u32::from_le_bytes(a) } else { u32::from_be_bytes(a) }
+    }
+    fn u64(self, b: &[u8], i: usize) -> u64 {
         let mut a = [0u8; 8];
         a.copy_from_slice(&b[i..i + 8]);
-        if le { u64::from_le_bytes(a) } else { u64::from_be_bytes(a) }
-    };
-    let version = rd16(s, 2);
-    let big = match version {
-        42 => false,
-        43 => true,
-        _ => return Err(Reason::Unsupported("not a TIFF file".into())),
-    };
-    let (ifd, count_len, entry_len) = if big {
-        let h = src.read_at(4, 12, "BigTIFF")?;
-        (rd64(h, 4), 8u64, 20u64)
-    } else {
-        let h = src.read_at(4, 4, "TIFF")?;
-        (u64::from(rd32(h, 0)), 2, 12)
-    };
-    let c = src.read_at(ifd, count_len as usize, "TIFF IFD")?;
-    let count = if big { rd64(c, 0) } else { u64::from(rd16(c, 0)) };
-    if count > 4096 {
-        return Err(Reason::Corrupt(format!("TIFF IFD claims {count} entries")));
+        if self.le { u64::from_le_bytes(a) } else { u64::from_be_bytes(a) }
     }
-    let entries = src.read_at(ifd + count_len, (count * entry_len) as usize, "TIFF IFD")?;
-    let (mut w, mut h) = (None, None);
-    for e in entries.chunks_exact(entry_len as usize) {
-        let tag = rd16(e, 0);
-        if tag != 256 && tag != 257 {
+}
+
+/// The first value of a TIFF tag, as Pillow decodes it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum TagValue {
+    Int(i128),
+    Float(f64),
+    /// RATIONAL or SRATIONAL: numerator, denominator.
+    Ratio(i64, i64),
+    /// BYTE, ASCII or UNDEFINED: bytes or text, never a number to Pillow.
+    Other,
+}
+
+impl TagValue {
+    /// Pillow compares tag values with `==`: 6, 6.0 and 12/2 all equal 6.
+    fn equals(self, k: i64) -> bool {
+        match self {
+            TagValue::Int(v) => v == i128::from(k),
+            #[allow(clippy::cast_precision_loss)]
+            TagValue::Float(f) => f == k as f64,
+            TagValue::Ratio(n, d) => d != 0 && i128::from(n) == i128::from(k) * i128::from(d),
+            TagValue::Other => false,
+        }
+    }
+
+    fn decode(t: TiffOrder, typ: u16, b: &[u8]) -> TagValue {
+        match typ {
+            3 => TagValue::Int(t.u16(b, 0).into()),
+            4 | 13 => TagValue::Int(t.u32(b, 0).into()),
+            6 => TagValue::Int(i8::from_ne_bytes([b[0]]).into()),
+            #[allow(clippy::cast_possible_wrap)]
+            8 => TagValue::Int((t.u16(b, 0) as i16).into()),
+            #[allow(clippy::cast_possible_wrap)]
+            9 => TagValue::Int((t.u32(b, 0) as i32).into()),
+            16 => TagValue::Int(t.u64(b, 0).into()),
+            5 => TagValue::Ratio(t.u32(b, 0).into(), t.u32(b, 4).into()),
+            #[allow(clippy::cast_possible_wrap)]
+            10 => TagValue::Ratio((t.u32(b, 0) as i32).into(), (t.u32(b, 4) as i32).into()),
+            11 => TagValue::Float(f32::from_bits(t.u32(b, 0)).into()),
+            12 => TagValue::Float(f64::from_bits(t.u64(b, 0))),
+            _ => TagValue::Other,
+        }
+    }
+}
+
+/// Bytes per value of a TIFF field type as Pillow reads it; `None` for the types it skips.
+fn tiff_unit(typ: u16) -> Option<u64> {
+    match typ {
+        1 | 2 | 6 | 7 => Some(1),
+        3 | 8 => Some(2),
+        4 | 9 | 11 | 13 => Some(4),
+        5 | 10 | 12 | 16 => Some(8),
+        _ => None,
+    }
+}
+
+/// The first value of each tag of `wanted` in the IFD at `at`, read the way Pillow's
+/// `ImageFileDirectory_v2.load` reads it: the first entry of a tag that is kept wins; entries of
+/// unknown types, empty ones, and out-of-line ones once their total passes the length of the
+/// stream are skipped; an IFD cut short keeps the entries read so far, and out-of-line data
+/// that runs past the end stops the reading there.
+fn ifd_values<const N: usize>(src: &mut impl Source, t: TiffOrder, at: u64, wanted: [u16; N]) -> [Option<TagValue>; N] {
+    let mut out = [None; N];
+    let Ok(limit) = src.total_len() else { return out };
+    let (count_len, entry_len, inline) = if t.big { (8u64, 20u64, 8u64) } else { (2, 12, 4) };
+    let Ok(c) = src.read_at(at, count_len as usize, "TIFF IFD") else { return out };
+    let count = if t.big { t.u64(c, 0) } else { u64::from(t.u16(c, 0)) };
+    // Tags kept so far (a bit per tag): a later entry of a kept tag is ignored entirely.
+    let mut kept = vec![0u64; 1024];
+    let mut total: u128 = 0;
+    for i in 0..count {
+        if out.iter().all(Option::is_some) {
+            break; // later entries cannot change a kept value
+        }
+        let Some(pos) = i.checked_mul(entry_len).and_then(|o| o.checked_add(at)).and_then(|o| o.checked_add(count_len))
+        else {
+            break;
+        };
+        // An IFD cut short: each entry is read in turn, so the loop ends with the file.
+        let Ok(e) = src.read_at(pos, entry_len as usize, "TIFF IFD") else { break };
+        let mut e_copy = [0u8; 20];
+        e_copy[..e.len()].copy_from_slice(e);
+        let e = &e_copy[..entry_len as usize];
+        let tag = t.u16(e, 0);
+        let typ = t.u16(e, 2);
+        let n = if t.big { t.u64(e, 4) } else { u64::from(t.u32(e, 4)) };
+        let field = if t.big { 12 } else { 8 };
+        if kept[usize::from(tag / 64)] & (1 << (tag % 64)) != 0 {
             continue;
         }
-        let value_at = if big { 12 } else { 8 };
-        let v = match rd16(e, 2) {
-            3 => rd16(e, value_at),             // SHORT
-            4 => rd32(e, value_at),             // LONG
-            16 if big => rd32(e, value_at),     // LONG8, low half (sizes fit in 32 bits)
-            t => return Err(Reason::Corrupt(format!("TIFF size tag has type {t}"))),
+        let Some(unit) = tiff_unit(typ) else { continue };
+        let size = u128::from(n) * u128::from(unit);
+        let slot = wanted.iter().position(|w| *w == tag);
+        let value = if size > u128::from(inline) {
+            let offset = if t.big { t.u64(e, field) } else { u64::from(t.u32(e, field)) };
+            if offset >= 1 << 63 {
+                continue;
+            }
+            total += size;
+            if total > u128::from(limit) {
+                continue;
+            }
+            if u128::from(offset) + size > u128::from(limit) {
+                break;
+            }
+            match slot {
+                Some(_) => match src.read_at(offset, unit as usize, "TIFF tag") {
+                    Ok(b) => Some(TagValue::decode(t, typ, b)),
+                    Err(_) => break,
+                },
+                None => None,
+            }
+        } else if size == 0 {
+            continue;
+        } else {
+            slot.map(|_| TagValue::decode(t, typ, &e[field..]))
         };
-        if tag == 256 { w = Some(v) } else { h = Some(v) }
+        kept[usize::from(tag / 64)] |= 1 << (tag % 64);
+        if let (Some(k), Some(v)) = (slot, value) {
+            out[k] = Some(v);
+        }
     }
-    match (w, h) {
-        (Some(w), Some(h)) => nonzero(w, h, Format::Tiff),
-        _ => Err(Reason::Corrupt("TIFF has no ImageWidth/ImageLength".into())),
+    out
+}
+
+/// ImageWidth and ImageLength of the first IFD, as Pillow reads them (see [`ifd_values`]); like
+/// Pillow (11 and later), width and height are swapped when the Orientation tag says the image
+/// is turned a quarter (5 to 8).
+fn tiff(src: &mut impl Source) -> Parsed<ImageInfo> {
+    let s = src.read_at(0, 4, "TIFF")?;
+    let t = TiffOrder::detect(s).ok_or_else(|| Reason::Unsupported("not a TIFF file".into()))?;
+    let first = if t.big {
+        t.u64(src.read_at(8, 8, "BigTIFF")?, 0)
+    } else {
+        u64::from(t.u32(src.read_at(4, 4, "TIFF")?, 0))
+    };
+    if first == 0 || first >= 1 << 63 {
+        return Err(Reason::Corrupt("TIFF has no image".into()));
     }
+    let [w, h, orientation] = ifd_values(src, t, first, [256, 257, 274]);
+    let dim = |v: Option<TagValue>| match v {
+        Some(TagValue::Int(n)) => Ok(n),
+        Some(_) => Err(Reason::Corrupt("TIFF size is not a whole number".into())),
+        None => Err(Reason::Corrupt("TIFF has no ImageWidth/ImageLength".into())),
+    };
+    let (w, h) = (dim(w)?, dim(h)?);
+    let (Ok(w), Ok(h)) = (u32::try_from(w.max(0)), u32::try_from(h.max(0))) else {
+        return Err(Reason::Corrupt(format!("TIFF size {w}x{h} out of range")));
+    };
+    let turned = orientation.is_some_and(|o| (5..=8).any(|k| o.equals(k)));
+    if turned { nonzero(h, w, Format::Tiff) } else { nonzero(w, h, Format::Tiff) }
 }
 
 #[cfg(test)]
@@ -540,9 +785,7 @@ mod tests {
 
     #[test]
     fn png_gif_bmp_webp_tiff() {
-        let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
-        png.extend(300u32.to_be_bytes());
-        png.extend(200u32.to_be_bytes());
+        let png = png_with(&[], 300, 200);
         assert_eq!(probe_bytes(&png).unwrap().width, 300);
 
         let mut gif = b"GIF89a".to_vec();
@@ -551,14 +794,7 @@ mod tests {
         let g = probe_bytes(&gif).unwrap();
         assert_eq!((g.width, g.height), (20, 10));
 
-        let mut bmp = b"BM".to_vec();
-        bmp.extend([0u8; 12]);
-        bmp.extend(40u32.to_le_bytes());
-        bmp.extend(33i32.to_le_bytes());
-        bmp.extend((-44i32).to_le_bytes());
-        bmp.extend(1u16.to_le_bytes());
-        bmp.extend(24u16.to_le_bytes());
-        let b = probe_bytes(&bmp).unwrap();
+        let b = probe_bytes(&bmp_with(33, -44i32 as u32, 24)).unwrap();
         assert_eq!((b.width, b.height), (33, 44));
 
         let mut webp = b"RIFF\0\0\0\0WEBPVP8X".to_vec();
@@ -567,11 +803,193 @@ mod tests {
         let w = probe_bytes(&webp).unwrap();
         assert_eq!((w.width, w.height), (800, 480));
 
-        let mut tif = b"II\x2a\0\x08\0\0\0".to_vec();
-        tif.extend(2u16.to_le_bytes());
-        tif.extend([0, 1, 3, 0, 1, 0, 0, 0, 0x2C, 0x01, 0, 0]);
-        tif.extend([1, 1, 4, 0, 1, 0, 0, 0, 0x90, 0x01, 0, 0]);
+        let tif = tiff_with(true, &[(256, 3, 1, 300), (257, 4, 1, 400)], &[]);
         let t = probe_bytes(&tif).unwrap();
         assert_eq!((t.width, t.height), (300, 400));
+    }
+
+    /// A PNG signature, optional chunks, then an IHDR (RGB, 8 bits) with its CRC.
+    fn png_with(before: &[(&[u8; 4], Vec<u8>)], w: u32, h: u32) -> Vec<u8> {
+        let mut v = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut chunk = |name: &[u8; 4], data: &[u8]| {
+            v.extend((data.len() as u32).to_be_bytes());
+            let mut c = name.to_vec();
+            c.extend(data);
+            v.extend(&c);
+            v.extend(crc32(&c).to_be_bytes());
+        };
+        for (name, data) in before {
+            chunk(name, data);
+        }
+        let mut ihdr = w.to_be_bytes().to_vec();
+        ihdr.extend(h.to_be_bytes());
+        ihdr.extend([8, 2, 0, 0, 0]);
+        chunk(b"IHDR", &ihdr);
+        v
+    }
+
+    /// A BMP file header and a BITMAPINFOHEADER.
+    fn bmp_with(w: u32, h: u32, bits: u16) -> Vec<u8> {
+        let mut v = b"BM".to_vec();
+        v.extend([0u8; 12]);
+        v.extend(40u32.to_le_bytes());
+        v.extend(w.to_le_bytes());
+        v.extend(h.to_le_bytes());
+        v.extend(1u16.to_le_bytes());
+        v.extend(bits.to_le_bytes());
+        v.extend([0u8; 24]);
+        v
+    }
+
+    /// A classic TIFF whose first IFD (at 8) holds `entries` as `(tag, type, count, value)`
+    /// (the value written in the 4-byte field as the type's first value, or as an offset),
+    /// followed by `extra` bytes (out-of-line data starts at `8 + 2 + 12 * n + 4`).
+    fn tiff_with(le: bool, entries: &[(u16, u16, u32, u32)], extra: &[u8]) -> Vec<u8> {
+        let w16 = |v: u16| if le { v.to_le_bytes() } else { v.to_be_bytes() };
+        let w32 = |v: u32| if le { v.to_le_bytes() } else { v.to_be_bytes() };
+        let mut t = if le { b"II\x2a\0".to_vec() } else { b"MM\0\x2a".to_vec() };
+        t.extend(w32(8));
+        t.extend(w16(entries.len() as u16));
+        for &(tag, typ, count, value) in entries {
+            t.extend(w16(tag));
+            t.extend(w16(typ));
+            t.extend(w32(count));
+            let inline = count * tiff_unit(typ).unwrap_or(1) as u32 <= 4;
+            match typ {
+                3 | 8 if inline => {
+                    t.extend(w16(value as u16));
+                    t.extend([0, 0]);
+                }
+                1 | 6 if inline => t.extend([value as u8, 0, 0, 0]),
+                _ => t.extend(w32(value)),
+            }
+        }
+        t.extend(w32(0));
+        t.extend(extra);
+        t
+    }
+
+    fn size(bytes: &[u8]) -> Option<(u32, u32)> {
+        probe_bytes(bytes).ok().map(|i| (i.width, i.height))
+    }
+
+    #[test]
+    fn tiff_orientation_turns_the_size_as_pillow_does() {
+        for le in [true, false] {
+            for (o, want) in [(1, (30, 20)), (4, (30, 20)), (5, (20, 30)), (6, (20, 30)), (8, (20, 30)), (9, (30, 20))] {
+                let t = tiff_with(le, &[(256, 3, 1, 30), (257, 3, 1, 20), (274, 3, 1, o)], &[]);
+                assert_eq!(size(&t), Some(want), "orientation {o}, little-endian {le}");
+            }
+        }
+        // a RATIONAL 12/2 equals 6 to Pillow; BYTE and ASCII values never do
+        let after = 8 + 2 + 12 * 3 + 4;
+        let mut rational = 12u32.to_le_bytes().to_vec();
+        rational.extend(2u32.to_le_bytes());
+        let t = tiff_with(true, &[(256, 3, 1, 30), (257, 3, 1, 20), (274, 5, 1, after)], &rational);
+        assert_eq!(size(&t), Some((20, 30)));
+        let t = tiff_with(true, &[(256, 3, 1, 30), (257, 3, 1, 20), (274, 1, 1, 6)], &[]);
+        assert_eq!(size(&t), Some((30, 20)));
+    }
+
+    #[test]
+    fn tiff_ifd_is_read_as_pillow_reads_it() {
+        // the first kept entry of a tag wins
+        let t = tiff_with(true, &[(256, 3, 1, 30), (256, 3, 1, 99), (257, 4, 1, 20)], &[]);
+        assert_eq!(size(&t), Some((30, 20)));
+        // an entry of an unknown type is skipped, so a later entry of the tag counts
+        let t = tiff_with(true, &[(256, 19, 1, 99), (256, 3, 1, 30), (257, 3, 1, 20)], &[]);
+        assert_eq!(size(&t), Some((30, 20)));
+        // an empty entry is skipped too
+        let t = tiff_with(false, &[(256, 3, 0, 99), (256, 3, 1, 30), (257, 3, 1, 20)], &[]);
+        assert_eq!(size(&t), Some((30, 20)));
+        // several values: the first one, read where the offset points
+        let after = 8 + 2 + 12 * 2 + 4;
+        let mut shorts = Vec::new();
+        for v in [41u16, 7, 9] {
+            shorts.extend(v.to_be_bytes());
+        }
+        let t = tiff_with(false, &[(256, 3, 3, after), (257, 3, 1, 20)], &shorts);
+        assert_eq!(size(&t), Some((41, 20)));
+        // out-of-line data past the end of the file stops the IFD: the height after it is lost
+        let t = tiff_with(true, &[(256, 3, 1, 30), (258, 3, 3, 10_000), (257, 3, 1, 20)], &[]);
+        assert_eq!(size(&t), None);
+        // an IFD cut short keeps the entries read before the cut
+        let t = tiff_with(true, &[(256, 3, 1, 30), (257, 3, 1, 20), (258, 3, 1, 8)], &[]);
+        assert_eq!(size(&t[..8 + 2 + 24 + 5]), Some((30, 20)));
+        // signed, fractional and byte sizes are not sizes to Pillow
+        for typ in [8u16, 9] {
+            let t = tiff_with(true, &[(256, typ, 1, -30i32 as u32), (257, 3, 1, 20)], &[]);
+            assert_eq!(size(&t), None, "type {typ}");
+        }
+        let t = tiff_with(true, &[(256, 9, 1, 30), (257, 6, 1, 20)], &[]);
+        assert_eq!(size(&t), Some((30, 20)));
+        let t = tiff_with(true, &[(256, 1, 1, 30), (257, 3, 1, 20)], &[]);
+        assert_eq!(size(&t), None);
+        // Pillow also takes a header with its version bytes swapped
+        let mut t = tiff_with(false, &[(256, 3, 1, 30), (257, 3, 1, 20)], &[]);
+        t[2..4].copy_from_slice(b"\x2a\0");
+        assert_eq!(size(&t), Some((30, 20)));
+        // an IFD at 0 is no image; a huge entry count ends with the file
+        let mut t = tiff_with(true, &[(256, 3, 1, 30), (257, 3, 1, 20)], &[]);
+        t[4..8].copy_from_slice(&[0; 4]);
+        assert_eq!(size(&t), None);
+        let mut t = tiff_with(true, &[(256, 3, 1, 30), (257, 3, 1, 20)], &[]);
+        t[8..10].copy_from_slice(&[0xFF, 0xFF]);
+        assert_eq!(size(&t), Some((30, 20)));
+    }
+
+    #[test]
+    fn bmp_sizes_are_unsigned_as_in_pillow() {
+        assert_eq!(size(&bmp_with(0x8000_0025, 23, 24)), Some((0x8000_0025, 23)));
+        assert_eq!(size(&bmp_with(37, 0x8000_0017, 24)), Some((37, 0x8000_0017)));
+        assert_eq!(size(&bmp_with(37, 0xFFFF_FFE9, 24)), Some((37, 23))); // top-down
+        assert_eq!(size(&bmp_with(37, 23, 2)), None); // a depth Pillow does not read
+        let mut rle24 = bmp_with(37, 23, 24);
+        rle24[30] = 4; // JPEG compression: Pillow refuses it on open
+        assert_eq!(size(&rle24), None);
+        assert_eq!(size(&bmp_with(37, 23, 24)[..40]), None); // header cut short
+    }
+
+    #[test]
+    fn png_is_read_as_pillow_reads_it() {
+        // chunks before the IHDR are stepped over
+        let p = png_with(&[(b"tEXt", b"k\0v".to_vec())], 300, 200);
+        assert_eq!(size(&p), Some((300, 200)));
+        assert_eq!(size(&png_with(&[(b"IDAT", vec![0; 4])], 3, 2)), None);
+        assert_eq!(size(&png_with(&[(b"t\xffXt", vec![0; 4])], 3, 2)), None);
+        // the whole 32-bit range, as Pillow reads it
+        assert_eq!(size(&png_with(&[], 0x8000_0000, 1)), Some((0x8000_0000, 1)));
+        // a flipped bit in the IHDR fails its CRC, as in Pillow; a file cut before the CRC is read
+        let mut p = png_with(&[], 300, 200);
+        p[17] ^= 1;
+        assert_eq!(size(&p), None);
+        assert_eq!(size(&png_with(&[], 300, 200)[..29]), Some((300, 200)));
+        let mut bad_depth = png_with(&[], 3, 2);
+        bad_depth[24] = 3;
+        assert_eq!(size(&bad_depth[..29]), None);
+    }
+
+    #[test]
+    fn jpeg_orientation_is_read_as_pillow_reads_exif() {
+        // big-endian EXIF with the orientation stored as a LONG
+        let mut app1 = b"Exif\0\0MM\0\x2a\0\0\0\x08\0\x01".to_vec();
+        app1.extend([0x01, 0x12, 0, 4, 0, 0, 0, 1, 0, 0, 0, 8]);
+        app1.extend([0, 0, 0, 0]);
+        let info = probe_bytes(&jpeg_with(&[(0xE1, app1.clone())], 64, 48)).unwrap();
+        assert_eq!(info.orientation, Some(8));
+        // a value outside 1..=8 is no orientation
+        let mut odd = app1.clone();
+        odd[6 + 8 + 2 + 11] = 9;
+        assert_eq!(probe_bytes(&jpeg_with(&[(0xE1, odd)], 64, 48)).unwrap().orientation, None);
+        // an APP1 cut short by the end of the file fails, as Pillow's read of the segment does
+        let mut cut = jpeg_with(&[(0xE1, app1)], 64, 48);
+        cut.truncate(20);
+        assert!(probe_bytes(&cut).is_err());
+        // a SOF whose component table does not come in threes
+        let mut sof = jpeg_with(&[], 64, 48);
+        let at = sof.iter().position(|&b| b == 0xC0).unwrap();
+        sof[at + 2] += 1;
+        sof.insert(at + 3 + 15, 0);
+        assert!(probe_bytes(&sof).is_err());
     }
 }
