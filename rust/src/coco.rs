@@ -5,11 +5,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
-use rusqlite::params;
+use rusqlite::{params, OptionalExtension};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::db::{bump, Store, PENDING};
+use crate::db::{bump, Store, FAILED, INDEXED};
+use crate::header::{FileSource, ImageInfo};
 use crate::error::{Error, Result, StoreContext};
 use crate::scan::io_pool;
 
@@ -68,6 +69,28 @@ pub struct CocoSummary {
     pub missing: Vec<String>,
 }
 
+/// What opening one listed file found.
+enum Found {
+    Missing,
+    File { size: u64, mtime_ns: i64, probed: std::result::Result<ImageInfo, String> },
+}
+
+fn look(path: &Path) -> Found {
+    use std::os::unix::fs::MetadataExt;
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Found::Missing,
+        Err(e) => return Found::File { size: 0, mtime_ns: 0, probed: Err(format!("cannot read file: {e}")) },
+    };
+    let (size, mtime_ns) = match file.metadata() {
+        Ok(m) if m.is_file() => (m.len(), m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec())),
+        Ok(_) => return Found::Missing,
+        Err(e) => return Found::File { size: 0, mtime_ns: 0, probed: Err(format!("cannot read file: {e}")) },
+    };
+    let probed = FileSource::from_file(file).and_then(|mut src| crate::header::probe(&mut src)).map_err(|r| r.to_string());
+    Found::File { size, mtime_ns, probed }
+}
+
 /// Parse and check a COCO file: ids unique, every annotation's image and category known,
 /// every bbox four finite numbers with non-negative size.
 pub fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<Coco<'a>> {
@@ -122,19 +145,12 @@ impl Store {
             .ok_or_else(|| Error::InvalidArgument(format!("{}: path is not utf-8", images_root.display())))?;
         let json_str = annotations_json.to_str().unwrap_or_default();
 
-        // Stat every listed file (in parallel), sorted by name so index inserts append.
+        // Every listed file has to be opened to know it exists; read its header in the same
+        // open (phase 2 for free), in parallel, sorted by name so the index inserts append.
         let mut order: Vec<usize> = (0..coco.images.len()).collect();
         order.sort_unstable_by(|&a, &b| coco.images[a].file_name.cmp(&coco.images[b].file_name));
-        let stats: Vec<Option<(u64, i64)>> = io_pool().install(|| {
-            order
-                .par_iter()
-                .map(|&i| {
-                    use std::os::unix::fs::MetadataExt;
-                    let m = std::fs::metadata(images_root.join(&coco.images[i].file_name)).ok()?;
-                    m.is_file().then(|| (m.len(), m.mtime() * 1_000_000_000 + m.mtime_nsec()))
-                })
-                .collect()
-        });
+        let found: Vec<Found> =
+            io_pool().install(|| order.par_iter().map(|&i| look(&images_root.join(&coco.images[i].file_name))).collect());
         if stop.load(Ordering::Relaxed) {
             return Err(Error::Cancelled);
         }
@@ -169,11 +185,15 @@ impl Store {
         let mut sample_of_image: HashMap<i64, i64> = HashMap::with_capacity(coco.images.len());
         let mut earlier: Vec<i64> = Vec::new();
         let mut missing = Vec::new();
+        let (mut n_indexed, mut n_failed) = (0i64, 0i64);
+        let mut new_rows: HashSet<i64> = HashSet::new();
         {
             let mut st = tx
                 .prepare_cached(
-                    "INSERT INTO samples (dataset_id, job_id, root_id, path, size_bytes, mtime_ns, coco_width, coco_height)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                    "INSERT INTO samples (dataset_id, job_id, root_id, path, size_bytes, mtime_ns, coco_width, coco_height,
+                                          status, width, height, format, orientation, error, size_mismatch)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
+                             coalesce(?7 IS NOT NULL AND ?10 IS NOT NULL AND (?7 != ?10 OR ?8 != ?11), 0))
                      ON CONFLICT (root_id, path) DO UPDATE SET
                          coco_width = excluded.coco_width, coco_height = excluded.coco_height,
                          size_mismatch = (width IS NOT NULL AND excluded.coco_width IS NOT NULL
@@ -184,31 +204,41 @@ impl Store {
             let mut miss = tx
                 .prepare_cached("INSERT INTO coco_missing (job_id, coco_image_id, file_name) VALUES (?1, ?2, ?3)")
                 .store(&path)?;
-            for (&i, stat) in order.iter().zip(&stats) {
+            for (&i, look) in order.iter().zip(&found) {
                 let im = &coco.images[i];
-                let Some((size, mtime)) = stat else {
-                    miss.execute(params![job_id, im.id, im.file_name]).store(&path)?;
-                    missing.push(im.file_name.clone());
-                    continue;
+                let (size, mtime, probed) = match look {
+                    Found::Missing => {
+                        miss.execute(params![job_id, im.id, im.file_name]).store(&path)?;
+                        missing.push(im.file_name.clone());
+                        continue;
+                    }
+                    Found::File { size, mtime_ns, probed } => (*size, *mtime_ns, probed),
                 };
                 let rel = if prefix.is_empty() { im.file_name.clone() } else { format!("{prefix}/{}", im.file_name) };
+                let (status, w, h, fmt, orient, err) = match probed {
+                    Ok(info) => (INDEXED, Some(info.width), Some(info.height), Some(info.format.name()), info.orientation, None),
+                    Err(reason) => (FAILED, None, None, None, None, Some(reason.as_str())),
+                };
                 let (id, owner): (i64, i64) = st
-                    .query_row(params![dataset_id, job_id, root_id, rel, *size as i64, mtime, im.width, im.height], |r| {
-                        Ok((r.get(0)?, r.get(1)?))
-                    })
+                    .query_row(
+                        params![dataset_id, job_id, root_id, rel, size as i64, mtime, im.width, im.height, status, w, h, fmt, orient, err],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
                     .store(&path)?;
                 if owner != job_id {
                     earlier.push(id);
+                } else if new_rows.insert(id) {
+                    // (the same file listed twice is one row, counted once)
+                    if status == INDEXED {
+                        n_indexed += 1;
+                    } else {
+                        n_failed += 1;
+                    }
                 }
                 sample_of_image.insert(im.id, id);
             }
         }
-        // Count rows this job inserted (the same file listed twice is one row).
-        let distinct_new: HashSet<i64> = {
-            let earlier_set: HashSet<i64> = earlier.iter().copied().collect();
-            sample_of_image.values().copied().filter(|id| !earlier_set.contains(id)).collect()
-        };
-        let added = distinct_new.len() as i64;
+        let added = new_rows.len() as i64;
         {
             // Ingesting the same file again replaces its boxes instead of adding them twice.
             let mut del = tx
@@ -225,16 +255,23 @@ impl Store {
             .collect();
         anns.sort_by_key(|(s, _)| *s);
         {
+            let mut next: i64 = tx
+                .query_row("SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'next_annotation_id'", [], |r| r.get(0))
+                .optional()
+                .store(&path)?
+                .unwrap_or(1);
             let mut st = tx
                 .prepare_cached(
-                    "INSERT INTO annotations (sample_id, file_id, category_id, coco_id, x, y, w, h, area, iscrowd, segmentation)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                    "INSERT INTO annotations (sample_id, id, file_id, category_id, coco_id, x, y, w, h, area, iscrowd, segmentation)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                 )
                 .store(&path)?;
             for (sample, a) in &anns {
                 let b = &a.bbox;
+                next += 1;
                 st.execute(params![
                     sample,
+                    next - 1,
                     file_id,
                     category_rows[&a.category_id],
                     a.id,
@@ -248,8 +285,15 @@ impl Store {
                 ])
                 .store(&path)?;
             }
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('next_annotation_id', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [next.to_string()],
+            )
+            .store(&path)?;
         }
-        bump(&tx, dataset_id, job_id, PENDING, added).store(&path)?;
+        bump(&tx, dataset_id, job_id, INDEXED, n_indexed).store(&path)?;
+        bump(&tx, dataset_id, job_id, FAILED, n_failed).store(&path)?;
         let existing = sample_of_image.len() as i64 - added;
         let warnings: Vec<String> = missing.iter().map(|m| format!("{m}: listed in the COCO file but not found on disk")).collect();
         tx.execute(

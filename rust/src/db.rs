@@ -99,18 +99,20 @@ CREATE TABLE IF NOT EXISTS categories (
     coco_id INTEGER,
     UNIQUE (dataset_id, name)
 );
+-- Clustered by sample (no second index to keep up during a 700k-box ingest); `id` comes
+-- from meta.next_annotation_id.
 CREATE TABLE IF NOT EXISTS annotations (
-    id INTEGER PRIMARY KEY,
     sample_id INTEGER NOT NULL,
+    id INTEGER NOT NULL,
     file_id INTEGER NOT NULL,
     category_id INTEGER NOT NULL,
     coco_id INTEGER,
     x REAL NOT NULL, y REAL NOT NULL, w REAL NOT NULL, h REAL NOT NULL,
     area REAL,
     iscrowd INTEGER NOT NULL DEFAULT 0,
-    segmentation TEXT
-);
-CREATE INDEX IF NOT EXISTS annotations_by_sample ON annotations (sample_id);
+    segmentation TEXT,
+    PRIMARY KEY (sample_id, id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS coco_missing (
     job_id INTEGER NOT NULL,
     coco_image_id INTEGER NOT NULL,

@@ -125,6 +125,11 @@ impl FileSource {
     /// Open `path` and read its first [`HEAD_BYTES`].
     pub fn open(path: &Path) -> Result<Self, Reason> {
         let file = File::open(path).map_err(|e| Reason::Io(io_reason(&e)))?;
+        Self::from_file(file)
+    }
+
+    /// Wrap a file the caller opened, and read its first [`HEAD_BYTES`].
+    pub fn from_file(file: File) -> Result<Self, Reason> {
         // Only a few KiB are needed: without this hint a cold read pulls in the kernel's
         // readahead window too (a 64 KiB read costs ~3x a 4 KiB one on a cold disk).
         // SAFETY: a plain syscall on a descriptor we own; failure only loses the hint.
@@ -135,6 +140,10 @@ impl FileSource {
         let n = read_full_at(&file, &mut head, 0).map_err(|e| Reason::Io(io_reason(&e)))?;
         head.truncate(n);
         Ok(FileSource { file, head, window: Vec::new(), window_at: 0 })
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     pub fn head(&self) -> &[u8] {
