@@ -37,6 +37,7 @@ lint: ## ruff, mypy, cargo fmt --check, clippy
 	$(PYTHON) -m ruff check python tests benches
 	$(PYTHON) -m ruff format --check python tests benches
 	$(PYTHON) -m mypy
+	$(PYTHON) -m mypy.stubtest fastindex._core
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 
