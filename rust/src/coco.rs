@@ -10,8 +10,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::db::{bump, Store, FAILED, INDEXED};
-use crate::header::{FileSource, ImageInfo};
 use crate::error::{Error, Result, StoreContext};
+use crate::header::{FileSource, ImageInfo};
 use crate::scan::io_pool;
 
 #[derive(Deserialize)]
@@ -72,7 +72,11 @@ pub struct CocoSummary {
 /// What opening one listed file found.
 enum Found {
     Missing,
-    File { size: u64, mtime_ns: i64, probed: std::result::Result<ImageInfo, String> },
+    File {
+        size: u64,
+        mtime_ns: i64,
+        probed: std::result::Result<ImageInfo, String>,
+    },
 }
 
 fn look(path: &Path) -> Found {
@@ -80,52 +84,107 @@ fn look(path: &Path) -> Found {
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Found::Missing,
-        Err(e) => return Found::File { size: 0, mtime_ns: 0, probed: Err(format!("cannot read file: {e}")) },
+        Err(e) => {
+            return Found::File {
+                size: 0,
+                mtime_ns: 0,
+                probed: Err(format!("cannot read file: {e}")),
+            }
+        }
     };
     let (size, mtime_ns) = match file.metadata() {
-        Ok(m) if m.is_file() => (m.len(), m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec())),
+        Ok(m) if m.is_file() => (
+            m.len(),
+            m.mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(m.mtime_nsec()),
+        ),
         Ok(_) => return Found::Missing,
-        Err(e) => return Found::File { size: 0, mtime_ns: 0, probed: Err(format!("cannot read file: {e}")) },
+        Err(e) => {
+            return Found::File {
+                size: 0,
+                mtime_ns: 0,
+                probed: Err(format!("cannot read file: {e}")),
+            }
+        }
     };
-    let probed = FileSource::from_file(file).and_then(|mut src| crate::header::probe(&mut src)).map_err(|r| r.to_string());
-    Found::File { size, mtime_ns, probed }
+    let probed = FileSource::from_file(file)
+        .and_then(|mut src| crate::header::probe(&mut src))
+        .map_err(|r| r.to_string());
+    Found::File {
+        size,
+        mtime_ns,
+        probed,
+    }
 }
 
 /// Parse and check a COCO file: ids unique, every annotation's image and category known,
 /// every bbox four finite numbers with non-negative size.
 pub fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<Coco<'a>> {
-    let raw: RawCoco<'a> = serde_json::from_slice(bytes).map_err(|e| Error::coco(path, format!("not a COCO file: {e}")))?;
+    let raw: RawCoco<'a> = serde_json::from_slice(bytes)
+        .map_err(|e| Error::coco(path, format!("not a COCO file: {e}")))?;
     let mut image_ids = HashSet::with_capacity(raw.images.len());
     for (i, im) in raw.images.iter().enumerate() {
         if !image_ids.insert(im.id) {
-            return Err(Error::coco(path, format!("images[{i}]: duplicate image id {}", im.id)));
+            return Err(Error::coco(
+                path,
+                format!("images[{i}]: duplicate image id {}", im.id),
+            ));
         }
         if im.file_name.is_empty() {
             return Err(Error::coco(path, format!("images[{i}]: empty file_name")));
         }
         if im.width.is_some_and(|w| w <= 0) || im.height.is_some_and(|h| h <= 0) {
-            return Err(Error::coco(path, format!("images[{i}]: width and height must be positive")));
+            return Err(Error::coco(
+                path,
+                format!("images[{i}]: width and height must be positive"),
+            ));
         }
     }
     let mut cat_ids = HashSet::with_capacity(raw.categories.len());
     for (i, c) in raw.categories.iter().enumerate() {
         if !cat_ids.insert(c.id) {
-            return Err(Error::coco(path, format!("categories[{i}]: duplicate category id {}", c.id)));
+            return Err(Error::coco(
+                path,
+                format!("categories[{i}]: duplicate category id {}", c.id),
+            ));
         }
     }
     for (i, a) in raw.annotations.iter().enumerate() {
         if !image_ids.contains(&a.image_id) {
-            return Err(Error::coco(path, format!("annotations[{i}]: image_id {} is not in images", a.image_id)));
+            return Err(Error::coco(
+                path,
+                format!("annotations[{i}]: image_id {} is not in images", a.image_id),
+            ));
         }
         if !cat_ids.contains(&a.category_id) {
-            return Err(Error::coco(path, format!("annotations[{i}]: category_id {} is not in categories", a.category_id)));
+            return Err(Error::coco(
+                path,
+                format!(
+                    "annotations[{i}]: category_id {} is not in categories",
+                    a.category_id
+                ),
+            ));
         }
-        let ok = a.bbox.len() == 4 && a.bbox.iter().all(|v| v.is_finite()) && a.bbox[2] >= 0.0 && a.bbox[3] >= 0.0;
+        let ok = a.bbox.len() == 4
+            && a.bbox.iter().all(|v| v.is_finite())
+            && a.bbox[2] >= 0.0
+            && a.bbox[3] >= 0.0;
         if !ok {
-            return Err(Error::coco(path, format!("annotations[{i}]: bbox must be [x, y, width, height], got {:?}", a.bbox)));
+            return Err(Error::coco(
+                path,
+                format!(
+                    "annotations[{i}]: bbox must be [x, y, width, height], got {:?}",
+                    a.bbox
+                ),
+            ));
         }
     }
-    Ok(Coco { images: raw.images, categories: raw.categories, annotations: raw.annotations })
+    Ok(Coco {
+        images: raw.images,
+        categories: raw.categories,
+        annotations: raw.annotations,
+    })
 }
 
 impl Store {
@@ -140,17 +199,21 @@ impl Store {
     ) -> Result<CocoSummary> {
         let bytes = std::fs::read(annotations_json).map_err(|e| Error::io(annotations_json, e))?;
         let coco = parse(annotations_json, &bytes)?;
-        let root_str = images_root
-            .to_str()
-            .ok_or_else(|| Error::InvalidArgument(format!("{}: path is not utf-8", images_root.display())))?;
+        let root_str = images_root.to_str().ok_or_else(|| {
+            Error::InvalidArgument(format!("{}: path is not utf-8", images_root.display()))
+        })?;
         let json_str = annotations_json.to_str().unwrap_or_default();
 
         // Every listed file has to be opened to know it exists; read its header in the same
         // open (phase 2 for free), in parallel, sorted by name so the index inserts append.
         let mut order: Vec<usize> = (0..coco.images.len()).collect();
         order.sort_unstable_by(|&a, &b| coco.images[a].file_name.cmp(&coco.images[b].file_name));
-        let found: Vec<Found> =
-            io_pool().install(|| order.par_iter().map(|&i| look(&images_root.join(&coco.images[i].file_name))).collect());
+        let found: Vec<Found> = io_pool().install(|| {
+            order
+                .par_iter()
+                .map(|&i| look(&images_root.join(&coco.images[i].file_name)))
+                .collect()
+        });
         if stop.load(Ordering::Relaxed) {
             return Err(Error::Cancelled);
         }
@@ -178,7 +241,11 @@ impl Store {
                 )
                 .store(&path)?;
             for c in &coco.categories {
-                let id: i64 = st.query_row(params![dataset_id, c.name, c.supercategory, c.id], |r| r.get(0)).store(&path)?;
+                let id: i64 = st
+                    .query_row(params![dataset_id, c.name, c.supercategory, c.id], |r| {
+                        r.get(0)
+                    })
+                    .store(&path)?;
                 category_rows.insert(c.id, id);
             }
         }
@@ -208,20 +275,51 @@ impl Store {
                 let im = &coco.images[i];
                 let (size, mtime, probed) = match look {
                     Found::Missing => {
-                        miss.execute(params![job_id, im.id, im.file_name]).store(&path)?;
+                        miss.execute(params![job_id, im.id, im.file_name])
+                            .store(&path)?;
                         missing.push(im.file_name.clone());
                         continue;
                     }
-                    Found::File { size, mtime_ns, probed } => (*size, *mtime_ns, probed),
+                    Found::File {
+                        size,
+                        mtime_ns,
+                        probed,
+                    } => (*size, *mtime_ns, probed),
                 };
-                let rel = if prefix.is_empty() { im.file_name.clone() } else { format!("{prefix}/{}", im.file_name) };
+                let rel = if prefix.is_empty() {
+                    im.file_name.clone()
+                } else {
+                    format!("{prefix}/{}", im.file_name)
+                };
                 let (status, w, h, fmt, orient, err) = match probed {
-                    Ok(info) => (INDEXED, Some(info.width), Some(info.height), Some(info.format.name()), info.orientation, None),
+                    Ok(info) => (
+                        INDEXED,
+                        Some(info.width),
+                        Some(info.height),
+                        Some(info.format.name()),
+                        info.orientation,
+                        None,
+                    ),
                     Err(reason) => (FAILED, None, None, None, None, Some(reason.as_str())),
                 };
                 let (id, owner): (i64, i64) = st
                     .query_row(
-                        params![dataset_id, job_id, root_id, rel, size as i64, mtime, im.width, im.height, status, w, h, fmt, orient, err],
+                        params![
+                            dataset_id,
+                            job_id,
+                            root_id,
+                            rel,
+                            size as i64,
+                            mtime,
+                            im.width,
+                            im.height,
+                            status,
+                            w,
+                            h,
+                            fmt,
+                            orient,
+                            err
+                        ],
                         |r| Ok((r.get(0)?, r.get(1)?)),
                     )
                     .store(&path)?;
@@ -256,7 +354,11 @@ impl Store {
         anns.sort_by_key(|(s, _)| *s);
         {
             let mut next: i64 = tx
-                .query_row("SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'next_annotation_id'", [], |r| r.get(0))
+                .query_row(
+                    "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'next_annotation_id'",
+                    [],
+                    |r| r.get(0),
+                )
                 .optional()
                 .store(&path)?
                 .unwrap_or(1);
@@ -295,10 +397,18 @@ impl Store {
         bump(&tx, dataset_id, job_id, INDEXED, n_indexed).store(&path)?;
         bump(&tx, dataset_id, job_id, FAILED, n_failed).store(&path)?;
         let existing = sample_of_image.len() as i64 - added;
-        let warnings: Vec<String> = missing.iter().map(|m| format!("{m}: listed in the COCO file but not found on disk")).collect();
+        let warnings: Vec<String> = missing
+            .iter()
+            .map(|m| format!("{m}: listed in the COCO file but not found on disk"))
+            .collect();
         tx.execute(
             "UPDATE jobs SET added = ?2, existing = ?3, warnings = ?4 WHERE id = ?1",
-            params![job_id, added, existing.max(0), serde_json::to_string(&warnings).unwrap_or_default()],
+            params![
+                job_id,
+                added,
+                existing.max(0),
+                serde_json::to_string(&warnings).unwrap_or_default()
+            ],
         )
         .store(&path)?;
         tx.commit().store(&path)?;
@@ -328,12 +438,27 @@ mod tests {
         };
         assert!(err("{").contains("not a COCO file"));
         assert!(err(r#"{"images": 3}"#).contains("not a COCO file"));
-        let base = r#""images":[{"id":1,"file_name":"a.jpg"}],"categories":[{"id":7,"name":"dog"}]"#;
-        assert!(err(&format!(r#"{{{base},"annotations":[{{"image_id":2,"category_id":7,"bbox":[0,0,1,1]}}]}}"#)).contains("image_id 2"));
-        assert!(err(&format!(r#"{{{base},"annotations":[{{"image_id":1,"category_id":8,"bbox":[0,0,1,1]}}]}}"#)).contains("category_id 8"));
-        assert!(err(&format!(r#"{{{base},"annotations":[{{"image_id":1,"category_id":7,"bbox":[0,0,1]}}]}}"#)).contains("bbox"));
-        let ok = format!(r#"{{{base},"annotations":[{{"id":5,"image_id":1,"category_id":7,"bbox":[1,2,3,4],"segmentation":[[1,2,3,4,5,6]]}}]}}"#);
+        let base =
+            r#""images":[{"id":1,"file_name":"a.jpg"}],"categories":[{"id":7,"name":"dog"}]"#;
+        assert!(err(&format!(
+            r#"{{{base},"annotations":[{{"image_id":2,"category_id":7,"bbox":[0,0,1,1]}}]}}"#
+        ))
+        .contains("image_id 2"));
+        assert!(err(&format!(
+            r#"{{{base},"annotations":[{{"image_id":1,"category_id":8,"bbox":[0,0,1,1]}}]}}"#
+        ))
+        .contains("category_id 8"));
+        assert!(err(&format!(
+            r#"{{{base},"annotations":[{{"image_id":1,"category_id":7,"bbox":[0,0,1]}}]}}"#
+        ))
+        .contains("bbox"));
+        let ok = format!(
+            r#"{{{base},"annotations":[{{"id":5,"image_id":1,"category_id":7,"bbox":[1,2,3,4],"segmentation":[[1,2,3,4,5,6]]}}]}}"#
+        );
         let c = parse(p, ok.as_bytes()).unwrap();
-        assert_eq!(c.annotations[0].segmentation.unwrap().get(), "[[1,2,3,4,5,6]]");
+        assert_eq!(
+            c.annotations[0].segmentation.unwrap().get(),
+            "[[1,2,3,4,5,6]]"
+        );
     }
 }

@@ -135,7 +135,10 @@ CREATE TABLE IF NOT EXISTS embeddings (
 ";
 
 pub fn now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// Counts of one dataset or one job, by status, plus whether work is still owed.
@@ -154,7 +157,10 @@ impl Progress {
         self.counts.iter().sum()
     }
     pub fn count(&self, status: &str) -> i64 {
-        STATUSES.iter().position(|s| *s == status).map_or(0, |i| self.counts[i])
+        STATUSES
+            .iter()
+            .position(|s| *s == status)
+            .map_or(0, |i| self.counts[i])
     }
     /// `complete` once no row waits for a phase that can still run.
     pub fn is_complete(&self) -> bool {
@@ -163,6 +169,9 @@ impl Progress {
         self.count(PENDING) == 0 && self.count(EMBEDDING) == 0 && !waiting_embed
     }
 }
+
+/// `(dataset_id, kind, source, added, existing, warnings as JSON)`.
+pub type JobRow = (i64, String, String, i64, i64, String);
 
 #[derive(Debug, Clone)]
 pub struct DatasetRow {
@@ -185,12 +194,19 @@ impl Store {
             return Err(Error::InvalidArgument("db: empty path".into()));
         }
         let conn = Connection::open(path).store(path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(60)).store(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL").store(path)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").store(path)?;
-        conn.pragma_update(None, "temp_store", "MEMORY").store(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(60))
+            .store(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .store(path)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .store(path)?;
+        conn.pragma_update(None, "temp_store", "MEMORY")
+            .store(path)?;
         conn.pragma_update(None, "cache_size", -65536).store(path)?;
-        let mut store = Store { path: path.to_string(), conn };
+        let mut store = Store {
+            path: path.to_string(),
+            conn,
+        };
         store.migrate()?;
         Ok(store)
     }
@@ -206,7 +222,9 @@ impl Store {
             )
             .optional()
             .or_else(|e| match e {
-                rusqlite::Error::SqliteFailure(_, Some(ref m)) if m.contains("no such table") => Ok(None),
+                rusqlite::Error::SqliteFailure(_, Some(ref m)) if m.contains("no such table") => {
+                    Ok(None)
+                }
                 e => Err(e),
             })
             .store(&path)?;
@@ -214,12 +232,19 @@ impl Store {
             Some(v) => {
                 let found = v.parse::<i64>().unwrap_or(-1);
                 if found != SCHEMA_VERSION {
-                    return Err(Error::SchemaVersion { path, found, expected: SCHEMA_VERSION });
+                    return Err(Error::SchemaVersion {
+                        path,
+                        found,
+                        expected: SCHEMA_VERSION,
+                    });
                 }
                 Ok(())
             }
             None => {
-                let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).store(&path)?;
+                let tx = self
+                    .conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .store(&path)?;
                 tx.execute_batch(SCHEMA).store(&path)?;
                 tx.execute(
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?1)",
@@ -232,19 +257,29 @@ impl Store {
     }
 
     pub(crate) fn immediate(&mut self) -> Result<Transaction<'_>> {
-        self.conn.transaction_with_behavior(TransactionBehavior::Immediate).store(&self.path)
+        self.conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .store(&self.path)
     }
 
     pub fn create_dataset(&mut self, name: &str) -> Result<i64> {
         let name = checked_name(name)?;
         let path = self.path.clone();
         let tx = self.immediate()?;
-        let exists: Option<i64> =
-            tx.query_row("SELECT id FROM datasets WHERE name = ?1", [name], |r| r.get(0)).optional().store(&path)?;
+        let exists: Option<i64> = tx
+            .query_row("SELECT id FROM datasets WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()
+            .store(&path)?;
         if exists.is_some() {
             return Err(Error::DatasetExists(name.to_string(), path));
         }
-        tx.execute("INSERT INTO datasets (name, created_at) VALUES (?1, ?2)", params![name, now()]).store(&path)?;
+        tx.execute(
+            "INSERT INTO datasets (name, created_at) VALUES (?1, ?2)",
+            params![name, now()],
+        )
+        .store(&path)?;
         let id = tx.last_insert_rowid();
         tx.commit().store(&path)?;
         Ok(id)
@@ -263,7 +298,11 @@ impl Store {
 
     pub fn dataset(&self, id: i64) -> Result<Option<DatasetRow>> {
         self.conn
-            .query_row("SELECT id, name, created_at, embed_spec FROM datasets WHERE id = ?1", [id], dataset_row)
+            .query_row(
+                "SELECT id, name, created_at, embed_spec FROM datasets WHERE id = ?1",
+                [id],
+                dataset_row,
+            )
             .optional()
             .store(&self.path)
     }
@@ -274,7 +313,8 @@ impl Store {
             .prepare_cached("SELECT id, name, created_at, embed_spec FROM datasets ORDER BY id")
             .store(&self.path)?;
         let rows = st.query_map([], dataset_row).store(&self.path)?;
-        rows.collect::<std::result::Result<_, _>>().store(&self.path)
+        rows.collect::<std::result::Result<_, _>>()
+            .store(&self.path)
     }
 
     pub fn create_job(&mut self, dataset_id: i64, kind: &str, source: &str) -> Result<i64> {
@@ -288,7 +328,7 @@ impl Store {
     }
 
     /// The job's summary: `(dataset_id, kind, source, added, existing, warnings as JSON)`.
-    pub fn job(&self, job_id: i64) -> Result<Option<(i64, String, String, i64, i64, String)>> {
+    pub fn job(&self, job_id: i64) -> Result<Option<JobRow>> {
         self.conn
             .query_row(
                 "SELECT dataset_id, kind, source, added, existing, warnings FROM jobs WHERE id = ?1",
@@ -308,37 +348,62 @@ impl Store {
                 .conn
                 .prepare_cached("SELECT id, path FROM roots WHERE dataset_id = ?1")
                 .store(&self.path)?;
-            let rows = st.query_map([dataset_id], |r| Ok((r.get(0)?, r.get(1)?))).store(&self.path)?;
-            rows.collect::<std::result::Result<_, _>>().store(&self.path)?
+            let rows = st
+                .query_map([dataset_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .store(&self.path)?;
+            rows.collect::<std::result::Result<_, _>>()
+                .store(&self.path)?
         };
         let inside = |outer: &str, inner: &str| -> Option<String> {
             let rest = inner.strip_prefix(outer)?;
-            let rest = if outer.ends_with('/') { rest } else { rest.strip_prefix('/')? };
+            let rest = if outer.ends_with('/') {
+                rest
+            } else {
+                rest.strip_prefix('/')?
+            };
             Some(rest.to_string())
         };
-        let nested: Vec<String> =
-            roots.iter().filter(|(_, p)| p != abs && inside(abs, p).is_some()).map(|(_, p)| p.clone()).collect();
+        let nested: Vec<String> = roots
+            .iter()
+            .filter(|(_, p)| p != abs && inside(abs, p).is_some())
+            .map(|(_, p)| p.clone())
+            .collect();
         if let Some((id, _)) = roots.iter().find(|(_, p)| p == abs) {
             return Ok((*id, String::new(), nested));
         }
-        if let Some((id, prefix)) = roots.iter().find_map(|(id, p)| inside(p, abs).map(|rest| (*id, rest))) {
+        if let Some((id, prefix)) = roots
+            .iter()
+            .find_map(|(id, p)| inside(p, abs).map(|rest| (*id, rest)))
+        {
             return Ok((id, prefix, nested));
         }
         self.conn
-            .execute("INSERT INTO roots (dataset_id, path) VALUES (?1, ?2)", params![dataset_id, abs])
+            .execute(
+                "INSERT INTO roots (dataset_id, path) VALUES (?1, ?2)",
+                params![dataset_id, abs],
+            )
             .store(&self.path)?;
         Ok((self.conn.last_insert_rowid(), String::new(), nested))
     }
 
     pub fn root_paths(&self, dataset_id: i64) -> Result<std::collections::HashMap<i64, String>> {
-        let mut st = self.conn.prepare_cached("SELECT id, path FROM roots WHERE dataset_id = ?1").store(&self.path)?;
-        let rows = st.query_map([dataset_id], |r| Ok((r.get(0)?, r.get(1)?))).store(&self.path)?;
-        rows.collect::<std::result::Result<_, _>>().store(&self.path)
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT id, path FROM roots WHERE dataset_id = ?1")
+            .store(&self.path)?;
+        let rows = st
+            .query_map([dataset_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .store(&self.path)?;
+        rows.collect::<std::result::Result<_, _>>()
+            .store(&self.path)
     }
 
     /// O(number of jobs): read from the counters kept in step with every status change.
     pub fn progress(&self, dataset_id: i64, job_id: Option<i64>) -> Result<Progress> {
-        let mut p = Progress { dataset_id, ..Default::default() };
+        let mut p = Progress {
+            dataset_id,
+            ..Default::default()
+        };
         let sql = if job_id.is_some() {
             "SELECT status, SUM(n) FROM counts WHERE dataset_id = ?1 AND job_id = ?2 GROUP BY status"
         } else {
@@ -356,7 +421,11 @@ impl Store {
         drop(rows);
         p.embed_wanted = self
             .conn
-            .query_row("SELECT embed_spec IS NOT NULL FROM datasets WHERE id = ?1", [dataset_id], |r| r.get(0))
+            .query_row(
+                "SELECT embed_spec IS NOT NULL FROM datasets WHERE id = ?1",
+                [dataset_id],
+                |r| r.get(0),
+            )
             .optional()
             .store(&self.path)?
             .unwrap_or(false);
@@ -367,23 +436,34 @@ impl Store {
     pub fn phase_errors(&self, dataset_id: i64) -> Result<Vec<(String, String)>> {
         let mut st = self
             .conn
-            .prepare_cached("SELECT phase, message FROM phase_errors WHERE dataset_id = ?1 ORDER BY phase")
+            .prepare_cached(
+                "SELECT phase, message FROM phase_errors WHERE dataset_id = ?1 ORDER BY phase",
+            )
             .store(&self.path)?;
-        let rows = st.query_map([dataset_id], |r| Ok((r.get(0)?, r.get(1)?))).store(&self.path)?;
-        rows.collect::<std::result::Result<_, _>>().store(&self.path)
+        let rows = st
+            .query_map([dataset_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .store(&self.path)?;
+        rows.collect::<std::result::Result<_, _>>()
+            .store(&self.path)
     }
 
     /// Record (or with `None`, clear) the error that stopped `phase` for a dataset.
-    pub fn set_phase_error(&mut self, dataset_id: i64, phase: &str, message: Option<&str>) -> Result<()> {
+    pub fn set_phase_error(
+        &mut self,
+        dataset_id: i64,
+        phase: &str,
+        message: Option<&str>,
+    ) -> Result<()> {
         match message {
             Some(m) => self.conn.execute(
                 "INSERT INTO phase_errors (dataset_id, phase, message) VALUES (?1, ?2, ?3)
                  ON CONFLICT (dataset_id, phase) DO UPDATE SET message = excluded.message",
                 params![dataset_id, phase, m],
             ),
-            None => self
-                .conn
-                .execute("DELETE FROM phase_errors WHERE dataset_id = ?1 AND phase = ?2", params![dataset_id, phase]),
+            None => self.conn.execute(
+                "DELETE FROM phase_errors WHERE dataset_id = ?1 AND phase = ?2",
+                params![dataset_id, phase],
+            ),
         }
         .store(&self.path)?;
         Ok(())
@@ -391,7 +471,13 @@ impl Store {
 
     /// Take (or keep) the right to run `phase` for a dataset. A lease whose holder has not
     /// renewed it within `ttl` seconds is taken over. Returns whether `owner` holds it now.
-    pub fn acquire_lease(&mut self, dataset_id: i64, phase: &str, owner: &str, ttl: f64) -> Result<bool> {
+    pub fn acquire_lease(
+        &mut self,
+        dataset_id: i64,
+        phase: &str,
+        owner: &str,
+        ttl: f64,
+    ) -> Result<bool> {
         let path = self.path.clone();
         let tx = self.immediate()?;
         let held: Option<(String, f64)> = tx
@@ -432,7 +518,13 @@ impl Store {
 
 /// Add `delta` to the counter of `(dataset, job, status)`. Called inside the transaction that
 /// changes the rows, so the counters never drift from the table.
-pub(crate) fn bump(tx: &Transaction<'_>, dataset_id: i64, job_id: i64, status: &str, delta: i64) -> rusqlite::Result<()> {
+pub(crate) fn bump(
+    tx: &Transaction<'_>,
+    dataset_id: i64,
+    job_id: i64,
+    status: &str,
+    delta: i64,
+) -> rusqlite::Result<()> {
     if delta == 0 {
         return Ok(());
     }
@@ -460,13 +552,20 @@ pub(crate) fn bump_moves(
 }
 
 fn dataset_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DatasetRow> {
-    Ok(DatasetRow { id: r.get(0)?, name: r.get(1)?, created_at: r.get(2)?, embed_spec: r.get(3)? })
+    Ok(DatasetRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        created_at: r.get(2)?,
+        embed_spec: r.get(3)?,
+    })
 }
 
 fn checked_name(name: &str) -> Result<&str> {
     let trimmed = name.trim();
     if trimmed.is_empty() || trimmed.len() > 200 || trimmed.chars().any(char::is_control) {
-        return Err(Error::InvalidArgument(format!("invalid dataset name {name:?}: use 1-200 printable characters")));
+        return Err(Error::InvalidArgument(format!(
+            "invalid dataset name {name:?}: use 1-200 printable characters"
+        )));
     }
     Ok(trimmed)
 }
@@ -482,11 +581,22 @@ mod tests {
         let p = p.to_str().unwrap();
         let mut s = Store::open(p).unwrap();
         let id = s.create_dataset("a").unwrap();
-        assert!(matches!(s.create_dataset("a"), Err(Error::DatasetExists(..))));
+        assert!(matches!(
+            s.create_dataset("a"),
+            Err(Error::DatasetExists(..))
+        ));
         assert_eq!(s.find_dataset("a").unwrap().unwrap().id, id);
-        s.conn.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'", []).unwrap();
+        s.conn
+            .execute(
+                "UPDATE meta SET value = '999' WHERE key = 'schema_version'",
+                [],
+            )
+            .unwrap();
         drop(s);
-        assert!(matches!(Store::open(p), Err(Error::SchemaVersion { found: 999, .. })));
+        assert!(matches!(
+            Store::open(p),
+            Err(Error::SchemaVersion { found: 999, .. })
+        ));
     }
 
     #[test]
@@ -494,7 +604,10 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("junk.db");
         std::fs::write(&p, vec![b'x'; 4096]).unwrap();
-        assert!(matches!(Store::open(p.to_str().unwrap()), Err(Error::Store { .. })));
+        assert!(matches!(
+            Store::open(p.to_str().unwrap()),
+            Err(Error::Store { .. })
+        ));
     }
 
     #[test]

@@ -23,13 +23,23 @@ pub enum Error {
     Coco { path: PathBuf, reason: String },
     /// The store was written by another schema version.
     #[error("{path}: schema version {found}, this fastindex reads version {expected}")]
-    SchemaVersion { path: String, found: i64, expected: i64 },
+    SchemaVersion {
+        path: String,
+        found: i64,
+        expected: i64,
+    },
     /// SQLite failed.
     #[error("store {path}: {source}")]
-    Store { path: String, source: rusqlite::Error },
+    Store {
+        path: String,
+        source: rusqlite::Error,
+    },
     /// An I/O error on a path the caller named.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// The work was cancelled through its stop flag.
     #[error("cancelled")]
     Cancelled,
@@ -39,13 +49,22 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn io(path: &Path, source: std::io::Error) -> Self {
-        Error::Io { path: path.to_path_buf(), source }
+        Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
     pub fn image(path: &Path, reason: impl Into<String>) -> Self {
-        Error::Image { path: path.to_path_buf(), reason: reason.into() }
+        Error::Image {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
     }
     pub fn coco(path: &Path, reason: impl Into<String>) -> Self {
-        Error::Coco { path: path.to_path_buf(), reason: reason.into() }
+        Error::Coco {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -56,6 +75,9 @@ pub trait StoreContext<T> {
 
 impl<T> StoreContext<T> for std::result::Result<T, rusqlite::Error> {
     fn store(self, path: &str) -> Result<T> {
-        self.map_err(|source| Error::Store { path: path.to_string(), source })
+        self.map_err(|source| Error::Store {
+            path: path.to_string(),
+            source,
+        })
     }
 }

@@ -27,20 +27,22 @@ fn to_py(e: Error) -> PyErr {
         Error::Coco { .. } => "CocoError",
         Error::SchemaVersion { .. } => "SchemaVersionError",
         Error::Store { .. } => "StoreError",
-        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => "PathNotFoundError",
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            "PathNotFoundError"
+        }
         Error::Io { .. } => "InvalidArgumentError",
         Error::Cancelled => "CancelledError",
     };
     let msg = e.to_string();
-    Python::attach(|py| {
-        match py.import("fastindex.errors").and_then(|m| m.getattr(class)) {
+    Python::attach(
+        |py| match py.import("fastindex.errors").and_then(|m| m.getattr(class)) {
             Ok(cls) => match cls.call1((msg.clone(),)) {
                 Ok(inst) => PyErr::from_value(inst),
                 Err(err) => err,
             },
             Err(_) => PyRuntimeError::new_err(msg),
-        }
-    })
+        },
+    )
 }
 
 type Res<T> = PyResult<T>;
@@ -88,7 +90,9 @@ fn info_dict<'py>(py: Python<'py>, i: &ImageInfo) -> Res<Bound<'py, PyDict>> {
 /// `(width, height)` from the header of the image at `path`.
 #[pyfunction]
 pub fn image_size(py: Python<'_>, path: PathBuf) -> Res<(u32, u32)> {
-    let info = py.detach(|| header::probe_path(&path).map_err(|reason| Error::image(&path, reason.to_string())));
+    let info = py.detach(|| {
+        header::probe_path(&path).map_err(|reason| Error::image(&path, reason.to_string()))
+    });
     let info = r(info)?;
     Ok((info.width, info.height))
 }
@@ -96,14 +100,17 @@ pub fn image_size(py: Python<'_>, path: PathBuf) -> Res<(u32, u32)> {
 /// Width, height, format and EXIF orientation from the header of the image at `path`.
 #[pyfunction]
 pub fn probe_image<'py>(py: Python<'py>, path: PathBuf) -> Res<Bound<'py, PyDict>> {
-    let info = py.detach(|| header::probe_path(&path).map_err(|reason| Error::image(&path, reason.to_string())));
+    let info = py.detach(|| {
+        header::probe_path(&path).map_err(|reason| Error::image(&path, reason.to_string()))
+    });
     info_dict(py, &r(info)?)
 }
 
 /// The same, for an image held in memory.
 #[pyfunction]
 pub fn probe_bytes<'py>(py: Python<'py>, data: &[u8]) -> Res<Bound<'py, PyDict>> {
-    let info = header::probe_bytes(data).map_err(|reason| Error::image(Path::new("<bytes>"), reason.to_string()));
+    let info = header::probe_bytes(data)
+        .map_err(|reason| Error::image(Path::new("<bytes>"), reason.to_string()));
     info_dict(py, &r(info)?)
 }
 
@@ -146,11 +153,29 @@ fn sample_dicts<'py>(py: Python<'py>, rows: Vec<SampleRow>) -> Res<Vec<Bound<'py
     rows.into_iter().map(|s| sample_dict(py, s)).collect()
 }
 
-type AnnotationTuple = (i64, i64, String, Option<String>, (f64, f64, f64, f64), Option<f64>, bool, Option<String>);
+type AnnotationTuple = (
+    i64,
+    i64,
+    String,
+    Option<String>,
+    (f64, f64, f64, f64),
+    Option<f64>,
+    bool,
+    Option<String>,
+);
 
 fn annotation_tuple(a: AnnotationRow) -> AnnotationTuple {
     let [x, y, w, h] = a.bbox;
-    (a.id, a.sample_id, a.category, a.supercategory, (x, y, w, h), a.area, a.iscrowd, a.segmentation)
+    (
+        a.id,
+        a.sample_id,
+        a.category,
+        a.supercategory,
+        (x, y, w, h),
+        a.area,
+        a.iscrowd,
+        a.segmentation,
+    )
 }
 
 fn progress_dict<'py>(py: Python<'py>, p: &Progress) -> Res<Bound<'py, PyDict>> {
@@ -160,7 +185,14 @@ fn progress_dict<'py>(py: Python<'py>, p: &Progress) -> Res<Bound<'py, PyDict>> 
     for (name, n) in STATUSES.iter().zip(p.counts) {
         d.set_item(*name, n)?;
     }
-    d.set_item("status", if p.is_complete() { "complete" } else { "in_progress" })?;
+    d.set_item(
+        "status",
+        if p.is_complete() {
+            "complete"
+        } else {
+            "in_progress"
+        },
+    )?;
     let errors = PyDict::new(py);
     for (phase, msg) in &p.errors {
         errors.set_item(phase, msg)?;
@@ -181,7 +213,10 @@ impl Store {
     #[new]
     fn new(py: Python<'_>, path: String) -> Res<Self> {
         let inner = r(py.detach(|| db::Store::open(&path)))?;
-        Ok(Store { inner: Mutex::new(inner), path })
+        Ok(Store {
+            inner: Mutex::new(inner),
+            path,
+        })
     }
 
     fn create_dataset(&self, py: Python<'_>, name: String) -> Res<i64> {
@@ -197,7 +232,10 @@ impl Store {
     }
 
     fn list_datasets(&self, py: Python<'_>) -> Res<Vec<DatasetTuple>> {
-        Ok(r(py.detach(|| self.lock().list_datasets()))?.into_iter().map(dataset_tuple).collect())
+        Ok(r(py.detach(|| self.lock().list_datasets()))?
+            .into_iter()
+            .map(dataset_tuple)
+            .collect())
     }
 
     /// Phase 1 for a folder; returns after the rows are committed.
@@ -214,7 +252,8 @@ impl Store {
         let stop = stop.unwrap_or_default();
         let s: ScanSummary = r(py.detach(|| {
             let root = scan::absolute_dir(&root)?;
-            self.lock().scan(dataset_id, &root, include_hidden, follow_links, &stop.flag)
+            self.lock()
+                .scan(dataset_id, &root, include_hidden, follow_links, &stop.flag)
         }))?;
         let d = PyDict::new(py);
         d.set_item("job_id", s.job_id)?;
@@ -238,8 +277,10 @@ impl Store {
         let stop = stop.unwrap_or_default();
         let s: CocoSummary = r(py.detach(|| {
             let root = scan::absolute_dir(&images_root)?;
-            let json = std::path::absolute(&annotations_json).map_err(|e| Error::io(Path::new(&annotations_json), e))?;
-            self.lock().ingest_coco(dataset_id, &json, &root, &stop.flag)
+            let json = std::path::absolute(&annotations_json)
+                .map_err(|e| Error::io(Path::new(&annotations_json), e))?;
+            self.lock()
+                .ingest_coco(dataset_id, &json, &root, &stop.flag)
         }))?;
         let d = PyDict::new(py);
         d.set_item("job_id", s.job_id)?;
@@ -283,7 +324,10 @@ impl Store {
                 }
             }
         };
-        let total = py.detach(|| self.lock().probe_pending(dataset_id, &stop.flag, &stop.done, after_batch));
+        let total = py.detach(|| {
+            self.lock()
+                .probe_pending(dataset_id, &stop.flag, &stop.done, after_batch)
+        });
         if let Some(e) = signal.lock().unwrap_or_else(|p| p.into_inner()).take() {
             return Err(e);
         }
@@ -292,7 +336,12 @@ impl Store {
 
     /// Counts by status for a dataset (or one job of it), with `status` and phase `errors`.
     #[pyo3(signature = (dataset_id, job_id=None))]
-    fn progress<'py>(&self, py: Python<'py>, dataset_id: i64, job_id: Option<i64>) -> Res<Bound<'py, PyDict>> {
+    fn progress<'py>(
+        &self,
+        py: Python<'py>,
+        dataset_id: i64,
+        job_id: Option<i64>,
+    ) -> Res<Bound<'py, PyDict>> {
         let p = r(py.detach(|| self.lock().progress(dataset_id, job_id)))?;
         progress_dict(py, &p)
     }
@@ -307,7 +356,10 @@ impl Store {
         limit: i64,
     ) -> Res<Vec<Bound<'py, PyDict>>> {
         let limit = if limit < 0 { i64::MAX } else { limit };
-        let rows = r(py.detach(|| self.lock().samples(dataset_id, status.as_deref(), offset, limit)))?;
+        let rows = r(py.detach(|| {
+            self.lock()
+                .samples(dataset_id, status.as_deref(), offset, limit)
+        }))?;
         sample_dicts(py, rows)
     }
 
@@ -317,13 +369,18 @@ impl Store {
     }
 
     #[pyo3(signature = (dataset_id, sample_id=None))]
-    fn annotations(&self, py: Python<'_>, dataset_id: i64, sample_id: Option<i64>) -> Res<Vec<AnnotationTuple>> {
+    fn annotations(
+        &self,
+        py: Python<'_>,
+        dataset_id: i64,
+        sample_id: Option<i64>,
+    ) -> Res<Vec<AnnotationTuple>> {
         let rows = r(py.detach(|| self.lock().annotations(dataset_id, sample_id)))?;
         Ok(rows.into_iter().map(annotation_tuple).collect())
     }
 
     /// `(dataset_id, kind, source, added, existing, warnings_json)` of a job.
-    fn job(&self, py: Python<'_>, job_id: i64) -> Res<Option<(i64, String, String, i64, i64, String)>> {
+    fn job(&self, py: Python<'_>, job_id: i64) -> Res<Option<db::JobRow>> {
         r(py.detach(|| self.lock().job(job_id)))
     }
 
@@ -332,19 +389,47 @@ impl Store {
     }
 
     #[pyo3(signature = (dataset_id, phase, message=None))]
-    fn set_phase_error(&self, py: Python<'_>, dataset_id: i64, phase: String, message: Option<String>) -> Res<()> {
-        r(py.detach(|| self.lock().set_phase_error(dataset_id, &phase, message.as_deref())))
+    fn set_phase_error(
+        &self,
+        py: Python<'_>,
+        dataset_id: i64,
+        phase: String,
+        message: Option<String>,
+    ) -> Res<()> {
+        r(py.detach(|| {
+            self.lock()
+                .set_phase_error(dataset_id, &phase, message.as_deref())
+        }))
     }
 
-    fn acquire_lease(&self, py: Python<'_>, dataset_id: i64, phase: String, owner: String, ttl: f64) -> Res<bool> {
+    fn acquire_lease(
+        &self,
+        py: Python<'_>,
+        dataset_id: i64,
+        phase: String,
+        owner: String,
+        ttl: f64,
+    ) -> Res<bool> {
         r(py.detach(|| self.lock().acquire_lease(dataset_id, &phase, &owner, ttl)))
     }
 
-    fn release_lease(&self, py: Python<'_>, dataset_id: i64, phase: String, owner: String) -> Res<()> {
+    fn release_lease(
+        &self,
+        py: Python<'_>,
+        dataset_id: i64,
+        phase: String,
+        owner: String,
+    ) -> Res<()> {
         r(py.detach(|| self.lock().release_lease(dataset_id, &phase, &owner)))
     }
 
-    fn register_model(&self, py: Python<'_>, name: String, pretrained: String, dim: i64) -> Res<i64> {
+    fn register_model(
+        &self,
+        py: Python<'_>,
+        name: String,
+        pretrained: String,
+        dim: i64,
+    ) -> Res<i64> {
         r(py.detach(|| self.lock().register_model(&name, &pretrained, dim)))
     }
 
@@ -354,14 +439,29 @@ impl Store {
     }
 
     #[pyo3(signature = (dataset_id, spec, model_id=None))]
-    fn set_embed_spec(&self, py: Python<'_>, dataset_id: i64, spec: Option<String>, model_id: Option<i64>) -> Res<()> {
-        r(py.detach(|| self.lock().set_embed_spec(dataset_id, spec.as_deref(), model_id)))
+    fn set_embed_spec(
+        &self,
+        py: Python<'_>,
+        dataset_id: i64,
+        spec: Option<String>,
+        model_id: Option<i64>,
+    ) -> Res<()> {
+        r(py.detach(|| {
+            self.lock()
+                .set_embed_spec(dataset_id, spec.as_deref(), model_id)
+        }))
     }
 
     /// Move up to `limit` indexed rows with id above `after` to `embedding`; returns
     /// `[(id, absolute path)]` in id order. Keep the last id as the next `after`.
     #[pyo3(signature = (dataset_id, limit, after=0))]
-    fn claim_for_embedding(&self, py: Python<'_>, dataset_id: i64, limit: usize, after: i64) -> Res<Vec<(i64, PathBuf)>> {
+    fn claim_for_embedding(
+        &self,
+        py: Python<'_>,
+        dataset_id: i64,
+        limit: usize,
+        after: i64,
+    ) -> Res<Vec<(i64, PathBuf)>> {
         r(py.detach(|| self.lock().claim_for_embedding(dataset_id, limit, after)))
     }
 
@@ -377,7 +477,10 @@ impl Store {
         vectors: &[u8],
         failed: Vec<(i64, String)>,
     ) -> Res<()> {
-        r(py.detach(|| self.lock().finish_embeddings(dataset_id, model_id, &ids, vectors, &failed)))
+        r(py.detach(|| {
+            self.lock()
+                .finish_embeddings(dataset_id, model_id, &ids, vectors, &failed)
+        }))
     }
 
     #[pyo3(signature = (dataset_id, ids=None))]
@@ -394,7 +497,8 @@ impl Store {
         model_id: i64,
         after: i64,
     ) -> Res<(i64, Vec<i64>, Bound<'py, PyBytes>)> {
-        let (cursor, ids, bytes) = r(py.detach(|| self.lock().load_embeddings(dataset_id, model_id, after)))?;
+        let (cursor, ids, bytes) =
+            r(py.detach(|| self.lock().load_embeddings(dataset_id, model_id, after)))?;
         Ok((cursor, ids, PyBytes::new(py, &bytes)))
     }
 }

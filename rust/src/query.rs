@@ -66,26 +66,40 @@ pub fn check_status(status: &str) -> Result<()> {
     if STATUSES.contains(&status) {
         Ok(())
     } else {
-        Err(Error::InvalidArgument(format!("unknown status {status:?}: expected one of {}", STATUSES.join(", "))))
+        Err(Error::InvalidArgument(format!(
+            "unknown status {status:?}: expected one of {}",
+            STATUSES.join(", ")
+        )))
     }
 }
 
 impl Store {
     /// Samples of a dataset in id order, optionally of one status, paged.
-    pub fn samples(&self, dataset_id: i64, status: Option<&str>, offset: i64, limit: i64) -> Result<Vec<SampleRow>> {
+    pub fn samples(
+        &self,
+        dataset_id: i64,
+        status: Option<&str>,
+        offset: i64,
+        limit: i64,
+    ) -> Result<Vec<SampleRow>> {
         if let Some(s) = status {
             check_status(s)?;
         }
         if offset < 0 || limit < 0 {
-            return Err(Error::InvalidArgument("offset and limit must not be negative".into()));
+            return Err(Error::InvalidArgument(
+                "offset and limit must not be negative".into(),
+            ));
         }
         let sql = format!(
             "SELECT {SAMPLE_COLUMNS} FROM samples s JOIN roots r ON r.id = s.root_id
              WHERE s.dataset_id = ?1 AND (?2 IS NULL OR s.status = ?2) ORDER BY s.id LIMIT ?3 OFFSET ?4"
         );
         let mut st = self.conn.prepare_cached(&sql).store(&self.path)?;
-        let rows = st.query_map(params![dataset_id, status, limit, offset], sample_row).store(&self.path)?;
-        rows.collect::<std::result::Result<_, _>>().store(&self.path)
+        let rows = st
+            .query_map(params![dataset_id, status, limit, offset], sample_row)
+            .store(&self.path)?;
+        rows.collect::<std::result::Result<_, _>>()
+            .store(&self.path)
     }
 
     /// Samples by id, in the order given; ids that do not exist are left out.
@@ -103,7 +117,11 @@ impl Store {
     }
 
     /// Boxes with category names, of one sample or of the whole dataset, in id order.
-    pub fn annotations(&self, dataset_id: i64, sample_id: Option<i64>) -> Result<Vec<AnnotationRow>> {
+    pub fn annotations(
+        &self,
+        dataset_id: i64,
+        sample_id: Option<i64>,
+    ) -> Result<Vec<AnnotationRow>> {
         let sql = if sample_id.is_some() {
             "SELECT a.id, a.sample_id, c.name, c.supercategory, a.x, a.y, a.w, a.h, a.area, a.iscrowd, a.segmentation
              FROM annotations a JOIN categories c ON c.id = a.category_id
@@ -129,7 +147,8 @@ impl Store {
                 })
             })
             .store(&self.path)?;
-        rows.collect::<std::result::Result<_, _>>().store(&self.path)
+        rows.collect::<std::result::Result<_, _>>()
+            .store(&self.path)
     }
 
     /// COCO entries of a job whose file was not found: `(coco image id, file_name)`.
@@ -138,7 +157,10 @@ impl Store {
             .conn
             .prepare_cached("SELECT coco_image_id, file_name FROM coco_missing WHERE job_id = ?1 ORDER BY file_name")
             .store(&self.path)?;
-        let rows = st.query_map([job_id], |r| Ok((r.get(0)?, r.get(1)?))).store(&self.path)?;
-        rows.collect::<std::result::Result<_, _>>().store(&self.path)
+        let rows = st
+            .query_map([job_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .store(&self.path)?;
+        rows.collect::<std::result::Result<_, _>>()
+            .store(&self.path)
     }
 }

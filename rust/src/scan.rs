@@ -32,12 +32,19 @@ pub struct ScanSummary {
 pub fn io_pool() -> &'static rayon::ThreadPool {
     static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
     POOL.get_or_init(|| {
-        let n = std::env::var("FASTINDEX_IO_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(32usize);
+        let n = std::env::var("FASTINDEX_IO_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(32usize);
         rayon::ThreadPoolBuilder::new()
             .num_threads(n.max(1))
             .thread_name(|i| format!("fastindex-io-{i}"))
             .build()
-            .unwrap_or_else(|_| rayon::ThreadPoolBuilder::new().build().expect("a default rayon pool"))
+            .unwrap_or_else(|_| {
+                rayon::ThreadPoolBuilder::new()
+                    .build()
+                    .expect("a default rayon pool")
+            })
     })
 }
 
@@ -61,7 +68,10 @@ pub fn absolute_dir(path: &str) -> Result<PathBuf> {
     }
     let meta = std::fs::metadata(&clean).map_err(|e| Error::io(&clean, e))?;
     if !meta.is_dir() {
-        return Err(Error::InvalidArgument(format!("{}: not a folder", clean.display())));
+        return Err(Error::InvalidArgument(format!(
+            "{}: not a folder",
+            clean.display()
+        )));
     }
     Ok(clean)
 }
@@ -77,10 +87,16 @@ impl Store {
         follow_links: bool,
         stop: &AtomicBool,
     ) -> Result<ScanSummary> {
-        let root_str = root.to_str().ok_or_else(|| Error::InvalidArgument(format!("{}: path is not utf-8", root.display())))?;
+        let root_str = root.to_str().ok_or_else(|| {
+            Error::InvalidArgument(format!("{}: path is not utf-8", root.display()))
+        })?;
         let mut report = {
             // Walk before touching the store: a bad root writes nothing.
-            let opts = WalkOptions { include_hidden, follow_dir_links: follow_links, skip_dirs: Vec::new() };
+            let opts = WalkOptions {
+                include_hidden,
+                follow_dir_links: follow_links,
+                skip_dirs: Vec::new(),
+            };
             walk::walk(root, &opts, stop)?
         };
         let (root_id, prefix, nested) = self.root_for(dataset_id, root_str)?;
@@ -88,17 +104,35 @@ impl Store {
             // Files under other roots of this dataset are already there, under those roots.
             let nested: Vec<String> = nested
                 .iter()
-                .filter_map(|n| n.strip_prefix(root_str).map(|r| format!("{}/", r.trim_start_matches('/'))))
+                .filter_map(|n| {
+                    n.strip_prefix(root_str)
+                        .map(|r| format!("{}/", r.trim_start_matches('/')))
+                })
                 .collect();
-            report.files.retain(|f| !nested.iter().any(|n| f.rel_path.starts_with(n.as_str())));
+            report
+                .files
+                .retain(|f| !nested.iter().any(|n| f.rel_path.starts_with(n.as_str())));
         }
         let job_id = self.create_job(dataset_id, "images", root_str)?;
-        let (added, existing) = self.insert_files(dataset_id, job_id, root_id, &prefix, &report.files)?;
+        let (added, existing) =
+            self.insert_files(dataset_id, job_id, root_id, &prefix, &report.files)?;
         self.finish_job(job_id, added, existing, &report.errors)?;
-        Ok(ScanSummary { job_id, found: report.files.len() as u64, added, existing, errors: report.errors })
+        Ok(ScanSummary {
+            job_id,
+            found: report.files.len() as u64,
+            added,
+            existing,
+            errors: report.errors,
+        })
     }
 
-    pub(crate) fn finish_job(&mut self, job_id: i64, added: u64, existing: u64, warnings: &[String]) -> Result<()> {
+    pub(crate) fn finish_job(
+        &mut self,
+        job_id: i64,
+        added: u64,
+        existing: u64,
+        warnings: &[String],
+    ) -> Result<()> {
         let warnings = serde_json::to_string(warnings).unwrap_or_else(|_| "[]".into());
         self.conn
             .execute(
@@ -142,7 +176,14 @@ impl Store {
                         &joined
                     };
                     n += st
-                        .execute(params![dataset_id, job_id, root_id, rel, f.size as i64, f.mtime_ns])
+                        .execute(params![
+                            dataset_id,
+                            job_id,
+                            root_id,
+                            rel,
+                            f.size as i64,
+                            f.mtime_ns
+                        ])
                         .store(&path)? as i64;
                 }
             }
@@ -154,7 +195,12 @@ impl Store {
     }
 
     /// Up to `limit` pending rows of a dataset with id above `after`: `(id, absolute path)`.
-    pub fn pending_batch(&self, dataset_id: i64, after: i64, limit: usize) -> Result<Vec<(i64, PathBuf)>> {
+    pub fn pending_batch(
+        &self,
+        dataset_id: i64,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, PathBuf)>> {
         let roots = self.root_paths(dataset_id)?;
         let mut st = self
             .conn
@@ -165,7 +211,11 @@ impl Store {
             .store(&self.path)?;
         let rows = st
             .query_map(params![dataset_id, after, limit as i64], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?))
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
             })
             .store(&self.path)?;
         let mut out = Vec::with_capacity(limit.min(65_536));
@@ -179,7 +229,11 @@ impl Store {
 
     /// Write probe results in one transaction. Only rows still `pending` change, so two
     /// probers racing on the same rows never count a row twice.
-    pub fn record_probes(&mut self, dataset_id: i64, results: &[(i64, std::result::Result<ImageInfo, String>)]) -> Result<()> {
+    pub fn record_probes(
+        &mut self,
+        dataset_id: i64,
+        results: &[(i64, std::result::Result<ImageInfo, String>)],
+    ) -> Result<()> {
         let path = self.path.clone();
         let tx = self.immediate()?;
         let mut indexed: HashMap<i64, i64> = HashMap::new();
@@ -203,17 +257,37 @@ impl Store {
                 let job: Option<i64> = match res {
                     Ok(i) => {
                         let mut rows = ok
-                            .query(params![id, i.width, i.height, i.format.name(), i.orientation])
+                            .query(params![
+                                id,
+                                i.width,
+                                i.height,
+                                i.format.name(),
+                                i.orientation
+                            ])
                             .store(&path)?;
-                        rows.next().store(&path)?.map(|r| r.get(0)).transpose().store(&path)?
+                        rows.next()
+                            .store(&path)?
+                            .map(|r| r.get(0))
+                            .transpose()
+                            .store(&path)?
                     }
                     Err(reason) => {
                         let mut rows = bad.query(params![id, reason]).store(&path)?;
-                        rows.next().store(&path)?.map(|r| r.get(0)).transpose().store(&path)?
+                        rows.next()
+                            .store(&path)?
+                            .map(|r| r.get(0))
+                            .transpose()
+                            .store(&path)?
                     }
                 };
                 if let Some(job) = job {
-                    *if res.is_ok() { &mut indexed } else { &mut failed }.entry(job).or_default() += 1;
+                    *if res.is_ok() {
+                        &mut indexed
+                    } else {
+                        &mut failed
+                    }
+                    .entry(job)
+                    .or_default() += 1;
                 }
             }
         }
@@ -228,13 +302,20 @@ impl Store {
     /// connection writes the previous batch, so the store writes overlap the file reads.
     /// `after_batch` runs on the writer after each commit (renew a lease, check for signals);
     /// returning `Ok(false)` stops the loop. Returns the number of rows probed.
-    pub fn probe_pending<F>(&mut self, dataset_id: i64, stop: &AtomicBool, done: &AtomicU64, after_batch: F) -> Result<u64>
+    pub fn probe_pending<F>(
+        &mut self,
+        dataset_id: i64,
+        stop: &AtomicBool,
+        done: &AtomicU64,
+        after_batch: F,
+    ) -> Result<u64>
     where
         F: FnMut(&mut Store) -> Result<bool> + Send,
     {
         let mut writer = Store::open(&self.path)?;
         let keep_going = AtomicBool::new(true);
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(i64, std::result::Result<ImageInfo, String>)>>(1);
+        let (tx, rx) =
+            std::sync::mpsc::sync_channel::<Vec<(i64, std::result::Result<ImageInfo, String>)>>(1);
         std::thread::scope(|scope| {
             let keep = &keep_going;
             let write = scope.spawn(move || -> Result<u64> {
@@ -263,14 +344,18 @@ impl Store {
                     Ok(b) => b,
                     Err(e) => break Err(e),
                 };
-                let Some(last) = batch.last() else { break Ok(()) };
+                let Some(last) = batch.last() else {
+                    break Ok(());
+                };
                 after = last.0;
                 if tx.send(probe_files(&batch)).is_err() {
                     break Ok(()); // the writer stopped; its result says why
                 }
             };
             drop(tx);
-            let written = write.join().unwrap_or_else(|_| Err(Error::InvalidArgument("probe writer panicked".into())));
+            let written = write
+                .join()
+                .unwrap_or_else(|_| Err(Error::InvalidArgument("probe writer panicked".into())));
             let total = written?;
             read.map(|()| total)
         })
@@ -317,7 +402,10 @@ mod tests {
         let done = AtomicU64::new(0);
         assert_eq!(s.probe_pending(d, &stop, &done, |_| Ok(true)).unwrap(), 3);
         let p = s.progress(d, None).unwrap();
-        assert_eq!((p.count(INDEXED), p.count(FAILED), p.count(PENDING)), (2, 1, 0));
+        assert_eq!(
+            (p.count(INDEXED), p.count(FAILED), p.count(PENDING)),
+            (2, 1, 0)
+        );
         assert!(p.is_complete());
         let again = s.scan(d, &root, false, false, &stop).unwrap();
         assert_eq!((again.added, again.existing), (0, 3));

@@ -14,7 +14,9 @@ impl Store {
     /// the first's.
     pub fn register_model(&mut self, name: &str, pretrained: &str, dim: i64) -> Result<i64> {
         if dim <= 0 {
-            return Err(Error::InvalidArgument(format!("model {name}: dimension {dim} must be positive")));
+            return Err(Error::InvalidArgument(format!(
+                "model {name}: dimension {dim} must be positive"
+            )));
         }
         let id: i64 = self
             .conn
@@ -30,19 +32,34 @@ impl Store {
 
     /// `(id, name, pretrained, dim)` of every registered model.
     pub fn models(&self) -> Result<Vec<(i64, String, String, i64)>> {
-        let mut st = self.conn.prepare_cached("SELECT id, name, pretrained, dim FROM models ORDER BY id").store(&self.path)?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).store(&self.path)?;
-        rows.collect::<std::result::Result<_, _>>().store(&self.path)
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT id, name, pretrained, dim FROM models ORDER BY id")
+            .store(&self.path)?;
+        let rows = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .store(&self.path)?;
+        rows.collect::<std::result::Result<_, _>>()
+            .store(&self.path)
     }
 
     /// Set the model whose embeddings the dataset's `ready` status means (a JSON spec chosen
     /// by the caller), or `None` to stop wanting embeddings. With a model id, samples that are
     /// `ready` without an embedding of that model go back to `indexed`, so progress tells the
     /// truth about the work the new model still owes.
-    pub fn set_embed_spec(&mut self, dataset_id: i64, spec: Option<&str>, model_id: Option<i64>) -> Result<()> {
+    pub fn set_embed_spec(
+        &mut self,
+        dataset_id: i64,
+        spec: Option<&str>,
+        model_id: Option<i64>,
+    ) -> Result<()> {
         let path = self.path.clone();
         let tx = self.immediate()?;
-        tx.execute("UPDATE datasets SET embed_spec = ?2 WHERE id = ?1", params![dataset_id, spec]).store(&path)?;
+        tx.execute(
+            "UPDATE datasets SET embed_spec = ?2 WHERE id = ?1",
+            params![dataset_id, spec],
+        )
+        .store(&path)?;
         if let Some(model) = model_id {
             let mut moves: HashMap<i64, i64> = HashMap::new();
             {
@@ -67,7 +84,12 @@ impl Store {
     /// Move up to `limit` `indexed` rows with id above `after` to `embedding` and return
     /// `(id, absolute path)` in id order. Callers keep the last id as a cursor, so a claim
     /// never rescans the rows already done (pass 0 for a final sweep).
-    pub fn claim_for_embedding(&mut self, dataset_id: i64, limit: usize, after: i64) -> Result<Vec<(i64, PathBuf)>> {
+    pub fn claim_for_embedding(
+        &mut self,
+        dataset_id: i64,
+        limit: usize,
+        after: i64,
+    ) -> Result<Vec<(i64, PathBuf)>> {
         let roots = self.root_paths(dataset_id)?;
         let path = self.path.clone();
         let tx = self.immediate()?;
@@ -82,12 +104,21 @@ impl Store {
                      RETURNING id, job_id, root_id, path",
                 )
                 .store(&path)?;
-            let mut rows = st.query(params![dataset_id, limit as i64, after]).store(&path)?;
+            let mut rows = st
+                .query(params![dataset_id, limit as i64, after])
+                .store(&path)?;
             while let Some(r) = rows.next().store(&path)? {
-                let (id, job, root, rel): (i64, i64, i64, String) =
-                    (r.get(0).store(&path)?, r.get(1).store(&path)?, r.get(2).store(&path)?, r.get(3).store(&path)?);
+                let (id, job, root, rel): (i64, i64, i64, String) = (
+                    r.get(0).store(&path)?,
+                    r.get(1).store(&path)?,
+                    r.get(2).store(&path)?,
+                    r.get(3).store(&path)?,
+                );
                 *moves.entry(job).or_default() += 1;
-                out.push((id, PathBuf::from(roots.get(&root).map_or("", String::as_str)).join(rel)));
+                out.push((
+                    id,
+                    PathBuf::from(roots.get(&root).map_or("", String::as_str)).join(rel),
+                ));
             }
         }
         bump_moves(&tx, dataset_id, INDEXED, EMBEDDING, &moves).store(&path)?;
@@ -108,7 +139,9 @@ impl Store {
     ) -> Result<()> {
         let dim: i64 = self
             .conn
-            .query_row("SELECT dim FROM models WHERE id = ?1", [model_id], |r| r.get(0))
+            .query_row("SELECT dim FROM models WHERE id = ?1", [model_id], |r| {
+                r.get(0)
+            })
             .store(&self.path)?;
         let row_bytes = dim as usize * 2;
         if vectors.len() != ids.len() * row_bytes {
@@ -199,7 +232,12 @@ impl Store {
     /// Embeddings of a dataset's samples by one model, inserted after row `after` (pass 0 for
     /// all; pass the returned cursor to read only what came since).
     /// Returns `(cursor, sample ids, float16 bytes)`.
-    pub fn load_embeddings(&self, dataset_id: i64, model_id: i64, after: i64) -> Result<(i64, Vec<i64>, Vec<u8>)> {
+    pub fn load_embeddings(
+        &self,
+        dataset_id: i64,
+        model_id: i64,
+        after: i64,
+    ) -> Result<(i64, Vec<i64>, Vec<u8>)> {
         let mut st = self
             .conn
             .prepare_cached(
@@ -207,12 +245,19 @@ impl Store {
                  WHERE e.model_id = ?1 AND s.dataset_id = ?2 AND e.id > ?3 ORDER BY e.id",
             )
             .store(&self.path)?;
-        let mut rows = st.query(params![model_id, dataset_id, after]).store(&self.path)?;
+        let mut rows = st
+            .query(params![model_id, dataset_id, after])
+            .store(&self.path)?;
         let (mut cursor, mut ids, mut bytes) = (after, Vec::new(), Vec::new());
         while let Some(r) = rows.next().store(&self.path)? {
             cursor = r.get(0).store(&self.path)?;
             ids.push(r.get(1).store(&self.path)?);
-            let v = r.get_ref(2).store(&self.path)?.as_blob().map_err(rusqlite::Error::from).store(&self.path)?;
+            let v = r
+                .get_ref(2)
+                .store(&self.path)?
+                .as_blob()
+                .map_err(rusqlite::Error::from)
+                .store(&self.path)?;
             bytes.extend_from_slice(v);
         }
         Ok((cursor, ids, bytes))

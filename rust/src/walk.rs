@@ -44,7 +44,9 @@ pub struct WalkReport {
 }
 
 pub fn is_image_name(name: &str) -> bool {
-    let Some((_, ext)) = name.rsplit_once('.') else { return false };
+    let Some((_, ext)) = name.rsplit_once('.') else {
+        return false;
+    };
     ext.len() <= 4 && IMAGE_EXTENSIONS.iter().any(|e| e.eq_ignore_ascii_case(ext))
 }
 
@@ -60,7 +62,10 @@ struct Walker<'a> {
 pub fn walk(root: &Path, opts: &WalkOptions, stop: &AtomicBool) -> Result<WalkReport> {
     let meta = fs::metadata(root).map_err(|e| Error::io(root, e))?;
     if !meta.is_dir() {
-        return Err(Error::InvalidArgument(format!("{}: not a folder", root.display())));
+        return Err(Error::InvalidArgument(format!(
+            "{}: not a folder",
+            root.display()
+        )));
     }
     fs::read_dir(root).map_err(|e| Error::io(root, e))?;
     let walker = Walker {
@@ -79,7 +84,10 @@ pub fn walk(root: &Path, opts: &WalkOptions, stop: &AtomicBool) -> Result<WalkRe
     rayon::slice::ParallelSliceMut::par_sort_unstable_by(&mut files[..], |a, b| {
         a.rel_path.cmp(&b.rel_path)
     });
-    let mut errors = walker.errors.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut errors = walker
+        .errors
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner());
     errors.sort();
     Ok(WalkReport { files, errors })
 }
@@ -87,8 +95,15 @@ pub fn walk(root: &Path, opts: &WalkOptions, stop: &AtomicBool) -> Result<WalkRe
 impl<'a> Walker<'a> {
     fn error(&self, path: &Path, e: impl std::fmt::Display) {
         let msg = e.to_string();
-        let msg = msg.split(" (os error").next().unwrap_or(&msg).to_lowercase();
-        self.errors.lock().unwrap_or_else(|p| p.into_inner()).push(format!("{}: {msg}", path.display()));
+        let msg = msg
+            .split(" (os error")
+            .next()
+            .unwrap_or(&msg)
+            .to_lowercase();
+        self.errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(format!("{}: {msg}", path.display()));
     }
 
     fn visit<'s>(&'s self, scope: &rayon::Scope<'s>, dir: PathBuf, rel: String) {
@@ -118,8 +133,14 @@ impl<'a> Walker<'a> {
             if !self.opts.include_hidden && name.starts_with('.') {
                 continue;
             }
-            let Ok(kind) = entry.file_type() else { continue };
-            let child_rel = if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") };
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            let child_rel = if rel.is_empty() {
+                name.to_string()
+            } else {
+                format!("{rel}/{name}")
+            };
             if kind.is_dir() {
                 self.enter(scope, entry.path(), child_rel, false);
             } else if kind.is_symlink() {
@@ -141,13 +162,20 @@ impl<'a> Walker<'a> {
                 }
             } else if kind.is_file() && is_image_name(name) {
                 match entry.metadata() {
-                    Ok(m) => found.push(FileEntry { rel_path: child_rel, size: m.len(), mtime_ns: mtime_ns(&m) }),
+                    Ok(m) => found.push(FileEntry {
+                        rel_path: child_rel,
+                        size: m.len(),
+                        mtime_ns: mtime_ns(&m),
+                    }),
                     Err(e) => self.error(&entry.path(), e),
                 }
             }
         }
         if !found.is_empty() {
-            self.files.lock().unwrap_or_else(|p| p.into_inner()).push(found);
+            self.files
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(found);
         }
     }
 
@@ -158,11 +186,20 @@ impl<'a> Walker<'a> {
         if self.opts.follow_dir_links {
             // Every folder once: a link back to an ancestor, or two links to one folder, are
             // entered a single time.
-            let meta = if via_link { fs::metadata(&path) } else { fs::symlink_metadata(&path) };
+            let meta = if via_link {
+                fs::metadata(&path)
+            } else {
+                fs::symlink_metadata(&path)
+            };
             match meta {
                 Ok(m) => {
                     let key = (m.dev(), m.ino());
-                    if !self.visited.lock().unwrap_or_else(|p| p.into_inner()).insert(key) {
+                    if !self
+                        .visited
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(key)
+                    {
                         return;
                     }
                 }
@@ -178,7 +215,9 @@ fn is_hidden(name: &OsStr) -> bool {
 }
 
 fn mtime_ns(m: &fs::Metadata) -> i64 {
-    m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec())
+    m.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(m.mtime_nsec())
 }
 
 #[cfg(test)]
@@ -198,13 +237,24 @@ mod tests {
     #[test]
     fn picks_images_skips_hidden_and_sorts() {
         let t = tempfile::tempdir().unwrap();
-        for p in ["b/2.JPG", "a/1.png", "a/.hidden.jpg", ".cache/x.jpg", "c.txt", "d.TiFf", "._e.jpg"] {
+        for p in [
+            "b/2.JPG",
+            "a/1.png",
+            "a/.hidden.jpg",
+            ".cache/x.jpg",
+            "c.txt",
+            "d.TiFf",
+            "._e.jpg",
+        ] {
             touch(&t.path().join(p));
         }
         let stop = AtomicBool::new(false);
         let r = walk(t.path(), &WalkOptions::default(), &stop).unwrap();
         assert_eq!(names(&r), ["a/1.png", "b/2.JPG", "d.TiFf"]);
-        let all = WalkOptions { include_hidden: true, ..Default::default() };
+        let all = WalkOptions {
+            include_hidden: true,
+            ..Default::default()
+        };
         let r = walk(t.path(), &all, &stop).unwrap();
         assert_eq!(r.files.len(), 6);
     }
@@ -216,12 +266,19 @@ mod tests {
         touch(&t.path().join("outside/2.jpg"));
         symlink(t.path().join("real/1.jpg"), t.path().join("real/link.jpg")).unwrap();
         symlink(t.path(), t.path().join("real/loop")).unwrap();
-        symlink(t.path().join("nowhere.jpg"), t.path().join("real/broken.jpg")).unwrap();
+        symlink(
+            t.path().join("nowhere.jpg"),
+            t.path().join("real/broken.jpg"),
+        )
+        .unwrap();
         let stop = AtomicBool::new(false);
         let r = walk(&t.path().join("real"), &WalkOptions::default(), &stop).unwrap();
         assert_eq!(names(&r), ["1.jpg", "link.jpg"]);
         assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
-        let follow = WalkOptions { follow_dir_links: true, ..Default::default() };
+        let follow = WalkOptions {
+            follow_dir_links: true,
+            ..Default::default()
+        };
         let r = walk(&t.path().join("real"), &follow, &stop).unwrap();
         // the loop leads to the parent once: outside/2.jpg is found, real/ is not entered again
         assert_eq!(names(&r), ["1.jpg", "link.jpg", "loop/outside/2.jpg"]);
