@@ -194,46 +194,41 @@ impl Store {
         Ok((added, files.len() as u64 - added))
     }
 
-    /// Up to `limit` pending rows of a dataset with id above `after`: `(id, absolute path)`.
-    pub fn pending_batch(
-        &self,
-        dataset_id: i64,
-        after: i64,
-        limit: usize,
-    ) -> Result<Vec<(i64, PathBuf)>> {
+    /// Up to `limit` pending rows of a dataset with id above `after`, in id order.
+    pub fn pending_batch(&self, dataset_id: i64, after: i64, limit: usize) -> Result<Vec<Pending>> {
         let roots = self.root_paths(dataset_id)?;
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT id, root_id, path FROM samples
+                "SELECT id, job_id, root_id, path FROM samples
                  WHERE dataset_id = ?1 AND status = 'pending' AND id > ?2 ORDER BY id LIMIT ?3",
             )
             .store(&self.path)?;
-        let rows = st
-            .query_map(params![dataset_id, after, limit as i64], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, String>(2)?,
-                ))
-            })
+        let mut rows = st
+            .query(params![dataset_id, after, limit as i64])
             .store(&self.path)?;
         let mut out = Vec::with_capacity(limit.min(65_536));
-        for row in rows {
-            let (id, root_id, rel) = row.store(&self.path)?;
+        while let Some(r) = rows.next().store(&self.path)? {
+            let root_id: i64 = r.get(2).store(&self.path)?;
+            let rel = r
+                .get_ref(3)
+                .store(&self.path)?
+                .as_str()
+                .map_err(rusqlite::Error::from)
+                .store(&self.path)?;
             let root = roots.get(&root_id).map_or("", String::as_str);
-            out.push((id, Path::new(root).join(rel)));
+            out.push(Pending {
+                id: r.get(0).store(&self.path)?,
+                job_id: r.get(1).store(&self.path)?,
+                path: Path::new(root).join(rel),
+            });
         }
         Ok(out)
     }
 
     /// Write probe results in one transaction. Only rows still `pending` change, so two
     /// probers racing on the same rows never count a row twice.
-    pub fn record_probes(
-        &mut self,
-        dataset_id: i64,
-        results: &[(i64, std::result::Result<ImageInfo, String>)],
-    ) -> Result<()> {
+    pub fn record_probes(&mut self, dataset_id: i64, results: &[Probed]) -> Result<()> {
         let path = self.path.clone();
         let tx = self.immediate()?;
         let mut indexed: HashMap<i64, i64> = HashMap::new();
@@ -244,50 +239,32 @@ impl Store {
                     "UPDATE samples SET status = 'indexed', width = ?2, height = ?3, format = ?4,
                          orientation = ?5, error = NULL,
                          size_mismatch = (coco_width IS NOT NULL AND (coco_width != ?2 OR coco_height != ?3))
-                     WHERE id = ?1 AND status = 'pending' RETURNING job_id",
+                     WHERE id = ?1 AND status = 'pending'",
                 )
                 .store(&path)?;
             let mut bad = tx
-                .prepare_cached(
-                    "UPDATE samples SET status = 'failed', error = ?2
-                     WHERE id = ?1 AND status = 'pending' RETURNING job_id",
-                )
+                .prepare_cached("UPDATE samples SET status = 'failed', error = ?2 WHERE id = ?1 AND status = 'pending'")
                 .store(&path)?;
-            for (id, res) in results {
-                let job: Option<i64> = match res {
-                    Ok(i) => {
-                        let mut rows = ok
-                            .query(params![
-                                id,
-                                i.width,
-                                i.height,
-                                i.format.name(),
-                                i.orientation
-                            ])
-                            .store(&path)?;
-                        rows.next()
-                            .store(&path)?
-                            .map(|r| r.get(0))
-                            .transpose()
-                            .store(&path)?
-                    }
-                    Err(reason) => {
-                        let mut rows = bad.query(params![id, reason]).store(&path)?;
-                        rows.next()
-                            .store(&path)?
-                            .map(|r| r.get(0))
-                            .transpose()
-                            .store(&path)?
-                    }
+            for p in results {
+                let (changed, counter) = match &p.result {
+                    Ok(i) => (
+                        ok.execute(params![
+                            p.id,
+                            i.width,
+                            i.height,
+                            i.format.name(),
+                            i.orientation
+                        ])
+                        .store(&path)?,
+                        &mut indexed,
+                    ),
+                    Err(reason) => (
+                        bad.execute(params![p.id, reason]).store(&path)?,
+                        &mut failed,
+                    ),
                 };
-                if let Some(job) = job {
-                    *if res.is_ok() {
-                        &mut indexed
-                    } else {
-                        &mut failed
-                    }
-                    .entry(job)
-                    .or_default() += 1;
+                if changed > 0 {
+                    *counter.entry(p.job_id).or_default() += 1;
                 }
             }
         }
@@ -314,8 +291,7 @@ impl Store {
     {
         let mut writer = Store::open(&self.path)?;
         let keep_going = AtomicBool::new(true);
-        let (tx, rx) =
-            std::sync::mpsc::sync_channel::<Vec<(i64, std::result::Result<ImageInfo, String>)>>(1);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Probed>>(1);
         std::thread::scope(|scope| {
             let keep = &keep_going;
             let write = scope.spawn(move || -> Result<u64> {
@@ -347,7 +323,7 @@ impl Store {
                 let Some(last) = batch.last() else {
                     break Ok(());
                 };
-                after = last.0;
+                after = last.id;
                 if tx.send(probe_files(&batch)).is_err() {
                     break Ok(()); // the writer stopped; its result says why
                 }
@@ -362,13 +338,33 @@ impl Store {
     }
 }
 
+/// A row waiting for phase 2.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub id: i64,
+    pub job_id: i64,
+    pub path: PathBuf,
+}
+
+/// A probed row: its header, or the one-line reason it is not a readable image.
+#[derive(Debug, Clone)]
+pub struct Probed {
+    pub id: i64,
+    pub job_id: i64,
+    pub result: std::result::Result<ImageInfo, String>,
+}
+
 /// Probe files on the I/O pool; a file that is not a readable image gets its reason.
-pub fn probe_files(batch: &[(i64, PathBuf)]) -> Vec<(i64, std::result::Result<ImageInfo, String>)> {
+pub fn probe_files(batch: &[Pending]) -> Vec<Probed> {
     io_pool().install(|| {
         batch
             .par_iter()
             .with_min_len(16)
-            .map(|(id, p)| (*id, header::probe_path(p).map_err(|r| r.to_string())))
+            .map(|p| Probed {
+                id: p.id,
+                job_id: p.job_id,
+                result: header::probe_path(&p.path).map_err(|r| r.to_string()),
+            })
             .collect()
     })
 }
