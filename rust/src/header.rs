@@ -102,7 +102,9 @@ struct Within<'s, S> {
 
 impl<S: Source> Source for Within<'_, S> {
     fn read_at(&mut self, offset: u64, len: usize, what: &'static str) -> Parsed<&[u8]> {
-        let end = offset.checked_add(len as u64).ok_or(Reason::Truncated(what))?;
+        let end = offset
+            .checked_add(len as u64)
+            .ok_or(Reason::Truncated(what))?;
         if end > self.len {
             return Err(Reason::Truncated(what));
         }
@@ -134,12 +136,22 @@ impl FileSource {
         // readahead window too (a 64 KiB read costs ~3x a 4 KiB one on a cold disk).
         // SAFETY: a plain syscall on a descriptor we own; failure only loses the hint.
         unsafe {
-            libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 0, libc::POSIX_FADV_RANDOM);
+            libc::posix_fadvise(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+                0,
+                libc::POSIX_FADV_RANDOM,
+            );
         }
         let mut head = vec![0u8; HEAD_BYTES];
         let n = read_full_at(&file, &mut head, 0).map_err(|e| Reason::Io(io_reason(&e)))?;
         head.truncate(n);
-        Ok(FileSource { file, head, window: Vec::new(), window_at: 0 })
+        Ok(FileSource {
+            file,
+            head,
+            window: Vec::new(),
+            window_at: 0,
+        })
     }
 
     pub fn file(&self) -> &File {
@@ -153,12 +165,15 @@ impl FileSource {
 
 impl Source for FileSource {
     fn read_at(&mut self, offset: u64, len: usize, what: &'static str) -> Parsed<&[u8]> {
-        let end = offset.checked_add(len as u64).ok_or(Reason::Truncated(what))?;
+        let end = offset
+            .checked_add(len as u64)
+            .ok_or(Reason::Truncated(what))?;
         if end <= self.head.len() as u64 {
             // `end` fits in the head, so both casts are lossless.
             return Ok(&self.head[offset as usize..end as usize]);
         }
-        let in_window = offset >= self.window_at && end <= self.window_at + self.window.len() as u64;
+        let in_window =
+            offset >= self.window_at && end <= self.window_at + self.window.len() as u64;
         if !in_window {
             // Read a little more than asked: the next segment header is usually right behind.
             self.window.resize(len.max(MORE_BYTES), 0);
@@ -174,7 +189,10 @@ impl Source for FileSource {
         Ok(&self.window[start..start + len])
     }
     fn total_len(&mut self) -> Parsed<u64> {
-        self.file.metadata().map(|m| m.len()).map_err(|e| Reason::Io(io_reason(&e)))
+        self.file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|e| Reason::Io(io_reason(&e)))
     }
 }
 
@@ -235,7 +253,9 @@ pub fn probe(src: &mut impl Source) -> Result<ImageInfo, Reason> {
     } else if magic.starts_with(b"II") || magic.starts_with(b"MM") {
         tiff(src)
     } else {
-        Err(Reason::Unsupported("not a JPEG, PNG, GIF, BMP, WebP or TIFF file".into()))
+        Err(Reason::Unsupported(
+            "not a JPEG, PNG, GIF, BMP, WebP or TIFF file".into(),
+        ))
     }
 }
 
@@ -254,9 +274,17 @@ fn le24(b: &[u8], i: usize) -> u32 {
 
 fn nonzero(width: u32, height: u32, format: Format) -> Parsed<ImageInfo> {
     if width == 0 || height == 0 {
-        return Err(Reason::Corrupt(format!("{} header gives a size of {width}x{height}", format.name())));
+        return Err(Reason::Corrupt(format!(
+            "{} header gives a size of {width}x{height}",
+            format.name()
+        )));
     }
-    Ok(ImageInfo { width, height, format, orientation: None })
+    Ok(ImageInfo {
+        width,
+        height,
+        format,
+        orientation: None,
+    })
 }
 
 /// Pillow's rule: walk the markers up to the first SOS; the last SOF before it gives the size.
@@ -270,7 +298,9 @@ fn jpeg(src: &mut impl Source) -> Parsed<ImageInfo> {
             pos += 1; // junk between segments, skipped as Pillow does
             continue;
         }
-        let Ok(m) = src.read_at(pos + 1, 1, "JPEG") else { break };
+        let Ok(m) = src.read_at(pos + 1, 1, "JPEG") else {
+            break;
+        };
         let marker = m[0];
         match marker {
             0xFF => {
@@ -303,11 +333,16 @@ fn jpeg(src: &mut impl Source) -> Parsed<ImageInfo> {
                 return Err(Reason::Unsupported(format!("{}-bit JPEG", s[0])));
             }
             if !matches!(s[5], 1 | 3 | 4) {
-                return Err(Reason::Unsupported(format!("JPEG with {} components", s[5])));
+                return Err(Reason::Unsupported(format!(
+                    "JPEG with {} components",
+                    s[5]
+                )));
             }
             if (s.len() - 6) % 3 != 0 {
                 // Pillow reads the component table three bytes at a time and fails on a remainder
-                return Err(Reason::Corrupt("JPEG SOF has a partial component entry".into()));
+                return Err(Reason::Corrupt(
+                    "JPEG SOF has a partial component entry".into(),
+                ));
             }
             size = Some((be16(s, 3), be16(s, 1)));
         } else if marker == 0xDA {
@@ -321,7 +356,11 @@ fn jpeg(src: &mut impl Source) -> Parsed<ImageInfo> {
                     (base, len) = (base + 6, len - 6);
                 }
                 if base != body_at {
-                    orientation = Some(exif_orientation(&mut Within { src: &mut *src, base, len }));
+                    orientation = Some(exif_orientation(&mut Within {
+                        src: &mut *src,
+                        base,
+                        len,
+                    }));
                 }
             }
             if body > 0 {
@@ -362,7 +401,10 @@ fn png(src: &mut impl Source) -> Parsed<ImageInfo> {
         let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
         let cid = [h[4], h[5], h[6], h[7]];
         if !cid.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_') {
-            return Err(Reason::Corrupt(format!("broken PNG chunk name {:?}", String::from_utf8_lossy(&cid))));
+            return Err(Reason::Corrupt(format!(
+                "broken PNG chunk name {:?}",
+                String::from_utf8_lossy(&cid)
+            )));
         }
         match &cid {
             b"IHDR" => return png_ihdr(src, pos, len),
@@ -394,7 +436,10 @@ fn png_ihdr(src: &mut impl Source, pos: u64, len: u32) -> Parsed<ImageInfo> {
         (1 | 2 | 4 | 8 | 16, 0) | (8 | 16, 2) | (1 | 2 | 4 | 8, 3) | (8 | 16, 4) | (8 | 16, 6)
     );
     if !known {
-        return Err(Reason::Unsupported(format!("PNG bit depth {} with colour type {}", d[8], d[9])));
+        return Err(Reason::Unsupported(format!(
+            "PNG bit depth {} with colour type {}",
+            d[8], d[9]
+        )));
     }
     if d[11] != 0 {
         return Err(Reason::Corrupt(format!("PNG filter method {}", d[11])));
@@ -408,7 +453,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -448,7 +497,9 @@ fn gif(src: &mut impl Source) -> Parsed<ImageInfo> {
 
 fn skip_sub_blocks(src: &mut impl Source, mut pos: u64) -> Parsed<u64> {
     loop {
-        let Ok(n) = src.read_at(pos, 1, "GIF") else { return Ok(pos) };
+        let Ok(n) = src.read_at(pos, 1, "GIF") else {
+            return Ok(pos);
+        };
         let n = u64::from(n[0]);
         pos += 1 + n;
         if n == 0 {
@@ -472,7 +523,11 @@ fn bmp(src: &mut impl Source) -> Parsed<ImageInfo> {
             let d = &src.read_at(18, header_size as usize - 4, "BMP")?.to_vec();
             let w = le32(d, 0);
             let raw_h = le32(d, 4);
-            let h = if d[7] == 0xFF { raw_h.wrapping_neg() } else { raw_h };
+            let h = if d[7] == 0xFF {
+                raw_h.wrapping_neg()
+            } else {
+                raw_h
+            };
             let bits = le16(d, 10);
             let compression = le32(d, 12);
             let colors = le32(d, 28);
@@ -488,7 +543,13 @@ fn bmp(src: &mut impl Source) -> Parsed<ImageInfo> {
 }
 
 /// What Pillow refuses in a BITMAPINFOHEADER (or later) on open, besides the pixel depth.
-fn bmp_checks(src: &mut impl Source, d: &[u8], bits: u32, compression: u32, colors: u32) -> Parsed<()> {
+fn bmp_checks(
+    src: &mut impl Source,
+    d: &[u8],
+    bits: u32,
+    compression: u32,
+    colors: u32,
+) -> Parsed<()> {
     match compression {
         0..=2 => {}
         3 => {
@@ -525,7 +586,11 @@ fn bmp_checks(src: &mut impl Source, d: &[u8], bits: u32, compression: u32, colo
     }
     // Palette images: Pillow takes the colour count from the header, or 2^bits.
     if compression != 3 && bits <= 8 && bits > 0 {
-        let n = if colors == 0 { 1u64 << bits } else { u64::from(colors) };
+        let n = if colors == 0 {
+            1u64 << bits
+        } else {
+            u64::from(colors)
+        };
         if n > 65536 {
             return Err(Reason::Unsupported(format!("BMP palette of {n} colours")));
         }
@@ -550,7 +615,11 @@ fn webp(src: &mut impl Source) -> Parsed<ImageInfo> {
             ((bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
         }
         b"VP8X" => (le24(s, 12) + 1, le24(s, 15) + 1),
-        _ => return Err(Reason::Unsupported("WebP without VP8, VP8L or VP8X chunk".into())),
+        _ => {
+            return Err(Reason::Unsupported(
+                "WebP without VP8, VP8L or VP8X chunk".into(),
+            ))
+        }
     };
     nonzero(w, h, Format::Webp)
 }
@@ -572,20 +641,35 @@ impl TiffOrder {
             b"MM\0\x2a" | b"MM\x2a\0" | b"MM\0\x2b" => false,
             _ => return None,
         };
-        Some(TiffOrder { le, big: h[2] == 43 })
+        Some(TiffOrder {
+            le,
+            big: h[2] == 43,
+        })
     }
     fn u16(self, b: &[u8], i: usize) -> u16 {
         let a = [b[i], b[i + 1]];
-        if self.le { u16::from_le_bytes(a) } else { u16::from_be_bytes(a) }
+        if self.le {
+            u16::from_le_bytes(a)
+        } else {
+            u16::from_be_bytes(a)
+        }
     }
     fn u32(self, b: &[u8], i: usize) -> u32 {
         let a = [b[i], b[i + 1], b[i + 2], b[i + 3]];
-        if self.le { u32::from_le_bytes(a) } else { u32::from_be_bytes(a) }
+        if self.le {
+            u32::from_le_bytes(a)
+        } else {
+            u32::from_be_bytes(a)
+        }
     }
     fn u64(self, b: &[u8], i: usize) -> u64 {
         let mut a = [0u8; 8];
         a.copy_from_slice(&b[i..i + 8]);
-        if self.le { u64::from_le_bytes(a) } else { u64::from_be_bytes(a) }
+        if self.le {
+            u64::from_le_bytes(a)
+        } else {
+            u64::from_be_bytes(a)
+        }
     }
 }
 
@@ -648,12 +732,29 @@ fn tiff_unit(typ: u16) -> Option<u64> {
 /// unknown types, empty ones, and out-of-line ones once their total passes the length of the
 /// stream are skipped; an IFD cut short keeps the entries read so far, and out-of-line data
 /// that runs past the end stops the reading there.
-fn ifd_values<const N: usize>(src: &mut impl Source, t: TiffOrder, at: u64, wanted: [u16; N]) -> [Option<TagValue>; N] {
+fn ifd_values<const N: usize>(
+    src: &mut impl Source,
+    t: TiffOrder,
+    at: u64,
+    wanted: [u16; N],
+) -> [Option<TagValue>; N] {
     let mut out = [None; N];
-    let Ok(limit) = src.total_len() else { return out };
-    let (count_len, entry_len, inline) = if t.big { (8u64, 20u64, 8u64) } else { (2, 12, 4) };
-    let Ok(c) = src.read_at(at, count_len as usize, "TIFF IFD") else { return out };
-    let count = if t.big { t.u64(c, 0) } else { u64::from(t.u16(c, 0)) };
+    let Ok(limit) = src.total_len() else {
+        return out;
+    };
+    let (count_len, entry_len, inline) = if t.big {
+        (8u64, 20u64, 8u64)
+    } else {
+        (2, 12, 4)
+    };
+    let Ok(c) = src.read_at(at, count_len as usize, "TIFF IFD") else {
+        return out;
+    };
+    let count = if t.big {
+        t.u64(c, 0)
+    } else {
+        u64::from(t.u16(c, 0))
+    };
     // Tags kept so far (a bit per tag): a later entry of a kept tag is ignored entirely.
     let mut kept = vec![0u64; 1024];
     let mut total: u128 = 0;
@@ -661,18 +762,27 @@ fn ifd_values<const N: usize>(src: &mut impl Source, t: TiffOrder, at: u64, want
         if out.iter().all(Option::is_some) {
             break; // later entries cannot change a kept value
         }
-        let Some(pos) = i.checked_mul(entry_len).and_then(|o| o.checked_add(at)).and_then(|o| o.checked_add(count_len))
+        let Some(pos) = i
+            .checked_mul(entry_len)
+            .and_then(|o| o.checked_add(at))
+            .and_then(|o| o.checked_add(count_len))
         else {
             break;
         };
         // An IFD cut short: each entry is read in turn, so the loop ends with the file.
-        let Ok(e) = src.read_at(pos, entry_len as usize, "TIFF IFD") else { break };
+        let Ok(e) = src.read_at(pos, entry_len as usize, "TIFF IFD") else {
+            break;
+        };
         let mut e_copy = [0u8; 20];
         e_copy[..e.len()].copy_from_slice(e);
         let e = &e_copy[..entry_len as usize];
         let tag = t.u16(e, 0);
         let typ = t.u16(e, 2);
-        let n = if t.big { t.u64(e, 4) } else { u64::from(t.u32(e, 4)) };
+        let n = if t.big {
+            t.u64(e, 4)
+        } else {
+            u64::from(t.u32(e, 4))
+        };
         let field = if t.big { 12 } else { 8 };
         if kept[usize::from(tag / 64)] & (1 << (tag % 64)) != 0 {
             continue;
@@ -681,7 +791,11 @@ fn ifd_values<const N: usize>(src: &mut impl Source, t: TiffOrder, at: u64, want
         let size = u128::from(n) * u128::from(unit);
         let slot = wanted.iter().position(|w| *w == tag);
         let value = if size > u128::from(inline) {
-            let offset = if t.big { t.u64(e, field) } else { u64::from(t.u32(e, field)) };
+            let offset = if t.big {
+                t.u64(e, field)
+            } else {
+                u64::from(t.u32(e, field))
+            };
             if offset >= 1 << 63 {
                 continue;
             }
@@ -737,7 +851,11 @@ fn tiff(src: &mut impl Source) -> Parsed<ImageInfo> {
         return Err(Reason::Corrupt(format!("TIFF size {w}x{h} out of range")));
     };
     let turned = orientation.is_some_and(|o| (5..=8).any(|k| o.equals(k)));
-    if turned { nonzero(h, w, Format::Tiff) } else { nonzero(w, h, Format::Tiff) }
+    if turned {
+        nonzero(h, w, Format::Tiff)
+    } else {
+        nonzero(w, h, Format::Tiff)
+    }
 }
 
 #[cfg(test)]
@@ -764,7 +882,10 @@ mod tests {
         let icc: Vec<(u8, Vec<u8>)> = (0..4).map(|_| (0xE2, vec![7u8; 60_000])).collect();
         let bytes = jpeg_with(&icc, 640, 480);
         let info = probe_bytes(&bytes).unwrap();
-        assert_eq!((info.width, info.height, info.format), (640, 480, Format::Jpeg));
+        assert_eq!(
+            (info.width, info.height, info.format),
+            (640, 480, Format::Jpeg)
+        );
     }
 
     #[test]
@@ -778,7 +899,10 @@ mod tests {
         app1.extend(thumb);
         let bytes = jpeg_with(&[(0xE1, app1)], 4000, 3000);
         let info = probe_bytes(&bytes).unwrap();
-        assert_eq!((info.width, info.height, info.orientation), (4000, 3000, Some(6)));
+        assert_eq!(
+            (info.width, info.height, info.orientation),
+            (4000, 3000, Some(6))
+        );
     }
 
     #[test]
@@ -856,7 +980,11 @@ mod tests {
     fn tiff_with(le: bool, entries: &[(u16, u16, u32, u32)], extra: &[u8]) -> Vec<u8> {
         let w16 = |v: u16| if le { v.to_le_bytes() } else { v.to_be_bytes() };
         let w32 = |v: u32| if le { v.to_le_bytes() } else { v.to_be_bytes() };
-        let mut t = if le { b"II\x2a\0".to_vec() } else { b"MM\0\x2a".to_vec() };
+        let mut t = if le {
+            b"II\x2a\0".to_vec()
+        } else {
+            b"MM\0\x2a".to_vec()
+        };
         t.extend(w32(8));
         t.extend(w16(entries.len() as u16));
         for &(tag, typ, count, value) in entries {
@@ -885,7 +1013,14 @@ mod tests {
     #[test]
     fn tiff_orientation_turns_the_size_as_pillow_does() {
         for le in [true, false] {
-            for (o, want) in [(1, (30, 20)), (4, (30, 20)), (5, (20, 30)), (6, (20, 30)), (8, (20, 30)), (9, (30, 20))] {
+            for (o, want) in [
+                (1, (30, 20)),
+                (4, (30, 20)),
+                (5, (20, 30)),
+                (6, (20, 30)),
+                (8, (20, 30)),
+                (9, (30, 20)),
+            ] {
                 let t = tiff_with(le, &[(256, 3, 1, 30), (257, 3, 1, 20), (274, 3, 1, o)], &[]);
                 assert_eq!(size(&t), Some(want), "orientation {o}, little-endian {le}");
             }
@@ -894,22 +1029,42 @@ mod tests {
         let after = 8 + 2 + 12 * 3 + 4;
         let mut rational = 12u32.to_le_bytes().to_vec();
         rational.extend(2u32.to_le_bytes());
-        let t = tiff_with(true, &[(256, 3, 1, 30), (257, 3, 1, 20), (274, 5, 1, after)], &rational);
+        let t = tiff_with(
+            true,
+            &[(256, 3, 1, 30), (257, 3, 1, 20), (274, 5, 1, after)],
+            &rational,
+        );
         assert_eq!(size(&t), Some((20, 30)));
-        let t = tiff_with(true, &[(256, 3, 1, 30), (257, 3, 1, 20), (274, 1, 1, 6)], &[]);
+        let t = tiff_with(
+            true,
+            &[(256, 3, 1, 30), (257, 3, 1, 20), (274, 1, 1, 6)],
+            &[],
+        );
         assert_eq!(size(&t), Some((30, 20)));
     }
 
     #[test]
     fn tiff_ifd_is_read_as_pillow_reads_it() {
         // the first kept entry of a tag wins
-        let t = tiff_with(true, &[(256, 3, 1, 30), (256, 3, 1, 99), (257, 4, 1, 20)], &[]);
+        let t = tiff_with(
+            true,
+            &[(256, 3, 1, 30), (256, 3, 1, 99), (257, 4, 1, 20)],
+            &[],
+        );
         assert_eq!(size(&t), Some((30, 20)));
         // an entry of an unknown type is skipped, so a later entry of the tag counts
-        let t = tiff_with(true, &[(256, 19, 1, 99), (256, 3, 1, 30), (257, 3, 1, 20)], &[]);
+        let t = tiff_with(
+            true,
+            &[(256, 19, 1, 99), (256, 3, 1, 30), (257, 3, 1, 20)],
+            &[],
+        );
         assert_eq!(size(&t), Some((30, 20)));
         // an empty entry is skipped too
-        let t = tiff_with(false, &[(256, 3, 0, 99), (256, 3, 1, 30), (257, 3, 1, 20)], &[]);
+        let t = tiff_with(
+            false,
+            &[(256, 3, 0, 99), (256, 3, 1, 30), (257, 3, 1, 20)],
+            &[],
+        );
         assert_eq!(size(&t), Some((30, 20)));
         // several values: the first one, read where the offset points
         let after = 8 + 2 + 12 * 2 + 4;
@@ -920,10 +1075,18 @@ mod tests {
         let t = tiff_with(false, &[(256, 3, 3, after), (257, 3, 1, 20)], &shorts);
         assert_eq!(size(&t), Some((41, 20)));
         // out-of-line data past the end of the file stops the IFD: the height after it is lost
-        let t = tiff_with(true, &[(256, 3, 1, 30), (258, 3, 3, 10_000), (257, 3, 1, 20)], &[]);
+        let t = tiff_with(
+            true,
+            &[(256, 3, 1, 30), (258, 3, 3, 10_000), (257, 3, 1, 20)],
+            &[],
+        );
         assert_eq!(size(&t), None);
         // an IFD cut short keeps the entries read before the cut
-        let t = tiff_with(true, &[(256, 3, 1, 30), (257, 3, 1, 20), (258, 3, 1, 8)], &[]);
+        let t = tiff_with(
+            true,
+            &[(256, 3, 1, 30), (257, 3, 1, 20), (258, 3, 1, 8)],
+            &[],
+        );
         assert_eq!(size(&t[..8 + 2 + 24 + 5]), Some((30, 20)));
         // signed, fractional and byte sizes are not sizes to Pillow
         for typ in [8u16, 9] {
@@ -949,8 +1112,14 @@ mod tests {
 
     #[test]
     fn bmp_sizes_are_unsigned_as_in_pillow() {
-        assert_eq!(size(&bmp_with(0x8000_0025, 23, 24)), Some((0x8000_0025, 23)));
-        assert_eq!(size(&bmp_with(37, 0x8000_0017, 24)), Some((37, 0x8000_0017)));
+        assert_eq!(
+            size(&bmp_with(0x8000_0025, 23, 24)),
+            Some((0x8000_0025, 23))
+        );
+        assert_eq!(
+            size(&bmp_with(37, 0x8000_0017, 24)),
+            Some((37, 0x8000_0017))
+        );
         assert_eq!(size(&bmp_with(37, 0xFFFF_FFE9, 24)), Some((37, 23))); // top-down
         assert_eq!(size(&bmp_with(37, 23, 2)), None); // a depth Pillow does not read
         let mut rle24 = bmp_with(37, 23, 24);
@@ -989,7 +1158,12 @@ mod tests {
         // a value outside 1..=8 is no orientation
         let mut odd = app1.clone();
         odd[6 + 8 + 2 + 11] = 9;
-        assert_eq!(probe_bytes(&jpeg_with(&[(0xE1, odd)], 64, 48)).unwrap().orientation, None);
+        assert_eq!(
+            probe_bytes(&jpeg_with(&[(0xE1, odd)], 64, 48))
+                .unwrap()
+                .orientation,
+            None
+        );
         // an APP1 cut short by the end of the file fails, as Pillow's read of the segment does
         let mut cut = jpeg_with(&[(0xE1, app1)], 64, 48);
         cut.truncate(20);
