@@ -84,3 +84,7 @@ def test_bad_arguments_exit_with_a_message(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert "bad.json" in r.stderr and "file_name" in r.stderr
     assert "Traceback" not in r.stderr
+    # nothing was left behind: no dataset, no rows
+    con = sqlite3.connect(f"file:{tmp_path / 'y.db'}?mode=ro", uri=True)
+    assert con.execute("SELECT COUNT(*) FROM datasets").fetchone() == (0,)
+    assert con.execute("SELECT COUNT(*) FROM samples").fetchone() == (0,)

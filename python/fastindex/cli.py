@@ -79,6 +79,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     name = args.name or os.path.basename(os.path.abspath(args.path)) or "dataset"
     embed = _embed_arg(args)
     server = None
+    from .dataset import list_datasets
+
+    existed = any(d["name"] == name for d in list_datasets(db=args.db))
     ds = Dataset.load_or_create(name, db=args.db)
     if args.serve:
         from .server import start_server
@@ -86,17 +89,24 @@ def cmd_index(args: argparse.Namespace) -> int:
         server = start_server(args.db, host=args.host, port=args.port)
         console.print(f"[bold]fastindex[/] serving [link={server.url}]{server.url}[/link]")
     t0 = time.perf_counter()
-    if args.coco:
-        job = ds.add_samples_from_coco(
-            annotations_json=args.coco, images_path=args.path, embed=embed
-        )
-    else:
-        job = ds.add_images_from_path(
-            args.path,
-            embed=embed,
-            include_hidden=args.include_hidden,
-            follow_links=args.follow_links,
-        )
+    try:
+        if args.coco:
+            job = ds.add_samples_from_coco(
+                annotations_json=args.coco, images_path=args.path, embed=embed
+            )
+        else:
+            job = ds.add_images_from_path(
+                args.path,
+                embed=embed,
+                include_hidden=args.include_hidden,
+                follow_links=args.follow_links,
+            )
+    except FastIndexError:
+        if not existed:
+            ds.delete()  # a bad argument leaves nothing behind, not even an empty dataset
+        if server is not None:
+            server.stop()
+        raise
     scan_s = time.perf_counter() - t0
     wants_embed = ds.embedding_model() is not None
     try:

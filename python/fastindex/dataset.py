@@ -245,6 +245,12 @@ class Dataset:
         """Stop background work; rows keep their status and resume on the next `load`."""
         self._pipeline.cancel()
 
+    def delete(self) -> None:
+        """Stop background work and remove the dataset and all its rows from the store.
+        Image files on disk are never touched."""
+        self._pipeline.cancel()
+        self._store.delete_dataset(self.id)
+
     # -- reading ----------------------------------------------------------------------------
     def samples(
         self, *, status: str | None = None, offset: int = 0, limit: int | None = None

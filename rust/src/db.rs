@@ -317,6 +317,29 @@ impl Store {
             .store(&self.path)
     }
 
+    /// Remove a dataset and everything that belongs to it (samples, boxes, embeddings,
+    /// counters) in one transaction. Files on disk are never touched.
+    pub fn delete_dataset(&mut self, dataset_id: i64) -> Result<()> {
+        let path = self.path.clone();
+        let tx = self.immediate()?;
+        tx.execute_batch(&format!(
+            "DELETE FROM annotations WHERE sample_id IN (SELECT id FROM samples WHERE dataset_id = {dataset_id});
+             DELETE FROM embeddings WHERE sample_id IN (SELECT id FROM samples WHERE dataset_id = {dataset_id});
+             DELETE FROM coco_missing WHERE job_id IN (SELECT id FROM jobs WHERE dataset_id = {dataset_id});
+             DELETE FROM samples WHERE dataset_id = {dataset_id};
+             DELETE FROM counts WHERE dataset_id = {dataset_id};
+             DELETE FROM jobs WHERE dataset_id = {dataset_id};
+             DELETE FROM roots WHERE dataset_id = {dataset_id};
+             DELETE FROM coco_files WHERE dataset_id = {dataset_id};
+             DELETE FROM categories WHERE dataset_id = {dataset_id};
+             DELETE FROM phase_errors WHERE dataset_id = {dataset_id};
+             DELETE FROM leases WHERE dataset_id = {dataset_id};
+             DELETE FROM datasets WHERE id = {dataset_id};"
+        ))
+        .store(&path)?;
+        tx.commit().store(&path)
+    }
+
     pub fn create_job(&mut self, dataset_id: i64, kind: &str, source: &str) -> Result<i64> {
         self.conn
             .execute(

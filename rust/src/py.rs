@@ -223,6 +223,11 @@ impl Store {
         r(py.detach(|| self.lock().create_dataset(&name)))
     }
 
+    /// Remove a dataset and all its rows (never files on disk).
+    fn delete_dataset(&self, py: Python<'_>, dataset_id: i64) -> Res<()> {
+        r(py.detach(|| self.lock().delete_dataset(dataset_id)))
+    }
+
     fn find_dataset(&self, py: Python<'_>, name: String) -> Res<Option<DatasetTuple>> {
         Ok(r(py.detach(|| self.lock().find_dataset(&name)))?.map(dataset_tuple))
     }
