@@ -121,6 +121,13 @@ fn look(path: &Path) -> Found {
 /// Parse and check a COCO file: ids unique, every annotation's image and category known,
 /// every bbox four finite numbers with non-negative size.
 pub fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<Coco<'a>> {
+    // serde would also take a JSON array as the struct's fields in order: a COCO file is an object.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(Error::coco(
+            path,
+            "not a COCO file: the top level must be a JSON object",
+        ));
+    }
     let raw: RawCoco<'a> = serde_json::from_slice(bytes)
         .map_err(|e| Error::coco(path, format!("not a COCO file: {e}")))?;
     let mut image_ids = HashSet::with_capacity(raw.images.len());
@@ -150,7 +157,16 @@ pub fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<Coco<'a>> {
             ));
         }
     }
+    let mut ann_ids = HashSet::with_capacity(raw.annotations.len());
     for (i, a) in raw.annotations.iter().enumerate() {
+        if let Some(id) = a.id {
+            if !ann_ids.insert(id) {
+                return Err(Error::coco(
+                    path,
+                    format!("annotations[{i}]: duplicate annotation id {id}"),
+                ));
+            }
+        }
         if !image_ids.contains(&a.image_id) {
             return Err(Error::coco(
                 path,
@@ -452,6 +468,17 @@ mod tests {
             r#"{{{base},"annotations":[{{"image_id":1,"category_id":7,"bbox":[0,0,1]}}]}}"#
         ))
         .contains("bbox"));
+        assert!(err("[]").contains("must be a JSON object"));
+        assert!(err(" [[], [], []]").contains("must be a JSON object"));
+        let ann = r#"{"id":5,"image_id":1,"category_id":7,"bbox":[1,2,3,4]}"#;
+        assert!(err(&format!(r#"{{{base},"annotations":[{ann},{ann}]}}"#))
+            .contains("annotations[1]: duplicate annotation id 5"));
+        let no_ids = r#"{"image_id":1,"category_id":7,"bbox":[1,2,3,4]}"#;
+        assert!(parse(
+            p,
+            format!(r#"{{{base},"annotations":[{no_ids},{no_ids}]}}"#).as_bytes()
+        )
+        .is_ok());
         let ok = format!(
             r#"{{{base},"annotations":[{{"id":5,"image_id":1,"category_id":7,"bbox":[1,2,3,4],"segmentation":[[1,2,3,4,5,6]]}}]}}"#
         );
