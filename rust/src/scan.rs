@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::OnceLock;
 
 use rayon::prelude::*;
 use rusqlite::params;
@@ -27,26 +26,7 @@ pub struct ScanSummary {
     pub errors: Vec<String>,
 }
 
-/// The pool that probes files. Reads of a cold disk block, so it has many more threads than
-/// cores: 32 reads in flight are ~4x faster than one on a cold page cache.
-pub fn io_pool() -> &'static rayon::ThreadPool {
-    static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
-    POOL.get_or_init(|| {
-        let n = std::env::var("FASTINDEX_IO_THREADS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(32usize);
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n.max(1))
-            .thread_name(|i| format!("fastindex-io-{i}"))
-            .build()
-            .unwrap_or_else(|_| {
-                rayon::ThreadPoolBuilder::new()
-                    .build()
-                    .expect("a default rayon pool")
-            })
-    })
-}
+pub use crate::pools::io_pool;
 
 /// Absolute, normalised form of a folder the caller named; fails if it is not a folder.
 pub fn absolute_dir(path: &str) -> Result<PathBuf> {

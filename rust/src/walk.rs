@@ -75,14 +75,17 @@ pub fn walk(root: &Path, opts: &WalkOptions, stop: &AtomicBool) -> Result<WalkRe
         files: Mutex::new(Vec::new()),
         errors: Mutex::new(Vec::new()),
     };
-    rayon::scope(|s| walker.visit(s, root.to_path_buf(), String::new()));
+    let pool = crate::pools::cpu_pool();
+    pool.scope(|s| walker.visit(s, root.to_path_buf(), String::new()));
     if stop.load(Ordering::Relaxed) {
         return Err(Error::Cancelled);
     }
     let chunks = walker.files.into_inner().unwrap_or_else(|p| p.into_inner());
     let mut files: Vec<FileEntry> = chunks.into_iter().flatten().collect();
-    rayon::slice::ParallelSliceMut::par_sort_unstable_by(&mut files[..], |a, b| {
-        a.rel_path.cmp(&b.rel_path)
+    pool.install(|| {
+        rayon::slice::ParallelSliceMut::par_sort_unstable_by(&mut files[..], |a, b| {
+            a.rel_path.cmp(&b.rel_path)
+        });
     });
     let mut errors = walker
         .errors
