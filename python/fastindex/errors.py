@@ -50,6 +50,11 @@ class EmbeddingError(FastIndexError):
     """Phase 3 cannot run: the model or its weights cannot be loaded."""
 
 
+class NoEmbeddingsError(FastIndexError, LookupError):
+    """A search needs embeddings that are not there (yet): the dataset has no embedding
+    model, nothing was embedded with that model, or the sample is not `ready`."""
+
+
 __all__ = [
     "CancelledError",
     "CocoError",
@@ -59,6 +64,7 @@ __all__ = [
     "FastIndexError",
     "ImageError",
     "InvalidArgumentError",
+    "NoEmbeddingsError",
     "PathNotFoundError",
     "SchemaVersionError",
     "StoreError",
