@@ -1,0 +1,25 @@
+"""Serve a store over HTTP: a JSON API, live progress (WebSocket, Server-Sent Events,
+polling) and a web page that fills as samples arrive. Needs `pip install 'fastindex[server]'`.
+
+```python
+from fastindex.server import start_server
+with start_server("fastindex.db", port=0) as server:
+    print(server.url)
+```
+"""
+
+from __future__ import annotations
+
+from .app import create_app
+from .errors import NotFoundError, NotReadyError, status_of
+from .run import ServerHandle, run_server, start_server
+
+__all__ = [
+    "NotFoundError",
+    "NotReadyError",
+    "ServerHandle",
+    "create_app",
+    "run_server",
+    "start_server",
+    "status_of",
+]

@@ -1,0 +1,278 @@
+"""The FastAPI app: JSON API, progress streams, files of indexed samples, and the page."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Sequence
+from importlib import resources
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from fastapi import FastAPI, Query, Request, Response, WebSocket
+from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.websockets import WebSocketDisconnect
+
+from .. import __version__
+from .errors import NotFoundError, install_error_handlers
+from .media import ThumbnailCache, cache_key, content_type, etag, make_thumbnail
+from .state import ServerState
+from .streams import ProgressHub
+
+if TYPE_CHECKING:
+    from ..embed import EmbeddingModel
+
+#: Host names the server answers to by default. Anything else is refused, so that a web page
+#: elsewhere cannot reach a server on 127.0.0.1 through DNS rebinding.
+LOCAL_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost", "::1", "[::1]")
+#: How many thumbnails are made at once (each takes a core while it decodes).
+THUMB_WORKERS = max(2, (os.cpu_count() or 2) // 2)
+
+Status = Literal["pending", "indexed", "embedding", "ready", "failed"]
+
+
+class NewDataset(BaseModel):
+    """`POST /api/datasets`: add a folder (and optionally a COCO file) to a dataset."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, description="created if it does not exist")
+    images_path: str = Field(min_length=1, description="folder of images on the server")
+    annotations_json: str | None = Field(None, description="COCO detection file for the images")
+    embed: bool | None = Field(
+        None, description="CLIP embeddings (phase 3); left out: when torch is installed"
+    )
+
+
+class Started(BaseModel):
+    dataset_id: int
+    task_group_id: int
+
+
+def _static_dir() -> str:
+    return str(resources.files("fastindex") / "static")
+
+
+def create_app(
+    db: str | os.PathLike[str],
+    *,
+    embed_model: EmbeddingModel | None = None,
+    allowed_hosts: Sequence[str] | None = None,
+    thumbnail_cache_bytes: int = 64 << 20,
+) -> FastAPI:
+    """The server of one store.
+
+    Args:
+        db: the store (created if the file does not exist).
+        embed_model: the model used when a `POST /api/datasets` asks for embeddings
+            (default: the library's default model).
+        allowed_hosts: `Host` header values to answer (default: the loopback names);
+            `["*"]` answers any.
+        thumbnail_cache_bytes: memory kept for thumbnails.
+
+    Raises:
+        StoreError: `db` is not a fastindex store.
+    """
+    state = ServerState(db, embed_model=embed_model)
+    hub = ProgressHub(state.progress)  # reads on the event loop, as `GET /api/progress` does
+    thumbs = ThumbnailCache(thumbnail_cache_bytes)
+    hosts = list(allowed_hosts) if allowed_hosts is not None else list(LOCAL_HOSTS)
+    thumb_slots: list[asyncio.Semaphore] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        thumb_slots.append(asyncio.Semaphore(THUMB_WORKERS))
+        state.store()  # open the event loop thread's connection now, not on a first request
+        yield
+        hub.close()
+
+    app = FastAPI(
+        title="fastindex",
+        version=__version__,
+        summary="Browse, watch and search image datasets as they are indexed.",
+        lifespan=lifespan,
+    )
+    app.state.fastindex = state
+    app.state.hub = hub
+    app.state.thumbnails = thumbs
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
+    install_error_handlers(app)
+
+    def origin_allowed(origin: str | None) -> bool:
+        if origin is None or "*" in hosts:
+            return True
+        host = urlsplit(origin).hostname
+        return host is not None and (host in hosts or f"[{host}]" in hosts)
+
+    # -- datasets ---------------------------------------------------------------------------
+    @app.post("/api/datasets", status_code=202, response_model=Started, tags=["datasets"])
+    def add_dataset(body: NewDataset) -> dict[str, int]:
+        """Start indexing a folder (or a COCO file's images) into a dataset; answers at once.
+
+        Phase 1 runs in the background; watch `/api/progress/{dataset_id}`. A dataset name that
+        exists gets the files it does not have yet.
+        """
+        task = state.start_indexing(
+            name=body.name,
+            images_path=body.images_path,
+            annotations_json=body.annotations_json,
+            embed=body.embed,
+        )
+        return {"dataset_id": task.dataset_id, "task_group_id": task.id}
+
+    @app.get("/api/datasets", tags=["datasets"])
+    def list_datasets() -> list[dict[str, Any]]:
+        """Every dataset of the store, with its progress."""
+        return state.datasets()
+
+    @app.get("/api/datasets/{dataset_id}", tags=["datasets"])
+    def get_dataset(dataset_id: int) -> dict[str, Any]:
+        return state.dataset_info(dataset_id)
+
+    @app.get("/api/tasks/{task_group_id}", tags=["datasets"])
+    def get_task(task_group_id: int) -> dict[str, Any]:
+        """What one `POST /api/datasets` started: phase 1's summary and its rows' progress."""
+        return state.task(task_group_id)
+
+    # -- progress ---------------------------------------------------------------------------
+    @app.get("/api/progress/{dataset_id}", tags=["progress"])
+    async def get_progress(dataset_id: int) -> dict[str, Any]:
+        """Counts by status: `{dataset_id, total, pending, indexed, embedding, ready, failed,
+        status: in_progress | complete, error}`. O(1) in the number of samples."""
+        # Read on the event loop itself: a few indexed point reads on this thread's own
+        # connection (WAL readers never wait for the writer), far cheaper than a hop to a
+        # worker thread, which on a machine busy indexing waits for a core twice.
+        return state.progress(dataset_id)
+
+    @app.websocket("/ws/progress/{dataset_id}")
+    async def ws_progress(ws: WebSocket, dataset_id: int) -> None:
+        """The progress object on every change (at most ~10 a second, at least every second
+        while work runs); the last message says `complete`, then the socket closes."""
+        if not origin_allowed(ws.headers.get("origin")):
+            await ws.close(code=1008, reason="origin not allowed")
+            return
+        try:
+            await run_in_threadpool(state.require_dataset, dataset_id)
+        except LookupError as e:
+            await ws.close(code=4404, reason=str(e)[:120])
+            return
+        await ws.accept()
+        try:
+            async with hub.subscribe(dataset_id) as sub:
+                async for text in sub.messages():
+                    await ws.send_text(text)
+            await ws.close(code=1000 if not hub.closed else 1001)
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            pass  # the watcher left
+
+    @app.get("/sse/progress/{dataset_id}", tags=["progress"])
+    async def sse_progress(dataset_id: int) -> StreamingResponse:
+        """The same messages as the WebSocket, as Server-Sent Events (`data: {...}`)."""
+        await run_in_threadpool(state.require_dataset, dataset_id)
+
+        async def events() -> AsyncIterator[str]:
+            yield "retry: 1000\n\n"
+            async with hub.subscribe(dataset_id) as sub:
+                async for text in sub.messages():
+                    yield f"data: {text}\n\n"
+
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    # -- samples ----------------------------------------------------------------------------
+    @app.get("/api/datasets/{dataset_id}/samples", tags=["samples"])
+    def list_samples(
+        dataset_id: int,
+        status: Status | None = None,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> dict[str, Any]:
+        """A page of samples in id order (optionally of one status), each with its boxes."""
+        return state.samples(dataset_id, status=status, offset=offset, limit=limit)
+
+    @app.get("/api/samples/{sample_id}", tags=["samples"])
+    def get_sample(sample_id: int) -> dict[str, Any]:
+        """One sample with its annotations (boxes in the frame the COCO file declared)."""
+        return state.sample(sample_id)
+
+    @app.get(
+        "/api/samples/{sample_id}/thumbnail",
+        tags=["samples"],
+        response_class=Response,
+        responses={200: {"content": {"image/jpeg": {}}}},
+    )
+    async def get_thumbnail(sample_id: int, request: Request) -> Response:
+        """A small JPEG of an indexed sample, upright, made on first request and cached."""
+        sample = await run_in_threadpool(state.indexed_sample, sample_id)
+        tag = etag(sample)
+        headers = {"ETag": tag, "Cache-Control": "private, max-age=86400"}
+        if request.headers.get("if-none-match") == tag:
+            return Response(status_code=304, headers=headers)
+        key = cache_key(sample)
+        data = thumbs.get(key)
+        if data is None:
+            if not os.path.isfile(sample.abs_path):
+                raise NotFoundError(f"sample {sample_id}: {sample.path} is no longer on disk")
+            async with thumb_slots[0]:
+                data = await run_in_threadpool(make_thumbnail, sample.abs_path)
+            thumbs.put(key, data)
+        headers["X-Content-Type-Options"] = "nosniff"
+        return Response(data, media_type="image/jpeg", headers=headers)
+
+    @app.get(
+        "/api/samples/{sample_id}/image",
+        tags=["samples"],
+        response_class=FileResponse,
+        responses={200: {"content": {"image/*": {}}}},
+    )
+    async def get_image(sample_id: int) -> FileResponse:
+        """The original file of an indexed sample, with its content type."""
+        sample = await run_in_threadpool(state.indexed_sample, sample_id)
+        path = sample.abs_path
+        if not await run_in_threadpool(os.path.isfile, path):
+            raise NotFoundError(f"sample {sample_id}: {sample.path} is no longer on disk")
+        return FileResponse(
+            path,
+            media_type=content_type(sample),
+            filename=sample.file_name,
+            content_disposition_type="inline",
+            headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=3600"},
+        )
+
+    # -- search -----------------------------------------------------------------------------
+    @app.get("/api/datasets/{dataset_id}/search", tags=["search"])
+    def search(
+        dataset_id: int,
+        q: Annotated[str, Query(min_length=1, max_length=1000)],
+        k: Annotated[int, Query(ge=1, le=500)] = 48,
+    ) -> dict[str, Any]:
+        """The `k` samples whose embeddings best match the text `q` (409 until the dataset
+        has embeddings)."""
+        return {"dataset_id": dataset_id, "q": q, "items": state.search(dataset_id, q, k=k)}
+
+    @app.get("/api/datasets/{dataset_id}/similar/{sample_id}", tags=["search"])
+    def similar(
+        dataset_id: int, sample_id: int, k: Annotated[int, Query(ge=1, le=500)] = 48
+    ) -> dict[str, Any]:
+        """The `k` samples most like `sample_id`, itself first (409 until it is embedded)."""
+        items = state.similar(dataset_id, sample_id, k=k)
+        return {"dataset_id": dataset_id, "sample_id": sample_id, "items": items}
+
+    # -- the page ---------------------------------------------------------------------------
+    static = _static_dir()
+
+    @app.get("/", include_in_schema=False)
+    def index() -> HTMLResponse:
+        with open(os.path.join(static, "index.html"), encoding="utf-8") as f:
+            return HTMLResponse(f.read(), headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=static), name="static")
+    return app

@@ -1,0 +1,133 @@
+// Live progress of one dataset: a WebSocket while it works, polling every second when the
+// WebSocket fails, and a slow look every few seconds once complete (to notice new work).
+
+import { progress as fetchProgress } from "./api.js";
+
+const POLL_MS = 1000; // polling fallback
+const IDLE_MS = 3000; // after `complete`: is there new work?
+const SILENCE_MS = 4500; // the server speaks at least every second while work runs
+
+export class ProgressFeed {
+  // onProgress(p) for every answer; onTransport(mode) with "connecting" | "websocket" |
+  // "polling" | "idle" | "offline". `transport`: "auto" (WebSocket first) or "poll".
+  constructor(datasetId, { onProgress, onTransport, transport = "auto" }) {
+    this.id = datasetId;
+    this.onProgress = onProgress;
+    this.onTransport = onTransport;
+    this.wsBroken = transport === "poll";
+    this.stopped = false;
+    this.ws = null;
+    this.timer = null;
+    this.silence = null;
+  }
+
+  start() {
+    this.#live();
+  }
+
+  stop() {
+    this.stopped = true;
+    clearTimeout(this.timer);
+    clearTimeout(this.silence);
+    if (this.ws) {
+      this.ws.onclose = this.ws.onmessage = this.ws.onerror = null;
+      this.ws.close();
+      this.ws = null;
+    }
+  }
+
+  #emit(p) {
+    if (!this.stopped) this.onProgress(p);
+  }
+
+  #mode(m) {
+    if (!this.stopped) this.onTransport(m);
+  }
+
+  #live() {
+    if (this.stopped) return;
+    if (this.wsBroken || typeof WebSocket === "undefined") {
+      this.#poll();
+      return;
+    }
+    const url = new URL(`/ws/progress/${this.id}`, location.href);
+    url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+    let ws;
+    try {
+      ws = new WebSocket(url);
+    } catch {
+      this.#fallback();
+      return;
+    }
+    this.ws = ws;
+    let complete = false;
+    this.#mode("connecting");
+    const quiet = () => {
+      clearTimeout(this.silence);
+      // Open but silent (a proxy that swallows frames, a stuck server): poll instead.
+      this.silence = setTimeout(() => ws.close(), SILENCE_MS);
+    };
+    ws.onopen = () => {
+      this.#mode("websocket");
+      quiet();
+    };
+    ws.onmessage = (ev) => {
+      quiet();
+      let p;
+      try {
+        p = JSON.parse(ev.data);
+      } catch {
+        return;
+      }
+      if (p.status === "complete") complete = true;
+      this.#emit(p);
+    };
+    ws.onerror = () => {}; // a close event follows
+    ws.onclose = () => {
+      clearTimeout(this.silence);
+      this.ws = null;
+      if (this.stopped) return;
+      if (complete) this.#idle();
+      else this.#fallback();
+    };
+  }
+
+  #fallback() {
+    this.wsBroken = true;
+    this.#poll();
+  }
+
+  async #poll() {
+    if (this.stopped) return;
+    this.#mode("polling");
+    let p = null;
+    try {
+      p = await fetchProgress(this.id);
+      this.#emit(p);
+    } catch {
+      this.#mode("offline");
+    }
+    if (this.stopped) return;
+    if (p && p.status === "complete") this.#idle();
+    else this.timer = setTimeout(() => this.#poll(), POLL_MS);
+  }
+
+  #idle() {
+    if (this.stopped) return;
+    this.#mode("idle");
+    this.timer = setTimeout(async () => {
+      if (this.stopped) return;
+      try {
+        const p = await fetchProgress(this.id);
+        if (p.status !== "complete") {
+          this.#emit(p);
+          this.#live();
+          return;
+        }
+      } catch {
+        // try again later
+      }
+      this.#idle();
+    }, IDLE_MS);
+  }
+}
