@@ -435,8 +435,10 @@ class EmbeddingModel:
             # The tag says whether its weights were trained with QuickGELU; build to match.
             kw["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
         text_cfg = self._cfg.get("text_cfg", {})
-        if text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name"):
-            _check_hub(what, "its text tower comes from the Hugging Face hub")
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        if (text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name")) and not offline:
+            # Offline, transformers reads its cache at once; online it retries for minutes.
+            _check_hub(what, "its tokenizer comes from the Hugging Face hub")
         try:
             if weights is None:
                 # Random weights, the same in every process.
