@@ -51,7 +51,7 @@ def wait_until(pred: Callable[[], bool], timeout: float = 30.0) -> bool:
     return bool(pred())
 
 
-def vectors_by_path(ds: fastindex.Dataset) -> dict[str, np.ndarray]:
-    ids, v = ds.embeddings()
+def vectors_by_path(ds: fastindex.Dataset, model: Any = None) -> dict[str, np.ndarray]:
+    ids, v = ds.embeddings(model)
     by_id = {s.id: s.path for s in ds.samples_by_id([int(i) for i in ids])}
     return {by_id[int(i)]: v[k] for k, i in enumerate(ids)}

@@ -486,7 +486,7 @@ def test_gpu_end_to_end_matches_the_cpu(tmp_path: Path) -> None:
     )  # fmt: skip
     assert n == 40 and stats["decoded_gpu"] > 0
     ds = fastindex.Dataset.load("g", db=tmp_path / "gpu.db", resume=False)
-    gpu_vecs = vectors_by_path(ds)
+    gpu_vecs = vectors_by_path(ds, model)
     for k, v in cpu.items():
         assert float(v @ gpu_vecs[k]) > 0.99, k
 
@@ -507,3 +507,28 @@ def test_gpu_decoder_agrees_with_the_cpu_decoder() -> None:
         ref = np.zeros((224, 224, 3), np.uint8)
         embed._decode_into(d, o, pre, ref)
         assert np.abs(t.cpu().numpy().astype(int) - ref.astype(int)).mean() < 5
+
+
+def test_the_gpu_decoder_thread_shares_the_work_run_on_the_cpu(tmp_path: Path) -> None:
+    """The GPU path's scheduling (a torchvision decoder thread and the CPU threads taking
+    from one queue, results merged per batch), run with the decoder on the CPU."""
+    make_folder(tmp_path / "imgs", 24)
+    (tmp_path / "imgs" / "garbage.jpg").write_bytes(
+        testing.image_bytes((200, 150))[:400] + bytes(900)
+    )
+    cpu = vectors_by_path(_embedded(tmp_path / "cpu.db", tmp_path / "imgs"))
+    store = _core.Store(str(tmp_path / "g.db"))
+    did = store.create_dataset("g")
+    store.scan(did, str(tmp_path / "imgs"))
+    store.probe_pending(did)
+    stats: dict[str, int] = {}
+    n = embed_pending(
+        store, did, testing.tiny_model(batch_size=8), stop=_core.StopFlag(),
+        producer_alive=lambda: False, on_batch=lambda: None, gpu_decode=True, stats=stats,
+    )  # fmt: skip
+    assert n == 24 and stats["decoded_gpu"] > 0 and stats["failed"] == 1
+    ds = fastindex.Dataset.load("g", db=tmp_path / "g.db", resume=False)
+    both = vectors_by_path(ds, testing.tiny_model())
+    assert set(both) == set(cpu)
+    for k, v in cpu.items():
+        assert float(v @ both[k]) > 0.98, k
