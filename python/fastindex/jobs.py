@@ -228,8 +228,8 @@ class Job:
     def wait(self, timeout: float | None = None) -> bool:
         """Block until this job's rows are through every phase that can run.
 
-        Returns True when complete, False when `timeout` (seconds) passed first or the
-        workers stopped with rows left (see `error`). Releases the GIL while it sleeps.
+        Returns True when complete, False when `timeout` (seconds) passed first or a phase
+        stopped on an error with rows left (see `error`). Releases the GIL while it sleeps.
         """
         return wait_for(lambda: self.progress(), self._pipeline, timeout)
 
@@ -250,14 +250,23 @@ def progress_of(store: _core.Store, dataset_id: int, job_id: int | None, pipelin
 
 
 def wait_for(read: Callable[[], dict[str, Any]], pipeline: Pipeline, timeout: float | None) -> bool:
+    """Poll `read` until complete. True only when complete with no phase stopped on an error
+    (a phase that stopped leaves rows behind: `complete`, since nothing more will run, but not
+    done)."""
+
+    def finished(p: dict[str, Any]) -> bool | None:
+        if p["status"] == "complete":
+            return not p.get("error")
+        return None
+
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        p = read()
-        if p["status"] == "complete":
-            return True
+        done = finished(read())
+        if done is not None:
+            return done
         if not pipeline.running:
             # One more read: the last batch may have landed as the threads ended.
-            return bool(read()["status"] == "complete")
+            return bool(finished(read()))
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
             return False
