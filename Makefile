@@ -42,5 +42,13 @@ lint: ## ruff, mypy, cargo fmt --check, clippy
 	cargo clippy --all-targets -- -D warnings
 
 .PHONY: bench
-bench: ## benchmarks (print tables; see benches/)
+bench: ## every CPU benchmark (each prints a table; data is generated under bench-data/)
+	cargo bench --bench core -- bench-data/mixed_100000
 	$(PYTHON) benches/bench_scan.py
+	$(PYTHON) benches/bench_search.py
+	$(PYTHON) benches/bench_embed_cpu.py
+	$(PYTHON) benches/bench_server.py
+
+.PHONY: bench-gpu
+bench-gpu: ## phase 3 on a CUDA machine: model ceiling, naive loop, fastindex end to end
+	$(PYTHON) benches/bench_embed_gpu.py
