@@ -43,8 +43,8 @@ lint: ## ruff, mypy, cargo fmt --check, clippy
 
 .PHONY: bench
 bench: ## every CPU benchmark (each prints a table; data is generated under bench-data/)
-	cargo bench --bench core -- bench-data/mixed_100000
 	$(PYTHON) benches/bench_scan.py
+	cargo bench --bench core -- bench-data/mixed_100000
 	$(PYTHON) benches/bench_search.py
 	$(PYTHON) benches/bench_embed_cpu.py
 	$(PYTHON) benches/bench_server.py
