@@ -199,6 +199,13 @@ def _special_cases() -> dict[str, bytes]:
             encode(rgb, "JPEG", icc_profile=icc_blob()),
             b"Exif\0\0" + exif_with_thumbnail(3, big_thumb),
         ),
+        "jpeg xmp before exif": insert_app1(
+            insert_app1(encode(rgb, "JPEG"), b"Exif\0\0" + exif_block(5, big_endian=True)),
+            b"http://ns.adobe.com/xap/1.0/\0<x:xmpmeta tiff:Orientation='8'/>",
+        ),
+        "mpo (a JPEG to fastindex)": encode(
+            rgb, "MPO", save_all=True, append_images=[noise((640, 480), seed=5)]
+        ),
         "png": encode(rgb, "PNG"),
         "png 16-bit": encode(Image.new("I;16", (70, 3)), "PNG"),
         "apng": encode(rgb, "PNG", save_all=True, append_images=[noise((640, 480), seed=1)]),
