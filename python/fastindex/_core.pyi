@@ -96,7 +96,13 @@ class Store:
 
     def progress(self, dataset_id: int, job_id: int | None = None) -> dict[str, Any]: ...
     def samples(
-        self, dataset_id: int, *, status: str | None = None, offset: int = 0, limit: int = ...
+        self,
+        dataset_id: int,
+        *,
+        status: str | None = None,
+        offset: int = 0,
+        limit: int = ...,
+        after_id: int = 0,
     ) -> list[dict[str, Any]]: ...
     def samples_by_id(self, ids: list[int]) -> list[dict[str, Any]]: ...
     def annotations(

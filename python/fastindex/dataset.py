@@ -253,15 +253,30 @@ class Dataset:
 
     # -- reading ----------------------------------------------------------------------------
     def samples(
-        self, *, status: str | None = None, offset: int = 0, limit: int | None = None
+        self,
+        *,
+        status: str | None = None,
+        offset: int = 0,
+        limit: int | None = None,
+        after_id: int = 0,
     ) -> list[Sample]:
-        """Samples in id order, optionally only those of one `status`, paged."""
+        """Samples in id order, optionally only those of one `status`, paged.
+
+        Page with `offset`, or, at any depth in constant time, with `after_id` (the last id
+        of the previous page).
+        """
         if status is not None and status not in _core.STATUSES:
             raise InvalidArgumentError(
                 f"unknown status {status!r}: expected one of {', '.join(_core.STATUSES)}"
             )
+        if offset < 0 or (limit is not None and limit < 0) or after_id < 0:
+            raise InvalidArgumentError("offset, limit and after_id must not be negative")
         rows = self._store.samples(
-            self.id, status=status, offset=int(offset), limit=-1 if limit is None else int(limit)
+            self.id,
+            status=status,
+            offset=int(offset),
+            limit=-1 if limit is None else int(limit),
+            after_id=int(after_id),
         )
         return [Sample(**r) for r in rows]
 

@@ -15,6 +15,7 @@ fn get(
     slot: &Mutex<Option<PerProcess>>,
     threads: usize,
     name: &'static str,
+    nice: i32,
 ) -> &'static rayon::ThreadPool {
     let pid = std::process::id();
     let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
@@ -26,6 +27,16 @@ fn get(
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
         .thread_name(move |i| format!("fastindex-{name}-{i}"))
+        .start_handler(move |_| {
+            if nice != 0 {
+                // Background work yields the CPU to the caller's own threads (a server
+                // answering progress, a UI). On Linux `who = 0` is the calling thread.
+                // SAFETY: a plain syscall; failure only keeps the default priority.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+                }
+            }
+        })
         .build()
         .or_else(|_| rayon::ThreadPoolBuilder::new().num_threads(1).build())
         .unwrap_or_else(|e| panic!("cannot start any thread: {e}"));
@@ -38,17 +49,18 @@ fn get(
 pub fn cpu_pool() -> &'static rayon::ThreadPool {
     static SLOT: Mutex<Option<PerProcess>> = Mutex::new(None);
     let n = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
-    get(&SLOT, n, "cpu")
+    get(&SLOT, n, "cpu", 0)
 }
 
 /// For reading file headers. Reads of a cold disk block, so it has many more threads than
 /// cores: 32 reads in flight are ~4x faster than one on a cold page cache.
-/// `FASTINDEX_IO_THREADS` overrides the size.
+/// `FASTINDEX_IO_THREADS` overrides the size. Its threads run at nice 10: phase 2 runs in the
+/// background and should not slow whoever reads the store meanwhile.
 pub fn io_pool() -> &'static rayon::ThreadPool {
     static SLOT: Mutex<Option<PerProcess>> = Mutex::new(None);
     let n = std::env::var("FASTINDEX_IO_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(32usize);
-    get(&SLOT, n, "io")
+    get(&SLOT, n, "io", 10)
 }

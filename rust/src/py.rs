@@ -351,7 +351,9 @@ impl Store {
         progress_dict(py, &p)
     }
 
-    #[pyo3(signature = (dataset_id, *, status=None, offset=0, limit=-1))]
+    /// Samples in id order, of one `status` or all, paged by `offset` or by `after_id` (the
+    /// rows with ids above it: O(limit) at any depth).
+    #[pyo3(signature = (dataset_id, *, status=None, offset=0, limit=-1, after_id=0))]
     fn samples<'py>(
         &self,
         py: Python<'py>,
@@ -359,11 +361,12 @@ impl Store {
         status: Option<String>,
         offset: i64,
         limit: i64,
+        after_id: i64,
     ) -> Res<Vec<Bound<'py, PyDict>>> {
         let limit = if limit < 0 { i64::MAX } else { limit };
         let rows = r(py.detach(|| {
             self.lock()
-                .samples(dataset_id, status.as_deref(), offset, limit)
+                .samples(dataset_id, status.as_deref(), offset, limit, after_id)
         }))?;
         sample_dicts(py, rows)
     }

@@ -74,29 +74,37 @@ pub fn check_status(status: &str) -> Result<()> {
 }
 
 impl Store {
-    /// Samples of a dataset in id order, optionally of one status, paged.
+    /// Samples of a dataset in id order, optionally of one status, paged by `offset` or (at
+    /// any depth, in O(limit)) by `after_id`: the rows with ids above it.
     pub fn samples(
         &self,
         dataset_id: i64,
         status: Option<&str>,
         offset: i64,
         limit: i64,
+        after_id: i64,
     ) -> Result<Vec<SampleRow>> {
-        if let Some(s) = status {
-            check_status(s)?;
-        }
         if offset < 0 || limit < 0 {
             return Err(Error::InvalidArgument(
                 "offset and limit must not be negative".into(),
             ));
         }
+        // The status goes into the SQL text (it is one of STATUSES, checked) so that SQLite
+        // can use the partial index of `failed` rows; a bound parameter would hide it.
+        let filter = match status {
+            Some(s) => {
+                check_status(s)?;
+                format!("AND s.status = '{s}'")
+            }
+            None => String::new(),
+        };
         let sql = format!(
             "SELECT {SAMPLE_COLUMNS} FROM samples s JOIN roots r ON r.id = s.root_id
-             WHERE s.dataset_id = ?1 AND (?2 IS NULL OR s.status = ?2) ORDER BY s.id LIMIT ?3 OFFSET ?4"
+             WHERE s.dataset_id = ?1 AND s.id > ?2 {filter} ORDER BY s.id LIMIT ?3 OFFSET ?4"
         );
         let mut st = self.conn.prepare_cached(&sql).store(&self.path)?;
         let rows = st
-            .query_map(params![dataset_id, status, limit, offset], sample_row)
+            .query_map(params![dataset_id, after_id, limit, offset], sample_row)
             .store(&self.path)?;
         rows.collect::<std::result::Result<_, _>>()
             .store(&self.path)
