@@ -493,12 +493,38 @@ def _mutate(data: bytes, rng: random.Random) -> bytes:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", list(CUT_CORPUS))
-def test_bit_flips_sweep(name: str) -> None:
-    """Many seeded mutations per file: cheap breadth."""
+def test_bit_flips_sweep(tmp_path: Path, name: str) -> None:
+    """Many seeded mutations per file: cheap breadth. Some go through a file too, where the
+    reads are positioned reads of the head and of a window, not slices."""
     rng = random.Random(f"flips-{name}")
     data = CUT_CORPUS[name]
-    for _ in range(1500):
-        check_against_pillow(_mutate(data, rng))
+    path = tmp_path / "mutant"
+    for i in range(1500):
+        mutant = _mutate(data, rng)
+        check_against_pillow(mutant)
+        if i % 10 == 0:
+            path.write_bytes(mutant)
+            assert probe_path(path) == probe(mutant)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "name", ["jpeg 200KB icc", "jpeg large exif thumbnail", "jpeg thumbnail and icc"]
+)
+def test_flips_in_segment_headers_of_large_jpegs(tmp_path: Path, name: str) -> None:
+    """Flips in the markers and lengths of segments that lie past the first 4 KiB read."""
+    rng = random.Random(f"segments-{name}")
+    data = SPECIAL[name]
+    spots = [m + d for m in jpeg_segments(data) for d in range(4)]
+    assert len(spots) >= 6 * 4
+    path = tmp_path / "mutant"
+    for _ in range(300):
+        mutant = bytearray(data)
+        for _ in range(rng.choice([1, 2])):
+            mutant[rng.choice(spots)] ^= 1 << rng.randrange(8)
+        check_against_pillow(bytes(mutant))
+        path.write_bytes(mutant)
+        assert probe_path(path) == probe(bytes(mutant))
 
 
 @pytest.mark.timeout(120)
