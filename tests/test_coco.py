@@ -246,6 +246,27 @@ def test_coco_over_a_folder_already_added(tmp_path: Path, new_dataset: NewDatase
     assert ds.get_loading_progress()["total"] == 7
 
 
+def test_a_file_listed_twice_is_one_sample(tmp_path: Path, new_dataset: NewDataset) -> None:
+    write(tmp_path / "images" / "a.png", small_png())
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "a.png"}],
+        "categories": [{"id": 1, "name": "x"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]},
+            {"id": 2, "image_id": 2, "category_id": 1, "bbox": [1, 1, 1, 1]},
+        ],
+    }
+    ann = write(tmp_path / "c.json", json.dumps(coco).encode())
+    ds = new_dataset()
+    first = ingest(ds, ann, tmp_path / "images")
+    assert (first.summary["added"], first.summary["existing"]) == (1, 0)
+    (sample,) = ds.samples()
+    assert [a.bbox for a in ds.annotations(sample.id)] == [(0, 0, 1, 1), (1, 1, 1, 1)]
+    again = ingest(ds, ann, tmp_path / "images")
+    assert (again.summary["added"], again.summary["existing"]) == (0, 1)
+    assert len(ds.annotations()) == 2
+
+
 def test_two_datasets_share_nothing(tmp_path: Path, new_dataset: NewDataset) -> None:
     ann, images, _ = coco_case(tmp_path)
     one, two = new_dataset("one"), new_dataset("two")

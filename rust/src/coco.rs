@@ -412,7 +412,8 @@ impl Store {
         }
         bump(&tx, dataset_id, job_id, INDEXED, n_indexed).store(&path)?;
         bump(&tx, dataset_id, job_id, FAILED, n_failed).store(&path)?;
-        let existing = sample_of_image.len() as i64 - added;
+        // Rows that were there before this job (a file listed twice is still one row).
+        let existing = earlier.iter().collect::<HashSet<_>>().len() as i64;
         let warnings: Vec<String> = missing
             .iter()
             .map(|m| format!("{m}: listed in the COCO file but not found on disk"))
@@ -443,6 +444,24 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_listed_twice_is_one_row_and_counted_once() {
+        let t = tempfile::tempdir().unwrap();
+        let images = t.path().join("images");
+        std::fs::create_dir_all(&images).unwrap();
+        std::fs::write(images.join("a.png"), b"\x89PNG\r\n\x1a\n").unwrap();
+        let json = t.path().join("c.json");
+        let coco = r#"{"images":[{"id":1,"file_name":"a.png"},{"id":2,"file_name":"a.png"}]}"#;
+        std::fs::write(&json, coco).unwrap();
+        let mut s = Store::open(t.path().join("s.db").to_str().unwrap()).unwrap();
+        let d = s.create_dataset("d").unwrap();
+        let stop = AtomicBool::new(false);
+        let first = s.ingest_coco(d, &json, &images, &stop).unwrap();
+        assert_eq!((first.added, first.existing), (1, 0));
+        let again = s.ingest_coco(d, &json, &images, &stop).unwrap();
+        assert_eq!((again.added, again.existing), (0, 1));
+    }
 
     #[test]
     fn malformed_files_are_refused_with_a_reason() {
