@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import datagen  # noqa: E402
+import datagen
 
 
 def drop_caches() -> bool:
@@ -69,7 +69,9 @@ def one(kind: str, root: str, extra: str, cold: bool) -> dict[str, float]:
         t = time.perf_counter()
         con = sqlite3.connect(db)
         con.execute("PRAGMA journal_mode=WAL")
-        con.execute("CREATE TABLE s (id INTEGER PRIMARY KEY, path TEXT UNIQUE, size INT, mtime INT)")
+        con.execute(
+            "CREATE TABLE s (id INTEGER PRIMARY KEY, path TEXT UNIQUE, size INT, mtime INT)"
+        )
         exts = tuple("." + e for e in fastindex.IMAGE_EXTENSIONS)
         batch = []
         for dirpath, dirs, names in os.walk(root):
@@ -123,7 +125,9 @@ def one(kind: str, root: str, extra: str, cold: bool) -> dict[str, float]:
     return {"seconds": dt, "rows": rows, "rss_mb": rss}
 
 
-def run(kind: str, root: Path, extra: str = "", cold: bool = False, repeat: int = 1) -> dict[str, float]:
+def run(
+    kind: str, root: Path, extra: str = "", cold: bool = False, repeat: int = 1
+) -> dict[str, float]:
     best: dict[str, float] | None = None
     for _ in range(repeat):
         out = subprocess.run(
@@ -140,11 +144,15 @@ def run(kind: str, root: Path, extra: str = "", cold: bool = False, repeat: int 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--files", type=int, default=100_000, help="mixed JPEG/PNG files for phase 2")
     ap.add_argument("--small", type=int, default=10_000, help="files for the phase-1 timing")
     ap.add_argument("--big", type=int, default=1_000_000, help="files for the large walk (0: skip)")
-    ap.add_argument("--coco-boxes", type=int, default=700_000, help="boxes in the COCO file (0: skip)")
+    ap.add_argument(
+        "--coco-boxes", type=int, default=700_000, help="boxes in the COCO file (0: skip)"
+    )
     ap.add_argument("--no-cold", action="store_true", help="skip the cold-cache rows")
     ap.add_argument("--repeat", type=int, default=3, help="runs per warm row (best is kept)")
     ap.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
@@ -175,28 +183,43 @@ def main() -> None:
         print(f"  {what:<34} {who:<22} {r['seconds']:8.3f} s", file=sys.stderr)
 
     add(f"phase 1 scan, {a.small:,} files", "fastindex", run("scan", small, repeat=a.repeat))
-    add(f"phase 1 scan, {a.small:,} files", "os.walk+stat+sqlite3", run("python-scan", small, repeat=a.repeat))
+    add(
+        f"phase 1 scan, {a.small:,} files",
+        "os.walk+stat+sqlite3",
+        run("python-scan", small, repeat=a.repeat),
+    )
     if a.big:
         big = base / f"tiny_{a.big}"
         add(f"phase 1 scan, {a.big:,} files", "fastindex", run("scan", big, repeat=1))
-        add(f"phase 1 scan, {a.big:,} files", "os.walk+stat+sqlite3", run("python-scan", big, repeat=1))
+        add(
+            f"phase 1 scan, {a.big:,} files",
+            "os.walk+stat+sqlite3",
+            run("python-scan", big, repeat=1),
+        )
     add(f"phase 2 probe warm, {a.files:,}", "fastindex", run("probe", mixed, repeat=a.repeat))
     add(f"phase 2 probe warm, {a.files:,}", "Pillow .size", run("pillow", mixed, repeat=1))
     if can_drop:
         add(f"phase 2 probe cold, {a.files:,}", "fastindex", run("probe", mixed, cold=True))
         add(f"phase 2 probe cold, {a.files:,}", "Pillow .size", run("pillow", mixed, cold=True))
-        add(f"phase 2 probe cold, {a.files:,}", "Pillow .size, 32 threads", run("pillow32", mixed, cold=True))
+        add(
+            f"phase 2 probe cold, {a.files:,}",
+            "Pillow .size, 32 threads",
+            run("pillow32", mixed, cold=True),
+        )
     if a.coco_boxes:
         label = f"COCO {a.files // 1000}k img/{a.coco_boxes // 1000}k box, ph 1+2"
         add(label, "fastindex", run("coco", mixed, str(coco), repeat=1))
 
     print()
     print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}")
-    print(f"| {'what':<40} | {'who':<24} | {'seconds':>8} | {'files/s':>10} | {'peak RSS MB':>11} |")
+    print(
+        f"| {'what':<40} | {'who':<24} | {'seconds':>8} | {'files/s':>10} | {'peak RSS MB':>11} |"
+    )
     print(f"|{'-' * 42}|{'-' * 26}|{'-' * 10}|{'-' * 12}|{'-' * 13}|")
     for what, who, r in rows:
         rate = r["rows"] / r["seconds"] if r["seconds"] else float("nan")
-        print(f"| {what:<40} | {who:<24} | {r['seconds']:8.3f} | {rate:10,.0f} | {r['rss_mb']:11.0f} |")
+        secs, rss = r["seconds"], r["rss_mb"]
+        print(f"| {what:<40} | {who:<24} | {secs:8.3f} | {rate:10,.0f} | {rss:11.0f} |")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ def _pool(seed: int = 0, n: int = 96) -> list[tuple[bytes, str]]:
     out: list[tuple[bytes, str]] = []
     icc = bytes(rng.getrandbits(8) for _ in range(200_000))
     for i in range(n):
-        w, h = rng.choice([(64, 48), (320, 240), (640, 480), (1024, 768), (1920, 1080), (3000, 2000)])
+        w, h = rng.choice(
+            [(64, 48), (320, 240), (640, 480), (1024, 768), (1920, 1080), (3000, 2000)]
+        )
         w, h = (w, h) if rng.random() < 0.7 else (h, w)
         base = Image.effect_noise((w // 8 or 1, h // 8 or 1), 40).convert("RGB").resize((w, h))
         buf = io.BytesIO()
@@ -111,4 +113,8 @@ def make_coco(path: Path, images: list[dict[str, object]], boxes: int, seed: int
 
 
 def data_root() -> Path:
-    return Path(os.environ.get("FASTINDEX_BENCH_DATA", Path(__file__).resolve().parent.parent / "bench-data"))
+    return Path(
+        os.environ.get(
+            "FASTINDEX_BENCH_DATA", Path(__file__).resolve().parent.parent / "bench-data"
+        )
+    )

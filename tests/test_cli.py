@@ -65,14 +65,18 @@ def test_index_coco(tmp_path: Path) -> None:
     ann = tmp_path / "instances.json"
     ann.write_text(json.dumps(coco))
     db = tmp_path / "coco.db"
-    r = run_cli("index", str(images), "--coco", str(ann), "--db", str(db), "--no-embed", cwd=tmp_path)
+    r = run_cli(
+        "index", str(images), "--coco", str(ann), "--db", str(db), "--no-embed", cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr
     assert "1 COCO images not found on disk" in r.stderr
     assert "gone.jpg" in r.stderr
 
 
 def test_bad_arguments_exit_with_a_message(tmp_path: Path) -> None:
-    r = run_cli("index", str(tmp_path / "nope"), "--db", str(tmp_path / "x.db"), "--no-embed", cwd=tmp_path)
+    r = run_cli(
+        "index", str(tmp_path / "nope"), "--db", str(tmp_path / "x.db"), "--no-embed", cwd=tmp_path
+    )
     assert r.returncode == 2
     assert r.stderr.startswith("fastindex: ")
     assert "nope" in r.stderr
@@ -80,7 +84,16 @@ def test_bad_arguments_exit_with_a_message(tmp_path: Path) -> None:
 
     bad = tmp_path / "bad.json"
     bad.write_text('{"images": [{"id": 1}]}')
-    r = run_cli("index", str(tmp_path), "--coco", str(bad), "--db", str(tmp_path / "y.db"), "--no-embed", cwd=tmp_path)
+    r = run_cli(
+        "index",
+        str(tmp_path),
+        "--coco",
+        str(bad),
+        "--db",
+        str(tmp_path / "y.db"),
+        "--no-embed",
+        cwd=tmp_path,
+    )
     assert r.returncode == 2
     assert "bad.json" in r.stderr and "file_name" in r.stderr
     assert "Traceback" not in r.stderr

@@ -7,9 +7,8 @@ import multiprocessing
 import warnings
 from pathlib import Path
 
-from PIL import Image
-
 import fastindex
+from PIL import Image
 
 
 def _index_in_child(folder: str, db: str, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
@@ -33,7 +32,9 @@ def test_pools_work_after_fork(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         # Python 3.12+ warns about fork() in a process with threads: that is the point here.
         warnings.simplefilter("ignore", DeprecationWarning)
-        child = ctx.Process(target=_index_in_child, args=(str(folder), str(tmp_path / "child.db"), out))
+        child = ctx.Process(
+            target=_index_in_child, args=(str(folder), str(tmp_path / "child.db"), out)
+        )
         child.start()
     child.join(60)
     assert child.exitcode == 0, "the forked child hung or failed"

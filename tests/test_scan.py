@@ -335,12 +335,6 @@ def test_adding_a_subfolder_or_the_parent(tmp_path: Path, new_dataset: NewDatase
     assert_counters_match_rows(ds)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="bug (jobs.py Pipeline.kick/_run_probe, a race): a kick that lands after the probe "
-    "thread saw no more work but before it ended starts no thread, so the new rows stay pending "
-    "and Job.wait() returns False until something kicks again",
-)
 def test_back_to_back_adds_are_probed(tmp_path: Path, new_dataset: NewDataset) -> None:
     """An add that finds nothing new, then at once an add with a new file (the second kick lands
     while the first add's probe thread is on its way out)."""
@@ -365,11 +359,6 @@ def test_datasets_are_independent(tmp_path: Path, new_dataset: NewDataset) -> No
     assert one.get_loading_progress()["total"] == two.get_loading_progress()["total"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (scan.rs absolute_dir / db.rs root_for): a folder reached through a symlinked "
-    "path is a new root, so its files are added a second time",
-)
 def test_same_folder_through_a_symlinked_path(tmp_path: Path, new_dataset: NewDataset) -> None:
     root = tmp_path / "r"
     write(root / "a.png", small_png())
@@ -484,11 +473,6 @@ def test_a_folder_as_the_store(tmp_path: Path) -> None:
         fastindex.Dataset.create("a", db=tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (db.rs Store::open/migrate): another application's SQLite file is taken as an "
-    "empty store and fastindex's tables are added to it",
-)
 def test_another_applications_sqlite_file(tmp_path: Path) -> None:
     path = tmp_path / "app.db"
     with contextlib.closing(sqlite3.connect(path)) as c:  # closed before fastindex opens it

@@ -225,15 +225,7 @@ def tiff_by_hand(
 
 # -- files and the store ----------------------------------------------------------------------
 def finish(ds: fastindex.Dataset, job: fastindex.Job, timeout: float = 60.0) -> None:
-    """Wait until a job's rows are through phase 2.
-
-    Works around a race in `jobs.Pipeline` (shown by test_scan's
-    `test_back_to_back_adds_are_probed`): an add whose kick lands while the previous probe thread
-    is on its way out starts no thread, so `wait()` returns False with rows still pending. A
-    `resume()` starts one. Remove this once the race is fixed.
-    """
-    if not job.wait(timeout=timeout) and not job.progress()["error"]:
-        ds.resume()
+    """Wait until a job's rows are through phase 2."""
     assert job.wait(timeout=timeout), job.progress()
 
 

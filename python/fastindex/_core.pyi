@@ -81,7 +81,8 @@ class Store:
         stop: StopFlag | None = None,
     ) -> dict[str, Any]:
         """Parse, check and ingest a COCO file; headers are read in the same pass. Returns
-        `{"job_id", "images", "added", "existing", "annotations", "categories", "missing"}`.
+        `{"job_id", "images", "added", "existing", "annotations", "categories", "missing",
+        "annotations_skipped"}` (boxes of missing images, not stored).
         Raises `CocoError` before writing anything when the file is malformed."""
 
     def probe_pending(

@@ -167,7 +167,9 @@ def _watch(console: Any, job: Any, scan_s: float, wants_embed: bool) -> None:
             bar.update(probe, total=total, completed=probed, rate=f"{probed / t:,.0f}/s")
             if wants_embed:
                 todo = total - p["failed"] + (p["failed"] if embedded else 0)
-                bar.update(embed, total=max(todo, 1), completed=embedded, rate=f"{embedded / t:,.0f}/s")
+                bar.update(
+                    embed, total=max(todo, 1), completed=embedded, rate=f"{embedded / t:,.0f}/s"
+                )
             if p["status"] == "complete" or job.wait(timeout=0.1):
                 p = job.progress()
                 bar.update(probe, total=p["total"], completed=p["total"] - p["pending"])
@@ -188,7 +190,9 @@ def _summary(console: Any, ds: Any, job: Any, elapsed: float, scan_s: float) -> 
         console.print(f"  [yellow]skipped[/] {w}")
     missing = s.get("missing", [])
     if missing:
-        console.print(f"  [yellow]{len(missing):,} COCO images not found on disk[/], e.g. {missing[0]}")
+        console.print(
+            f"  [yellow]{len(missing):,} COCO images not found on disk[/], e.g. {missing[0]}"
+        )
     if p["failed"]:
         for smp in ds.samples(status="failed", limit=5):
             console.print(f"  [red]failed[/] {smp.path}: {smp.error}")

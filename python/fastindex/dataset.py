@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 DEFAULT_DB = "fastindex.db"
 
+
 def _check_path_arg(name: str, value: object) -> str:
     if not isinstance(value, str | os.PathLike):
         raise InvalidArgumentError(f"{name} must be a path, got {type(value).__name__}")

@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
@@ -32,7 +33,13 @@ LEASE_TTL = 15.0
 #: How often a waiting worker looks for new rows (seconds).
 POLL = 0.05
 
-_OWNER = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+_NONCE = uuid.uuid4().hex[:8]
+
+
+def _owner() -> str:
+    """This process's name on leases, `host:pid:nonce`: the store takes over at once a lease
+    whose process on this host is gone (computed per call: a forked child is another owner)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_NONCE}"
 
 
 class Pipeline:
@@ -42,9 +49,13 @@ class Pipeline:
         self.db = db
         self.dataset_id = dataset_id
         self._lock = threading.Condition()
-        self._probe: threading.Thread | None = None
-        self._embed: threading.Thread | None = None
-        self._probe_wanted = False
+        self._threads: dict[str, threading.Thread] = {}
+        # Under `_lock`: a phase is `active` from the moment its thread is started until the
+        # thread has decided to exit, and `wanted` when new rows may wait for it. Deciding to
+        # exit and marking inactive happen in one step, so a `kick` is never lost to a thread
+        # that is on its way out.
+        self._active = {"probe": False, "embed": False}
+        self._wanted = {"probe": False, "embed": False}
         self._model: EmbeddingModel | None = None
         self.stop = _core.StopFlag()
         self.errors: dict[str, str] = {}
@@ -55,29 +66,46 @@ class Pipeline:
         with self._lock:
             if self.stop.is_set():
                 self.stop = _core.StopFlag()
-            self._probe_wanted = True
-            if self._probe is None or not self._probe.is_alive():
-                self._probe = self._thread("probe", self._run_probe)
             if model is not None:
                 self._model = model
-            if self._model is not None and (self._embed is None or not self._embed.is_alive()):
-                self._embed = self._thread("embed", self._run_embed)
+            self._want("probe", self._run_probe)
+            if self._model is not None:
+                self._want("embed", self._run_embed)
             self._lock.notify_all()
 
-    def _thread(self, phase: str, target: Callable[[], None]) -> threading.Thread:
-        t = threading.Thread(target=target, name=f"fastindex-{phase}-{self.dataset_id}", daemon=True)
-        t.start()
-        return t
+    def _want(self, phase: str, target: Callable[[], None]) -> None:
+        self._wanted[phase] = True
+        if not self._active[phase]:
+            self._active[phase] = True
+            t = threading.Thread(
+                target=target, name=f"fastindex-{phase}-{self.dataset_id}", daemon=True
+            )
+            self._threads[phase] = t
+            t.start()
+
+    def _next_round(self, phase: str) -> bool:
+        """For a worker: True to run another round, else the worker is marked inactive."""
+        with self._lock:
+            if self._wanted[phase] and not self.stop.is_set():
+                self._wanted[phase] = False
+                return True
+            self._active[phase] = False
+            self._lock.notify_all()
+            return False
+
+    def _retire(self, phase: str) -> None:
+        with self._lock:
+            self._active[phase] = False
+            self._lock.notify_all()
 
     # -- state ------------------------------------------------------------------------------
     @property
     def probing(self) -> bool:
-        t = self._probe
-        return t is not None and t.is_alive()
+        return self._active["probe"]
 
     @property
     def running(self) -> bool:
-        return any(t is not None and t.is_alive() for t in (self._probe, self._embed))
+        return self._active["probe"] or self._active["embed"]
 
     def wait_change(self, timeout: float) -> None:
         """Sleep until a worker commits a batch or stops, or `timeout` passes."""
@@ -90,42 +118,49 @@ class Pipeline:
 
     def cancel(self) -> None:
         self.stop.set()
-        for t in (self._probe, self._embed):
-            if t is not None and t is not threading.current_thread():
+        for t in list(self._threads.values()):
+            if t is not threading.current_thread():
                 t.join()
 
     # -- phase 2 ----------------------------------------------------------------------------
     def _run_probe(self) -> None:
-        store = _core.Store(self.db)
+        store: _core.Store | None = None
         try:
-            while True:
-                with self._lock:
-                    if not self._probe_wanted:
-                        return
-                    self._probe_wanted = False
+            store = _core.Store(self.db)
+            while self._next_round("probe"):
                 if not self._hold_lease(store, "probe"):
-                    return
+                    continue  # stopped: the next round says so
                 try:
                     store.probe_pending(
-                        self.dataset_id, stop=self.stop, lease=(_OWNER, LEASE_TTL)
+                        self.dataset_id, stop=self.stop, lease=(_owner(), LEASE_TTL)
                     )
                 finally:
                     self._notify()
         except CancelledError:
-            pass
+            self._retire("probe")
         except FastIndexError as e:  # the store failed: say so in the progress
-            self.errors["probe"] = str(e)
-            with contextlib.suppress(FastIndexError):
-                store.set_phase_error(self.dataset_id, "probe", str(e))
-            log.error("probe of dataset %s stopped: %s", self.dataset_id, e)
+            self._failed(store, "probe", str(e))
         finally:
+            self._let_go(store, "probe")
+
+    def _failed(self, store: _core.Store | None, phase: str, msg: str) -> None:
+        """A phase stopped on an error: record why, on the job and in the store's progress."""
+        self.errors[phase] = msg
+        if store is not None:
             with contextlib.suppress(FastIndexError):
-                store.release_lease(self.dataset_id, "probe", _OWNER)
-            self._notify()
+                store.set_phase_error(self.dataset_id, phase, msg)
+        log.error("%s of dataset %s stopped: %s", phase, self.dataset_id, msg)
+        self._retire(phase)
+
+    def _let_go(self, store: _core.Store | None, phase: str) -> None:
+        if store is not None:
+            with contextlib.suppress(FastIndexError):
+                store.release_lease(self.dataset_id, phase, _owner())
+        self._notify()
 
     def _hold_lease(self, store: _core.Store, phase: str) -> bool:
         """Take the phase's lease, waiting while another live process holds it."""
-        while not store.acquire_lease(self.dataset_id, phase, _OWNER, LEASE_TTL):
+        while not store.acquire_lease(self.dataset_id, phase, _owner(), LEASE_TTL):
             if self.stop.is_set():
                 return False
             time.sleep(min(1.0, LEASE_TTL / 4))
@@ -133,44 +168,46 @@ class Pipeline:
 
     # -- phase 3 ----------------------------------------------------------------------------
     def _run_embed(self) -> None:
-        from .embed import embed_pending  # torch is imported only when embeddings are wanted
-
-        store = _core.Store(self.db)
-        model = self._model
-        assert model is not None
+        store: _core.Store | None = None
         try:
+            from .embed import embed_pending  # torch is imported only when embeddings are wanted
+
+            store = opened = _core.Store(self.db)
             if not self._hold_lease(store, "embed"):
+                self._retire("embed")
                 return
             # Rows a crashed run had claimed go back to the queue.
             store.release_claims(self.dataset_id)
-            store.set_phase_error(self.dataset_id, "embed", None)
-            self.errors.pop("embed", None)
-            embed_pending(
-                store,
-                self.dataset_id,
-                model,
-                stop=self.stop,
-                producer_alive=lambda: self.probing,
-                on_batch=lambda: self._heartbeat(store, "embed"),
-            )
+            while self._next_round("embed"):
+                model = self._model
+                assert model is not None
+                store.set_phase_error(self.dataset_id, "embed", None)
+                self.errors.pop("embed", None)
+                embed_pending(
+                    store,
+                    self.dataset_id,
+                    model,
+                    stop=self.stop,
+                    producer_alive=lambda: self.probing,
+                    on_batch=lambda: self._heartbeat(opened, "embed"),
+                )
         except CancelledError:
-            with contextlib.suppress(FastIndexError):
-                store.release_claims(self.dataset_id)
+            if store is not None:
+                with contextlib.suppress(FastIndexError):
+                    store.release_claims(self.dataset_id)
+            self._retire("embed")
         except Exception as e:  # a phase that stops says why, on the job and in the progress
-            msg = f"{type(e).__name__}: {e}" if not isinstance(e, FastIndexError) else str(e)
-            self.errors["embed"] = msg
-            with contextlib.suppress(FastIndexError):
-                store.release_claims(self.dataset_id)
-                store.set_phase_error(self.dataset_id, "embed", msg)
-            log.error("embedding of dataset %s stopped: %s", self.dataset_id, msg)
+            msg = str(e) if isinstance(e, FastIndexError) else f"{type(e).__name__}: {e}"
+            if store is not None:
+                with contextlib.suppress(FastIndexError):
+                    store.release_claims(self.dataset_id)
+            self._failed(store, "embed", msg)
         finally:
-            with contextlib.suppress(FastIndexError):
-                store.release_lease(self.dataset_id, "embed", _OWNER)
-            self._notify()
+            self._let_go(store, "embed")
 
     def _heartbeat(self, store: _core.Store, phase: str) -> None:
         """Called after each committed batch: renew the lease, wake the waiters."""
-        store.acquire_lease(self.dataset_id, phase, _OWNER, LEASE_TTL)
+        store.acquire_lease(self.dataset_id, phase, _owner(), LEASE_TTL)
         self._notify()
 
 
@@ -201,7 +238,9 @@ def pipeline_for(db: str, dataset_id: int) -> Pipeline:
 class Job:
     """The work started by one `add_*` call. Its counts cover the rows that call added."""
 
-    def __init__(self, store: _core.Store, pipeline: Pipeline, job_id: int, summary: dict[str, Any]):
+    def __init__(
+        self, store: _core.Store, pipeline: Pipeline, job_id: int, summary: dict[str, Any]
+    ):
         self._store = store
         self._pipeline = pipeline
         self.id = job_id
@@ -238,7 +277,9 @@ class Job:
         self._pipeline.cancel()
 
 
-def progress_of(store: _core.Store, dataset_id: int, job_id: int | None, pipeline: Pipeline | None) -> dict[str, Any]:
+def progress_of(
+    store: _core.Store, dataset_id: int, job_id: int | None, pipeline: Pipeline | None
+) -> dict[str, Any]:
     p: dict[str, Any] = store.progress(dataset_id, job_id)
     errors: dict[str, str] = dict(p["errors"])
     if pipeline is not None:

@@ -67,6 +67,8 @@ pub struct CocoSummary {
     pub categories: u64,
     /// `file_name` of each COCO image whose file is not on disk.
     pub missing: Vec<String>,
+    /// Boxes of images whose file is missing: not stored, counted here.
+    pub annotations_skipped: u64,
 }
 
 /// What opening one listed file found.
@@ -368,6 +370,7 @@ impl Store {
             .filter_map(|a| sample_of_image.get(&a.image_id).map(|s| (*s, a)))
             .collect();
         anns.sort_by_key(|(s, _)| *s);
+        let annotations_skipped = (coco.annotations.len() - anns.len()) as u64;
         {
             let mut next: i64 = tx
                 .query_row(
@@ -437,6 +440,7 @@ impl Store {
             annotations: anns.len() as u64,
             categories: coco.categories.len() as u64,
             missing,
+            annotations_skipped,
         })
     }
 }

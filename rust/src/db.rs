@@ -241,6 +241,17 @@ impl Store {
                 Ok(())
             }
             None => {
+                let foreign: i64 = self
+                    .conn
+                    .query_row(
+                        "SELECT COUNT(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .store(&path)?;
+                if foreign > 0 {
+                    return Err(Error::NotAStore(path));
+                }
                 let tx = self
                     .conn
                     .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -514,7 +525,7 @@ impl Store {
         let t = now();
         let free = match held {
             None => true,
-            Some((o, hb)) => o == owner || t - hb > ttl,
+            Some((o, hb)) => o == owner || t - hb > ttl || holder_is_gone(&o),
         };
         if free {
             tx.execute(
@@ -572,6 +583,37 @@ pub(crate) fn bump_moves(
         bump(tx, dataset_id, job, to, n)?;
     }
     Ok(())
+}
+
+/// True when a lease owner named `host:pid:...` ran on this machine and that process is gone
+/// (a crash): its lease is taken over at once instead of after its time-to-live.
+fn holder_is_gone(owner: &str) -> bool {
+    let mut parts = owner.split(':');
+    let (Some(host), Some(pid)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    let Ok(pid) = pid.parse::<i32>() else {
+        return false;
+    };
+    if pid <= 0 || host != local_host() {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists.
+    let alive = unsafe { libc::kill(pid, 0) } == 0
+        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    !alive
+}
+
+/// This machine's host name, for lease owners.
+pub fn local_host() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 fn dataset_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DatasetRow> {

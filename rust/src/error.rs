@@ -28,6 +28,9 @@ pub enum Error {
         found: i64,
         expected: i64,
     },
+    /// The file is an SQLite database of another application.
+    #[error("{0}: not a fastindex store (it holds other tables); choose another file")]
+    NotAStore(String),
     /// SQLite failed.
     #[error("store {path}: {source}")]
     Store {

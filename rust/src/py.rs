@@ -26,7 +26,7 @@ fn to_py(e: Error) -> PyErr {
         Error::Image { .. } => "ImageError",
         Error::Coco { .. } => "CocoError",
         Error::SchemaVersion { .. } => "SchemaVersionError",
-        Error::Store { .. } => "StoreError",
+        Error::Store { .. } | Error::NotAStore(_) => "StoreError",
         Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
             "PathNotFoundError"
         }
@@ -295,6 +295,7 @@ impl Store {
         d.set_item("annotations", s.annotations)?;
         d.set_item("categories", s.categories)?;
         d.set_item("missing", PyList::new(py, s.missing)?)?;
+        d.set_item("annotations_skipped", s.annotations_skipped)?;
         Ok(d)
     }
 

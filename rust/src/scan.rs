@@ -28,32 +28,23 @@ pub struct ScanSummary {
 
 pub use crate::pools::io_pool;
 
-/// Absolute, normalised form of a folder the caller named; fails if it is not a folder.
+/// Absolute, canonical form of a folder the caller named; fails if it is not a folder.
 pub fn absolute_dir(path: &str) -> Result<PathBuf> {
     if path.is_empty() {
         return Err(Error::InvalidArgument("images path: empty".into()));
     }
     let p = Path::new(path);
-    let abs = std::path::absolute(p).map_err(|e| Error::io(p, e))?;
-    // Normalise `a/./b` and `a/b/` without resolving links (the user's names are kept).
-    let mut clean = PathBuf::new();
-    for c in abs.components() {
-        match c {
-            std::path::Component::CurDir => {}
-            std::path::Component::ParentDir => {
-                clean.pop();
-            }
-            other => clean.push(other),
-        }
-    }
-    let meta = std::fs::metadata(&clean).map_err(|e| Error::io(&clean, e))?;
+    // The real path (links resolved) is the root's identity: the same folder reached through
+    // a symlink is the same root, so nothing is added twice.
+    let real = std::fs::canonicalize(p).map_err(|e| Error::io(p, e))?;
+    let meta = std::fs::metadata(&real).map_err(|e| Error::io(&real, e))?;
     if !meta.is_dir() {
         return Err(Error::InvalidArgument(format!(
             "{}: not a folder",
-            clean.display()
+            real.display()
         )));
     }
-    Ok(clean)
+    Ok(real)
 }
 
 impl Store {
