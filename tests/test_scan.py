@@ -190,12 +190,6 @@ def test_symlink_loops_do_not_hang(tmp_path: Path, new_dataset: NewDataset) -> N
         assert any("z.jpg" in e for e in job.summary["errors"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (walk.rs Walker::enter): with follow_links a folder is kept under whichever "
-    "path reaches it first, so a link seen before the real folder hides the real path, and a "
-    "later add without follow_links adds the same files again",
-)
 def test_follow_links_keeps_real_folders_under_their_own_path(
     tmp_path: Path, new_dataset: NewDataset
 ) -> None:

@@ -700,5 +700,14 @@ mod tests {
         assert!(s.acquire_lease(1, "probe", "b", -1.0).unwrap());
         s.release_lease(1, "probe", "b").unwrap();
         assert!(s.acquire_lease(1, "probe", "a", 10.0).unwrap());
+        // a holder on this host whose process is gone loses its lease at once
+        let host = local_host();
+        let dead = format!("{host}:{}:x", i32::MAX - 1);
+        assert!(s.acquire_lease(2, "embed", &dead, 600.0).unwrap());
+        assert!(s.acquire_lease(2, "embed", "c", 600.0).unwrap());
+        // a live one keeps it
+        let live = format!("{host}:{}:x", std::process::id());
+        assert!(s.acquire_lease(3, "embed", &live, 600.0).unwrap());
+        assert!(!s.acquire_lease(3, "embed", "c", 600.0).unwrap());
     }
 }

@@ -51,6 +51,8 @@ pub fn is_image_name(name: &str) -> bool {
 }
 
 struct Walker<'a> {
+    /// The root, links resolved.
+    real_root: PathBuf,
     opts: &'a WalkOptions,
     stop: &'a AtomicBool,
     visited: Mutex<HashSet<(u64, u64)>>,
@@ -69,6 +71,7 @@ pub fn walk(root: &Path, opts: &WalkOptions, stop: &AtomicBool) -> Result<WalkRe
     }
     fs::read_dir(root).map_err(|e| Error::io(root, e))?;
     let walker = Walker {
+        real_root: fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf()),
         opts,
         stop,
         visited: Mutex::new(HashSet::from([(meta.dev(), meta.ino())])),
@@ -185,6 +188,15 @@ impl<'a> Walker<'a> {
     fn enter<'s>(&'s self, scope: &rayon::Scope<'s>, path: PathBuf, rel: String, via_link: bool) {
         if self.opts.skip_dirs.iter().any(|d| d == &path) {
             return;
+        }
+        if via_link {
+            // A link to a folder inside the tree is not entered: the folder is walked under
+            // its own path, whichever of the two the walk meets first.
+            match fs::canonicalize(&path) {
+                Ok(target) if target.starts_with(&self.real_root) => return,
+                Ok(_) => {}
+                Err(e) => return self.error(&path, e),
+            }
         }
         if self.opts.follow_dir_links {
             // Every folder once: a link back to an ancestor, or two links to one folder, are
