@@ -57,6 +57,9 @@ pub struct Coco<'a> {
     pub annotations: Vec<Annotation<'a>>,
 }
 
+/// Listed files looked at per step while the previous step's rows are inserted.
+const LOOK_CHUNK: usize = 8192;
+
 #[derive(Debug, Clone, Default)]
 pub struct CocoSummary {
     pub job_id: i64,
@@ -217,25 +220,59 @@ impl Store {
     ) -> Result<CocoSummary> {
         let bytes = std::fs::read(annotations_json).map_err(|e| Error::io(annotations_json, e))?;
         let coco = parse(annotations_json, &bytes)?;
-        let root_str = images_root.to_str().ok_or_else(|| {
-            Error::InvalidArgument(format!("{}: path is not utf-8", images_root.display()))
-        })?;
-        let json_str = annotations_json.to_str().unwrap_or_default();
+        if images_root.to_str().is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: path is not utf-8",
+                images_root.display()
+            )));
+        }
 
         // Every listed file has to be opened to know it exists; read its header in the same
         // open (phase 2 for free), in parallel, sorted by name so the index inserts append.
         let mut order: Vec<usize> = (0..coco.images.len()).collect();
         order.sort_unstable_by(|&a, &b| coco.images[a].file_name.cmp(&coco.images[b].file_name));
-        let found: Vec<Found> = io_pool().install(|| {
-            order
-                .par_iter()
-                .map(|&i| look(&images_root.join(&coco.images[i].file_name)))
-                .collect()
-        });
-        if stop.load(Ordering::Relaxed) {
-            return Err(Error::Cancelled);
-        }
+        // Chunks are looked at on the I/O pool while the previous chunk's rows are inserted.
+        let (found_tx, found_rx) = std::sync::mpsc::sync_channel::<Vec<Found>>(2);
+        std::thread::scope(|scope| {
+            let (order, coco, images_root) = (&order, &coco, images_root);
+            scope.spawn(move || {
+                for chunk in order.chunks(LOOK_CHUNK) {
+                    let found = io_pool().install(|| {
+                        chunk
+                            .par_iter()
+                            .map(|&i| look(&images_root.join(&coco.images[i].file_name)))
+                            .collect()
+                    });
+                    if stop.load(Ordering::Relaxed) || found_tx.send(found).is_err() {
+                        break; // the inserting side stopped
+                    }
+                }
+            });
+            self.insert_coco(
+                dataset_id,
+                annotations_json,
+                images_root,
+                coco,
+                order,
+                &found_rx,
+                stop,
+            )
+        })
+    }
 
+    #[allow(clippy::too_many_arguments, clippy::too_many_lines)]
+    fn insert_coco(
+        &mut self,
+        dataset_id: i64,
+        annotations_json: &Path,
+        images_root: &Path,
+        coco: &Coco<'_>,
+        order: &[usize],
+        found_rx: &std::sync::mpsc::Receiver<Vec<Found>>,
+        stop: &AtomicBool,
+    ) -> Result<CocoSummary> {
+        let root_str = images_root.to_str().unwrap_or_default();
+        let json_str = annotations_json.to_str().unwrap_or_default();
         let (root_id, prefix, _) = self.root_for(dataset_id, root_str)?;
         let job_id = self.create_job(dataset_id, "coco", json_str)?;
         let path = self.path.clone();
@@ -289,69 +326,78 @@ impl Store {
             let mut miss = tx
                 .prepare_cached("INSERT INTO coco_missing (job_id, coco_image_id, file_name) VALUES (?1, ?2, ?3)")
                 .store(&path)?;
-            for (&i, look) in order.iter().zip(&found) {
-                let im = &coco.images[i];
-                let (size, mtime, probed) = match look {
-                    Found::Missing => {
-                        miss.execute(params![job_id, im.id, im.file_name])
-                            .store(&path)?;
-                        missing.push(im.file_name.clone());
-                        continue;
-                    }
-                    Found::File {
-                        size,
-                        mtime_ns,
-                        probed,
-                    } => (*size, *mtime_ns, probed),
-                };
-                let rel = if prefix.is_empty() {
-                    im.file_name.clone()
-                } else {
-                    format!("{prefix}/{}", im.file_name)
-                };
-                let (status, w, h, fmt, orient, err) = match probed {
-                    Ok(info) => (
-                        INDEXED,
-                        Some(info.width),
-                        Some(info.height),
-                        Some(info.format.name()),
-                        info.orientation,
-                        None,
-                    ),
-                    Err(reason) => (FAILED, None, None, None, None, Some(reason.as_str())),
-                };
-                let (id, owner): (i64, i64) = st
-                    .query_row(
-                        params![
-                            dataset_id,
-                            job_id,
-                            root_id,
-                            rel,
-                            size as i64,
-                            mtime,
-                            im.width,
-                            im.height,
-                            status,
-                            w,
-                            h,
-                            fmt,
-                            orient,
-                            err
-                        ],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .store(&path)?;
-                if owner != job_id {
-                    earlier.push(id);
-                } else if new_rows.insert(id) {
-                    // (the same file listed twice is one row, counted once)
-                    if status == INDEXED {
-                        n_indexed += 1;
+            for chunk in order.chunks(LOOK_CHUNK) {
+                let found = found_rx.recv().map_err(|_| {
+                    if stop.load(Ordering::Relaxed) {
+                        Error::Cancelled
                     } else {
-                        n_failed += 1;
+                        Error::coco(annotations_json, "reading the listed files stopped early")
                     }
+                })?;
+                for (&i, look) in chunk.iter().zip(&found) {
+                    let im = &coco.images[i];
+                    let (size, mtime, probed) = match look {
+                        Found::Missing => {
+                            miss.execute(params![job_id, im.id, im.file_name])
+                                .store(&path)?;
+                            missing.push(im.file_name.clone());
+                            continue;
+                        }
+                        Found::File {
+                            size,
+                            mtime_ns,
+                            probed,
+                        } => (*size, *mtime_ns, probed),
+                    };
+                    let rel = if prefix.is_empty() {
+                        im.file_name.clone()
+                    } else {
+                        format!("{prefix}/{}", im.file_name)
+                    };
+                    let (status, w, h, fmt, orient, err) = match probed {
+                        Ok(info) => (
+                            INDEXED,
+                            Some(info.width),
+                            Some(info.height),
+                            Some(info.format.name()),
+                            info.orientation,
+                            None,
+                        ),
+                        Err(reason) => (FAILED, None, None, None, None, Some(reason.as_str())),
+                    };
+                    let (id, owner): (i64, i64) = st
+                        .query_row(
+                            params![
+                                dataset_id,
+                                job_id,
+                                root_id,
+                                rel,
+                                size as i64,
+                                mtime,
+                                im.width,
+                                im.height,
+                                status,
+                                w,
+                                h,
+                                fmt,
+                                orient,
+                                err
+                            ],
+                            |r| Ok((r.get(0)?, r.get(1)?)),
+                        )
+                        .store(&path)?;
+                    if owner != job_id {
+                        earlier.push(id);
+                    } else if new_rows.insert(id) {
+                        // (the same file listed twice is one row, counted once)
+                        if status == INDEXED {
+                            n_indexed += 1;
+                        } else {
+                            n_failed += 1;
+                        }
+                    }
+                    sample_of_image.insert(im.id, id);
                 }
-                sample_of_image.insert(im.id, id);
             }
         }
         let added = new_rows.len() as i64;
