@@ -377,17 +377,7 @@ impl Store {
     /// under it. A folder inside a known root reuses that root (so nothing is added twice);
     /// known roots inside the new folder are returned so the walk can skip them.
     pub fn root_for(&mut self, dataset_id: i64, abs: &str) -> Result<(i64, String, Vec<String>)> {
-        let roots: Vec<(i64, String)> = {
-            let mut st = self
-                .conn
-                .prepare_cached("SELECT id, path FROM roots WHERE dataset_id = ?1")
-                .store(&self.path)?;
-            let rows = st
-                .query_map([dataset_id], |r| Ok((r.get(0)?, r.get(1)?)))
-                .store(&self.path)?;
-            rows.collect::<std::result::Result<_, _>>()
-                .store(&self.path)?
-        };
+        let roots = self.root_paths(dataset_id)?;
         let inside = |outer: &str, inner: &str| -> Option<String> {
             let rest = inner.strip_prefix(outer)?;
             let rest = if outer.ends_with('/') {
@@ -399,16 +389,19 @@ impl Store {
         };
         let nested: Vec<String> = roots
             .iter()
-            .filter(|(_, p)| p != abs && inside(abs, p).is_some())
+            .filter(|(_, p)| p.as_str() != abs && inside(abs, p).is_some())
             .map(|(_, p)| p.clone())
             .collect();
-        if let Some((id, _)) = roots.iter().find(|(_, p)| p == abs) {
+        if let Some((id, _)) = roots.iter().find(|(_, p)| p.as_str() == abs) {
             return Ok((*id, String::new(), nested));
         }
-        if let Some((id, prefix)) = roots
+        // Inside several known roots (a child root added before its parent): the deepest one
+        // holds the files there, since the parent's walk skipped it.
+        let deepest = roots
             .iter()
-            .find_map(|(id, p)| inside(p, abs).map(|rest| (*id, rest)))
-        {
+            .filter_map(|(id, p)| inside(p, abs).map(|rest| (p.len(), *id, rest)))
+            .max_by_key(|(len, _, _)| *len);
+        if let Some((_, id, prefix)) = deepest {
             return Ok((id, prefix, nested));
         }
         self.conn
@@ -689,6 +682,11 @@ mod tests {
         assert_eq!((again, prefix.as_str()), (parent, "2023/x"));
         let (same, _, _) = s.root_for(d, "/data/photos/2024").unwrap();
         assert_eq!(same, child);
+        // below both roots: the deepest one, which holds the files there
+        for _ in 0..5 {
+            let (deep, prefix, _) = s.root_for(d, "/data/photos/2024/june").unwrap();
+            assert_eq!((deep, prefix.as_str()), (child, "june"));
+        }
     }
 
     #[test]
