@@ -1,14 +1,16 @@
 //! The store: one SQLite file that holds datasets, samples, annotations and embeddings, and is
-//! the work queue. This module owns the schema; every write goes through `Store`.
+//! the work queue. This module owns the schema (its text is in `schema`, the leases in `leases`);
+//! every write goes through `Store`.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
 use crate::error::{Error, Result, StoreContext};
+use crate::schema::SCHEMA;
 
-/// Bumped whenever the schema changes; a store of another version is refused on open.
-pub const SCHEMA_VERSION: i64 = 1;
+pub use crate::leases::local_host;
+pub use crate::schema::SCHEMA_VERSION;
 
 /// The status column's values, in pipeline order. Python reads these from `_core.STATUSES`.
 pub const STATUSES: [&str; 5] = [PENDING, INDEXED, EMBEDDING, READY, FAILED];
@@ -17,122 +19,6 @@ pub const INDEXED: &str = "indexed";
 pub const EMBEDDING: &str = "embedding";
 pub const READY: &str = "ready";
 pub const FAILED: &str = "failed";
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS datasets (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    created_at REAL NOT NULL,
-    embed_spec TEXT
-);
-CREATE TABLE IF NOT EXISTS roots (
-    id INTEGER PRIMARY KEY,
-    dataset_id INTEGER NOT NULL,
-    path TEXT NOT NULL,
-    UNIQUE (dataset_id, path)
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY,
-    dataset_id INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    source TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    added INTEGER NOT NULL DEFAULT 0,
-    existing INTEGER NOT NULL DEFAULT 0,
-    warnings TEXT NOT NULL DEFAULT '[]'
-);
-CREATE TABLE IF NOT EXISTS samples (
-    id INTEGER PRIMARY KEY,
-    dataset_id INTEGER NOT NULL,
-    job_id INTEGER NOT NULL,
-    root_id INTEGER NOT NULL,
-    path TEXT NOT NULL,
-    size_bytes INTEGER,
-    mtime_ns INTEGER,
-    status TEXT NOT NULL DEFAULT 'pending',
-    width INTEGER,
-    height INTEGER,
-    format TEXT,
-    orientation INTEGER,
-    error TEXT,
-    coco_width INTEGER,
-    coco_height INTEGER,
-    size_mismatch INTEGER NOT NULL DEFAULT 0,
-    UNIQUE (root_id, path)
-);
--- Status changes touch no index: the queues walk (dataset_id, id) and check the status,
--- and only the rare `failed` rows get a (partial) index of their own.
-CREATE INDEX IF NOT EXISTS samples_by_dataset ON samples (dataset_id, id);
-CREATE INDEX IF NOT EXISTS samples_failed ON samples (dataset_id, id) WHERE status = 'failed';
-CREATE TABLE IF NOT EXISTS counts (
-    dataset_id INTEGER NOT NULL,
-    job_id INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    n INTEGER NOT NULL,
-    PRIMARY KEY (dataset_id, job_id, status)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS phase_errors (
-    dataset_id INTEGER NOT NULL,
-    phase TEXT NOT NULL,
-    message TEXT NOT NULL,
-    PRIMARY KEY (dataset_id, phase)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS leases (
-    dataset_id INTEGER NOT NULL,
-    phase TEXT NOT NULL,
-    owner TEXT NOT NULL,
-    heartbeat REAL NOT NULL,
-    PRIMARY KEY (dataset_id, phase)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS coco_files (
-    id INTEGER PRIMARY KEY,
-    dataset_id INTEGER NOT NULL,
-    path TEXT NOT NULL,
-    UNIQUE (dataset_id, path)
-);
-CREATE TABLE IF NOT EXISTS categories (
-    id INTEGER PRIMARY KEY,
-    dataset_id INTEGER NOT NULL,
-    name TEXT NOT NULL,
-    supercategory TEXT,
-    coco_id INTEGER,
-    UNIQUE (dataset_id, name)
-);
--- Clustered by sample (no second index to keep up during a 700k-box ingest); `id` comes
--- from meta.next_annotation_id.
-CREATE TABLE IF NOT EXISTS annotations (
-    sample_id INTEGER NOT NULL,
-    id INTEGER NOT NULL,
-    file_id INTEGER NOT NULL,
-    category_id INTEGER NOT NULL,
-    coco_id INTEGER,
-    x REAL NOT NULL, y REAL NOT NULL, w REAL NOT NULL, h REAL NOT NULL,
-    area REAL,
-    iscrowd INTEGER NOT NULL DEFAULT 0,
-    segmentation TEXT,
-    PRIMARY KEY (sample_id, id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS coco_missing (
-    job_id INTEGER NOT NULL,
-    coco_image_id INTEGER NOT NULL,
-    file_name TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS models (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL,
-    pretrained TEXT NOT NULL,
-    dim INTEGER NOT NULL,
-    UNIQUE (name, pretrained)
-);
-CREATE TABLE IF NOT EXISTS embeddings (
-    id INTEGER PRIMARY KEY,
-    model_id INTEGER NOT NULL,
-    sample_id INTEGER NOT NULL,
-    vector BLOB NOT NULL,
-    UNIQUE (model_id, sample_id)
-);
-";
 
 pub fn now() -> f64 {
     SystemTime::now()
@@ -495,52 +381,6 @@ impl Store {
         .store(&self.path)?;
         Ok(())
     }
-
-    /// Take (or keep) the right to run `phase` for a dataset. A lease whose holder has not
-    /// renewed it within `ttl` seconds is taken over. Returns whether `owner` holds it now.
-    pub fn acquire_lease(
-        &mut self,
-        dataset_id: i64,
-        phase: &str,
-        owner: &str,
-        ttl: f64,
-    ) -> Result<bool> {
-        let path = self.path.clone();
-        let tx = self.immediate()?;
-        let held: Option<(String, f64)> = tx
-            .query_row(
-                "SELECT owner, heartbeat FROM leases WHERE dataset_id = ?1 AND phase = ?2",
-                params![dataset_id, phase],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-            .store(&path)?;
-        let t = now();
-        let free = match held {
-            None => true,
-            Some((o, hb)) => o == owner || t - hb > ttl || holder_is_gone(&o),
-        };
-        if free {
-            tx.execute(
-                "INSERT INTO leases (dataset_id, phase, owner, heartbeat) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (dataset_id, phase) DO UPDATE SET owner = excluded.owner, heartbeat = excluded.heartbeat",
-                params![dataset_id, phase, owner, t],
-            )
-            .store(&path)?;
-        }
-        tx.commit().store(&path)?;
-        Ok(free)
-    }
-
-    pub fn release_lease(&mut self, dataset_id: i64, phase: &str, owner: &str) -> Result<()> {
-        self.conn
-            .execute(
-                "DELETE FROM leases WHERE dataset_id = ?1 AND phase = ?2 AND owner = ?3",
-                params![dataset_id, phase, owner],
-            )
-            .store(&self.path)?;
-        Ok(())
-    }
 }
 
 /// Add `delta` to the counter of `(dataset, job, status)`. Called inside the transaction that
@@ -576,37 +416,6 @@ pub(crate) fn bump_moves(
         bump(tx, dataset_id, job, to, n)?;
     }
     Ok(())
-}
-
-/// True when a lease owner named `host:pid:...` ran on this machine and that process is gone
-/// (a crash): its lease is taken over at once instead of after its time-to-live.
-fn holder_is_gone(owner: &str) -> bool {
-    let mut parts = owner.split(':');
-    let (Some(host), Some(pid)) = (parts.next(), parts.next()) else {
-        return false;
-    };
-    let Ok(pid) = pid.parse::<i32>() else {
-        return false;
-    };
-    if pid <= 0 || host != local_host() {
-        return false;
-    }
-    // SAFETY: signal 0 only checks that the process exists.
-    let alive = unsafe { libc::kill(pid, 0) } == 0
-        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-    !alive
-}
-
-/// This machine's host name, for lease owners.
-pub fn local_host() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return String::new();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 fn dataset_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DatasetRow> {
@@ -687,25 +496,5 @@ mod tests {
             let (deep, prefix, _) = s.root_for(d, "/data/photos/2024/june").unwrap();
             assert_eq!((deep, prefix.as_str()), (child, "june"));
         }
-    }
-
-    #[test]
-    fn leases() {
-        let t = tempfile::tempdir().unwrap();
-        let mut s = Store::open(t.path().join("s.db").to_str().unwrap()).unwrap();
-        assert!(s.acquire_lease(1, "probe", "a", 10.0).unwrap());
-        assert!(!s.acquire_lease(1, "probe", "b", 10.0).unwrap());
-        assert!(s.acquire_lease(1, "probe", "b", -1.0).unwrap());
-        s.release_lease(1, "probe", "b").unwrap();
-        assert!(s.acquire_lease(1, "probe", "a", 10.0).unwrap());
-        // a holder on this host whose process is gone loses its lease at once
-        let host = local_host();
-        let dead = format!("{host}:{}:x", i32::MAX - 1);
-        assert!(s.acquire_lease(2, "embed", &dead, 600.0).unwrap());
-        assert!(s.acquire_lease(2, "embed", "c", 600.0).unwrap());
-        // a live one keeps it
-        let live = format!("{host}:{}:x", std::process::id());
-        assert!(s.acquire_lease(3, "embed", &live, 600.0).unwrap());
-        assert!(!s.acquire_lease(3, "embed", "c", 600.0).unwrap());
     }
 }

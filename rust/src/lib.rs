@@ -11,7 +11,9 @@ pub mod scan;
 pub mod vectors;
 pub mod walk;
 
+mod leases;
 mod py;
+mod schema;
 
 use pyo3::prelude::*;
 

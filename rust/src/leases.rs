@@ -1,0 +1,111 @@
+//! Leases: which process runs a phase of a dataset, renewed by heartbeat and taken over
+//! when its holder is gone.
+
+use rusqlite::{params, OptionalExtension};
+
+use crate::db::{now, Store};
+use crate::error::{Result, StoreContext};
+
+impl Store {
+    /// Take (or keep) the right to run `phase` for a dataset. A lease whose holder has not
+    /// renewed it within `ttl` seconds is taken over. Returns whether `owner` holds it now.
+    pub fn acquire_lease(
+        &mut self,
+        dataset_id: i64,
+        phase: &str,
+        owner: &str,
+        ttl: f64,
+    ) -> Result<bool> {
+        let path = self.path.clone();
+        let tx = self.immediate()?;
+        let held: Option<(String, f64)> = tx
+            .query_row(
+                "SELECT owner, heartbeat FROM leases WHERE dataset_id = ?1 AND phase = ?2",
+                params![dataset_id, phase],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .store(&path)?;
+        let t = now();
+        let free = match held {
+            None => true,
+            Some((o, hb)) => o == owner || t - hb > ttl || holder_is_gone(&o),
+        };
+        if free {
+            tx.execute(
+                "INSERT INTO leases (dataset_id, phase, owner, heartbeat) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (dataset_id, phase) DO UPDATE SET owner = excluded.owner, heartbeat = excluded.heartbeat",
+                params![dataset_id, phase, owner, t],
+            )
+            .store(&path)?;
+        }
+        tx.commit().store(&path)?;
+        Ok(free)
+    }
+
+    pub fn release_lease(&mut self, dataset_id: i64, phase: &str, owner: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "DELETE FROM leases WHERE dataset_id = ?1 AND phase = ?2 AND owner = ?3",
+                params![dataset_id, phase, owner],
+            )
+            .store(&self.path)?;
+        Ok(())
+    }
+}
+
+/// True when a lease owner named `host:pid:...` ran on this machine and that process is gone
+/// (a crash): its lease is taken over at once instead of after its time-to-live.
+fn holder_is_gone(owner: &str) -> bool {
+    let mut parts = owner.split(':');
+    let (Some(host), Some(pid)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    let Ok(pid) = pid.parse::<i32>() else {
+        return false;
+    };
+    if pid <= 0 || host != local_host() {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists.
+    let alive = unsafe { libc::kill(pid, 0) } == 0
+        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    !alive
+}
+
+/// This machine's host name, for lease owners.
+pub fn local_host() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = Store::open(t.path().join("s.db").to_str().unwrap()).unwrap();
+        assert!(s.acquire_lease(1, "probe", "a", 10.0).unwrap());
+        assert!(!s.acquire_lease(1, "probe", "b", 10.0).unwrap());
+        assert!(s.acquire_lease(1, "probe", "b", -1.0).unwrap());
+        s.release_lease(1, "probe", "b").unwrap();
+        assert!(s.acquire_lease(1, "probe", "a", 10.0).unwrap());
+        // a holder on this host whose process is gone loses its lease at once
+        let host = local_host();
+        let dead = format!("{host}:{}:x", i32::MAX - 1);
+        assert!(s.acquire_lease(2, "embed", &dead, 600.0).unwrap());
+        assert!(s.acquire_lease(2, "embed", "c", 600.0).unwrap());
+        // a live one keeps it
+        let live = format!("{host}:{}:x", std::process::id());
+        assert!(s.acquire_lease(3, "embed", &live, 600.0).unwrap());
+        assert!(!s.acquire_lease(3, "embed", "c", 600.0).unwrap());
+    }
+}

@@ -1,0 +1,120 @@
+//! The store's tables and indexes, created on first open (see `Store::open`).
+
+/// Bumped whenever the schema changes; a store of another version is refused on open.
+pub const SCHEMA_VERSION: i64 = 1;
+
+pub(crate) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS datasets (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL,
+    embed_spec TEXT
+);
+CREATE TABLE IF NOT EXISTS roots (
+    id INTEGER PRIMARY KEY,
+    dataset_id INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    UNIQUE (dataset_id, path)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    dataset_id INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    source TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    added INTEGER NOT NULL DEFAULT 0,
+    existing INTEGER NOT NULL DEFAULT 0,
+    warnings TEXT NOT NULL DEFAULT '[]'
+);
+CREATE TABLE IF NOT EXISTS samples (
+    id INTEGER PRIMARY KEY,
+    dataset_id INTEGER NOT NULL,
+    job_id INTEGER NOT NULL,
+    root_id INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    size_bytes INTEGER,
+    mtime_ns INTEGER,
+    status TEXT NOT NULL DEFAULT 'pending',
+    width INTEGER,
+    height INTEGER,
+    format TEXT,
+    orientation INTEGER,
+    error TEXT,
+    coco_width INTEGER,
+    coco_height INTEGER,
+    size_mismatch INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (root_id, path)
+);
+-- Status changes touch no index: the queues walk (dataset_id, id) and check the status,
+-- and only the rare `failed` rows get a (partial) index of their own.
+CREATE INDEX IF NOT EXISTS samples_by_dataset ON samples (dataset_id, id);
+CREATE INDEX IF NOT EXISTS samples_failed ON samples (dataset_id, id) WHERE status = 'failed';
+CREATE TABLE IF NOT EXISTS counts (
+    dataset_id INTEGER NOT NULL,
+    job_id INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (dataset_id, job_id, status)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS phase_errors (
+    dataset_id INTEGER NOT NULL,
+    phase TEXT NOT NULL,
+    message TEXT NOT NULL,
+    PRIMARY KEY (dataset_id, phase)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS leases (
+    dataset_id INTEGER NOT NULL,
+    phase TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    heartbeat REAL NOT NULL,
+    PRIMARY KEY (dataset_id, phase)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS coco_files (
+    id INTEGER PRIMARY KEY,
+    dataset_id INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    UNIQUE (dataset_id, path)
+);
+CREATE TABLE IF NOT EXISTS categories (
+    id INTEGER PRIMARY KEY,
+    dataset_id INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    supercategory TEXT,
+    coco_id INTEGER,
+    UNIQUE (dataset_id, name)
+);
+-- Clustered by sample (no second index to keep up during a 700k-box ingest); `id` comes
+-- from meta.next_annotation_id.
+CREATE TABLE IF NOT EXISTS annotations (
+    sample_id INTEGER NOT NULL,
+    id INTEGER NOT NULL,
+    file_id INTEGER NOT NULL,
+    category_id INTEGER NOT NULL,
+    coco_id INTEGER,
+    x REAL NOT NULL, y REAL NOT NULL, w REAL NOT NULL, h REAL NOT NULL,
+    area REAL,
+    iscrowd INTEGER NOT NULL DEFAULT 0,
+    segmentation TEXT,
+    PRIMARY KEY (sample_id, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS coco_missing (
+    job_id INTEGER NOT NULL,
+    coco_image_id INTEGER NOT NULL,
+    file_name TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS models (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    pretrained TEXT NOT NULL,
+    dim INTEGER NOT NULL,
+    UNIQUE (name, pretrained)
+);
+CREATE TABLE IF NOT EXISTS embeddings (
+    id INTEGER PRIMARY KEY,
+    model_id INTEGER NOT NULL,
+    sample_id INTEGER NOT NULL,
+    vector BLOB NOT NULL,
+    UNIQUE (model_id, sample_id)
+);
+";
