@@ -248,15 +248,25 @@ impl Store {
                     }
                 }
             });
-            self.insert_coco(
+            let job_id = self.create_job(
                 dataset_id,
+                "coco",
+                annotations_json.to_str().unwrap_or_default(),
+            )?;
+            let done = self.insert_coco(
+                dataset_id,
+                job_id,
                 annotations_json,
                 images_root,
                 coco,
                 order,
                 &found_rx,
                 stop,
-            )
+            );
+            if done.is_err() {
+                let _ = self.drop_job(job_id); // the transaction rolled back: leave nothing
+            }
+            done
         })
     }
 
@@ -264,6 +274,7 @@ impl Store {
     fn insert_coco(
         &mut self,
         dataset_id: i64,
+        job_id: i64,
         annotations_json: &Path,
         images_root: &Path,
         coco: &Coco<'_>,
@@ -274,7 +285,6 @@ impl Store {
         let root_str = images_root.to_str().unwrap_or_default();
         let json_str = annotations_json.to_str().unwrap_or_default();
         let (root_id, prefix, _) = self.root_for(dataset_id, root_str)?;
-        let job_id = self.create_job(dataset_id, "coco", json_str)?;
         let path = self.path.clone();
         let tx = self.immediate()?;
         let file_id: i64 = tx
@@ -468,7 +478,7 @@ impl Store {
             .map(|m| format!("{m}: listed in the COCO file but not found on disk"))
             .collect();
         tx.execute(
-            "UPDATE jobs SET added = ?2, existing = ?3, warnings = ?4 WHERE id = ?1",
+            "UPDATE jobs SET added = ?2, existing = ?3, warnings = ?4, running_owner = NULL WHERE id = ?1",
             params![
                 job_id,
                 added,

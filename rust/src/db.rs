@@ -36,6 +36,8 @@ pub struct Progress {
     pub embed_wanted: bool,
     /// `(phase, message)` for each phase that stopped on an error.
     pub errors: Vec<(String, String)>,
+    /// An add (a walk, a COCO ingest) is still inserting rows somewhere.
+    pub adding: bool,
 }
 
 impl Progress {
@@ -52,7 +54,7 @@ impl Progress {
     pub fn is_complete(&self) -> bool {
         let embed_blocked = self.errors.iter().any(|(p, _)| p == "embed");
         let waiting_embed = self.embed_wanted && !embed_blocked && self.count(INDEXED) > 0;
-        self.count(PENDING) == 0 && self.count(EMBEDDING) == 0 && !waiting_embed
+        !self.adding && self.count(PENDING) == 0 && self.count(EMBEDDING) == 0 && !waiting_embed
     }
 }
 
@@ -237,14 +239,46 @@ impl Store {
         tx.commit().store(&path)
     }
 
+    /// A new job, marked as running in this process until `finish_job` (or `drop_job`), so
+    /// progress read elsewhere says `in_progress` while its rows are still being added.
     pub fn create_job(&mut self, dataset_id: i64, kind: &str, source: &str) -> Result<i64> {
+        let owner = format!("{}:{}", crate::leases::local_host(), std::process::id());
         self.conn
             .execute(
-                "INSERT INTO jobs (dataset_id, kind, source, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![dataset_id, kind, source, now()],
+                "INSERT INTO jobs (dataset_id, kind, source, created_at, running_owner)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![dataset_id, kind, source, now(), owner],
             )
             .store(&self.path)?;
         Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Remove a job that wrote no rows (its add failed): nothing is left behind.
+    pub(crate) fn drop_job(&mut self, job_id: i64) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM jobs WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM samples WHERE job_id = ?1)", [job_id])
+            .store(&self.path)?;
+        self.conn
+            .execute(
+                "UPDATE jobs SET running_owner = NULL WHERE id = ?1",
+                [job_id],
+            )
+            .store(&self.path)?;
+        Ok(())
+    }
+
+    /// True while a job of the dataset is still adding rows in a live process.
+    fn adding(&self, dataset_id: i64) -> Result<bool> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT running_owner FROM jobs WHERE dataset_id = ?1 AND running_owner IS NOT NULL")
+            .store(&self.path)?;
+        let owners: Vec<String> = st
+            .query_map([dataset_id], |r| r.get(0))
+            .store(&self.path)?
+            .collect::<std::result::Result<_, _>>()
+            .store(&self.path)?;
+        Ok(owners.iter().any(|o| !crate::leases::holder_is_gone(o)))
     }
 
     /// The job's summary: `(dataset_id, kind, source, added, existing, warnings as JSON)`.
@@ -343,6 +377,7 @@ impl Store {
             .store(&self.path)?
             .unwrap_or(false);
         p.errors = self.phase_errors(dataset_id)?;
+        p.adding = job_id.is_none() && self.adding(dataset_id)?;
         Ok(p)
     }
 

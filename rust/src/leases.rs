@@ -56,7 +56,7 @@ impl Store {
 
 /// True when a lease owner named `host:pid:...` ran on this machine and that process is gone
 /// (a crash): its lease is taken over at once instead of after its time-to-live.
-fn holder_is_gone(owner: &str) -> bool {
+pub(crate) fn holder_is_gone(owner: &str) -> bool {
     let mut parts = owner.split(':');
     let (Some(host), Some(pid)) = (parts.next(), parts.next()) else {
         return false;

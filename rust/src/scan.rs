@@ -61,15 +61,51 @@ impl Store {
         let root_str = root.to_str().ok_or_else(|| {
             Error::InvalidArgument(format!("{}: path is not utf-8", root.display()))
         })?;
-        let mut report = {
-            // Walk before touching the store: a bad root writes nothing.
-            let opts = WalkOptions {
-                include_hidden,
-                follow_dir_links: follow_links,
-                skip_dirs: Vec::new(),
-            };
-            walk::walk(root, &opts, stop)?
+        // The job is there (and `in_progress`) while the walk runs; a walk or insert that
+        // fails removes it again, so a bad root leaves nothing behind.
+        let job_id = self.create_job(dataset_id, "images", root_str)?;
+        let done = self.scan_job(
+            dataset_id,
+            job_id,
+            root,
+            root_str,
+            include_hidden,
+            follow_links,
+            stop,
+        );
+        let (report, added, existing) = match done {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = self.drop_job(job_id);
+                return Err(e);
+            }
         };
+        Ok(ScanSummary {
+            job_id,
+            found: report.files.len() as u64,
+            added,
+            existing,
+            errors: report.errors,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn scan_job(
+        &mut self,
+        dataset_id: i64,
+        job_id: i64,
+        root: &Path,
+        root_str: &str,
+        include_hidden: bool,
+        follow_links: bool,
+        stop: &AtomicBool,
+    ) -> Result<(walk::WalkReport, u64, u64)> {
+        let opts = WalkOptions {
+            include_hidden,
+            follow_dir_links: follow_links,
+            skip_dirs: Vec::new(),
+        };
+        let mut report = walk::walk(root, &opts, stop)?;
         let (root_id, prefix, nested) = self.root_for(dataset_id, root_str)?;
         if !nested.is_empty() {
             // Files under other roots of this dataset are already there, under those roots.
@@ -84,17 +120,10 @@ impl Store {
                 .files
                 .retain(|f| !nested.iter().any(|n| f.rel_path.starts_with(n.as_str())));
         }
-        let job_id = self.create_job(dataset_id, "images", root_str)?;
         let (added, existing) =
             self.insert_files(dataset_id, job_id, root_id, &prefix, &report.files)?;
         self.finish_job(job_id, added, existing, &report.errors)?;
-        Ok(ScanSummary {
-            job_id,
-            found: report.files.len() as u64,
-            added,
-            existing,
-            errors: report.errors,
-        })
+        Ok((report, added, existing))
     }
 
     pub(crate) fn finish_job(
@@ -107,7 +136,7 @@ impl Store {
         let warnings = serde_json::to_string(warnings).unwrap_or_else(|_| "[]".into());
         self.conn
             .execute(
-                "UPDATE jobs SET added = ?2, existing = ?3, warnings = ?4 WHERE id = ?1",
+                "UPDATE jobs SET added = ?2, existing = ?3, warnings = ?4, running_owner = NULL WHERE id = ?1",
                 params![job_id, added as i64, existing as i64, warnings],
             )
             .store(&self.path)?;
@@ -350,6 +379,44 @@ mod tests {
         v.extend(h.to_be_bytes());
         v.extend([8, 2, 0, 0, 0]);
         v
+    }
+
+    #[test]
+    fn an_add_in_flight_is_in_progress() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = Store::open(t.path().join("s.db").to_str().unwrap()).unwrap();
+        let d = s.create_dataset("d").unwrap();
+        assert!(s.progress(d, None).unwrap().is_complete());
+        let job = s.create_job(d, "images", "/x").unwrap();
+        assert!(
+            !s.progress(d, None).unwrap().is_complete(),
+            "the walk is running"
+        );
+        s.finish_job(job, 0, 0, &[]).unwrap();
+        assert!(s.progress(d, None).unwrap().is_complete());
+        // a job left running by a process that died does not hold progress forever
+        let dead = format!("{}:{}", crate::leases::local_host(), i32::MAX - 1);
+        s.create_job(d, "images", "/y").unwrap();
+        s.conn
+            .execute(
+                "UPDATE jobs SET running_owner = ?1 WHERE running_owner IS NOT NULL",
+                [dead],
+            )
+            .unwrap();
+        assert!(s.progress(d, None).unwrap().is_complete());
+        // a walk that fails leaves no job behind
+        let stop = AtomicBool::new(false);
+        let jobs = |s: &Store| {
+            s.conn
+                .query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get::<_, i64>(0))
+                .unwrap()
+        };
+        let before = jobs(&s);
+        let gone = t.path().join("gone");
+        std::fs::create_dir(&gone).unwrap();
+        std::fs::remove_dir(&gone).unwrap();
+        assert!(s.scan(d, &gone, false, false, &stop).is_err());
+        assert_eq!(jobs(&s), before);
     }
 
     #[test]

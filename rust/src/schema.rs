@@ -25,7 +25,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at REAL NOT NULL,
     added INTEGER NOT NULL DEFAULT 0,
     existing INTEGER NOT NULL DEFAULT 0,
-    warnings TEXT NOT NULL DEFAULT '[]'
+    warnings TEXT NOT NULL DEFAULT '[]',
+    -- `host:pid` of the process adding this job's rows; NULL once they are all committed.
+    running_owner TEXT
 );
 CREATE TABLE IF NOT EXISTS samples (
     id INTEGER PRIMARY KEY,
