@@ -14,6 +14,23 @@ use crate::walk::{self, FileEntry, WalkOptions};
 
 /// Rows per transaction when inserting scanned files.
 const INSERT_CHUNK: usize = 250_000;
+/// Sample rows bound into one INSERT statement (6 values each).
+const ROWS_PER_INSERT: usize = 128;
+
+fn sample_insert(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO samples (dataset_id, job_id, root_id, path, size_bytes, mtime_ns) VALUES ",
+    );
+    for r in 0..rows {
+        if r > 0 {
+            sql.push(',');
+        }
+        sql.push_str("(?,?,?,?,?,?)");
+    }
+    sql.push_str(" ON CONFLICT (root_id, path) DO NOTHING");
+    sql
+}
+
 /// Rows probed between two store writes.
 pub const PROBE_BATCH: usize = 8192;
 
@@ -157,35 +174,30 @@ impl Store {
         for chunk in files.chunks(INSERT_CHUNK) {
             let tx = self.immediate()?;
             let mut n = 0i64;
-            {
-                let mut st = tx
-                    .prepare_cached(
-                        "INSERT INTO samples (dataset_id, job_id, root_id, path, size_bytes, mtime_ns)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (root_id, path) DO NOTHING",
-                    )
-                    .store(&path)?;
-                let mut joined = String::new();
-                for f in chunk {
-                    let rel: &str = if prefix.is_empty() {
-                        &f.rel_path
+            // Many rows per INSERT: the per-statement cost dominates at a million rows.
+            for rows in chunk.chunks(ROWS_PER_INSERT) {
+                let mut st = tx.prepare_cached(&sample_insert(rows.len())).store(&path)?;
+                let mut values: Vec<rusqlite::types::Value> = Vec::with_capacity(rows.len() * 6);
+                for f in rows {
+                    use rusqlite::types::Value::{Integer, Text};
+                    let rel = if prefix.is_empty() {
+                        f.rel_path.clone()
                     } else {
-                        joined.clear();
-                        joined.push_str(prefix);
-                        joined.push('/');
-                        joined.push_str(&f.rel_path);
-                        &joined
+                        format!("{prefix}/{}", f.rel_path)
                     };
-                    n += st
-                        .execute(params![
-                            dataset_id,
-                            job_id,
-                            root_id,
-                            rel,
-                            f.size as i64,
-                            f.mtime_ns
-                        ])
-                        .store(&path)? as i64;
+                    values.extend([
+                        Integer(dataset_id),
+                        Integer(job_id),
+                        Integer(root_id),
+                        Text(rel),
+                        Integer(f.size as i64),
+                        Integer(f.mtime_ns),
+                    ]);
                 }
+                // ON CONFLICT DO NOTHING: `changes` counts only the rows really added.
+                n += st
+                    .execute(rusqlite::params_from_iter(values))
+                    .store(&path)? as i64;
             }
             bump(&tx, dataset_id, job_id, PENDING, n).store(&path)?;
             tx.commit().store(&path)?;
