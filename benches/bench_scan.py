@@ -63,9 +63,13 @@ def one(kind: str, root: str, extra: str, cold: bool) -> dict[str, float]:
     if kind == "scan":
         store = _core.Store(db)
         ds = store.create_dataset("b")
+        if cold:
+            drop_caches()
         t = time.perf_counter()
         rows = store.scan(ds, root)["added"]
     elif kind == "python-scan":
+        if cold:
+            drop_caches()
         t = time.perf_counter()
         con = sqlite3.connect(db)
         con.execute("PRAGMA journal_mode=WAL")
@@ -190,12 +194,13 @@ def main() -> None:
     )
     if a.big:
         big = base / f"tiny_{a.big}"
-        add(f"phase 1 scan, {a.big:,} files", "fastindex", run("scan", big, repeat=1))
-        add(
-            f"phase 1 scan, {a.big:,} files",
-            "os.walk+stat+sqlite3",
-            run("python-scan", big, repeat=1),
-        )
+        label = f"phase 1 scan, {a.big:,} files"
+        add(label, "fastindex", run("scan", big, repeat=2))
+        add(label, "os.walk+stat+sqlite3", run("python-scan", big, repeat=2))
+        if can_drop:
+            label = f"phase 1 scan, {a.big:,}, cold cache"
+            add(label, "fastindex", run("scan", big, cold=True))
+            add(label, "os.walk+stat+sqlite3", run("python-scan", big, cold=True))
     add(f"phase 2 probe warm, {a.files:,}", "fastindex", run("probe", mixed, repeat=a.repeat))
     add(f"phase 2 probe warm, {a.files:,}", "Pillow .size", run("pillow", mixed, repeat=1))
     if can_drop:
@@ -208,7 +213,7 @@ def main() -> None:
         )
     if a.coco_boxes:
         label = f"COCO {a.files // 1000}k img/{a.coco_boxes // 1000}k box, ph 1+2"
-        add(label, "fastindex", run("coco", mixed, str(coco), repeat=1))
+        add(label, "fastindex", run("coco", mixed, str(coco), repeat=a.repeat))
 
     print()
     print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}")
