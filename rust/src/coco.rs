@@ -9,7 +9,7 @@ use rusqlite::{params, OptionalExtension};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::db::{bump, Store, FAILED, INDEXED};
+use crate::db::{bump, multi_row_insert, Store, FAILED, INDEXED};
 use crate::error::{Error, Result, StoreContext};
 use crate::header::{FileSource, ImageInfo};
 use crate::scan::io_pool;
@@ -60,19 +60,20 @@ pub struct Coco<'a> {
 /// Annotation rows bound into one INSERT statement (12 values each).
 const ROWS_PER_INSERT: usize = 64;
 
-/// `INSERT INTO annotations ... VALUES (...), (...)` for `rows` rows.
-fn annotation_insert(rows: usize) -> String {
-    let mut sql = String::from(
-        "INSERT INTO annotations (sample_id, id, file_id, category_id, coco_id, x, y, w, h, area, iscrowd, segmentation) VALUES ",
-    );
-    for r in 0..rows {
-        if r > 0 {
-            sql.push(',');
-        }
-        sql.push_str("(?,?,?,?,?,?,?,?,?,?,?,?)");
-    }
-    sql
-}
+const ANNOTATION_COLUMNS: [&str; 12] = [
+    "sample_id",
+    "id",
+    "file_id",
+    "category_id",
+    "coco_id",
+    "x",
+    "y",
+    "w",
+    "h",
+    "area",
+    "iscrowd",
+    "segmentation",
+];
 
 /// Listed files looked at per step while the previous step's rows are inserted.
 const LOOK_CHUNK: usize = 8192;
@@ -458,7 +459,12 @@ impl Store {
             // dominates a 700k-box ingest.
             for chunk in anns.chunks(ROWS_PER_INSERT) {
                 let mut st = tx
-                    .prepare_cached(&annotation_insert(chunk.len()))
+                    .prepare_cached(&multi_row_insert(
+                        "annotations",
+                        &ANNOTATION_COLUMNS,
+                        chunk.len(),
+                        "",
+                    ))
                     .store(&path)?;
                 let mut values: Vec<rusqlite::types::Value> = Vec::with_capacity(chunk.len() * 12);
                 for (sample, a) in chunk {

@@ -334,12 +334,22 @@ impl Store {
     }
 
     pub fn root_paths(&self, dataset_id: i64) -> Result<std::collections::HashMap<i64, String>> {
-        let mut st = self
-            .conn
-            .prepare_cached("SELECT id, path FROM roots WHERE dataset_id = ?1")
-            .store(&self.path)?;
+        self.pairs(
+            "SELECT id, path FROM roots WHERE dataset_id = ?1",
+            dataset_id,
+        )
+    }
+
+    /// The two columns of every row a one-key query returns, collected.
+    pub(crate) fn pairs<A, B, C>(&self, sql: &str, key: i64) -> Result<C>
+    where
+        A: rusqlite::types::FromSql,
+        B: rusqlite::types::FromSql,
+        C: FromIterator<(A, B)>,
+    {
+        let mut st = self.conn.prepare_cached(sql).store(&self.path)?;
         let rows = st
-            .query_map([dataset_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_map([key], |r| Ok((r.get(0)?, r.get(1)?)))
             .store(&self.path)?;
         rows.collect::<std::result::Result<_, _>>()
             .store(&self.path)
@@ -382,17 +392,10 @@ impl Store {
     }
 
     pub fn phase_errors(&self, dataset_id: i64) -> Result<Vec<(String, String)>> {
-        let mut st = self
-            .conn
-            .prepare_cached(
-                "SELECT phase, message FROM phase_errors WHERE dataset_id = ?1 ORDER BY phase",
-            )
-            .store(&self.path)?;
-        let rows = st
-            .query_map([dataset_id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .store(&self.path)?;
-        rows.collect::<std::result::Result<_, _>>()
-            .store(&self.path)
+        self.pairs(
+            "SELECT phase, message FROM phase_errors WHERE dataset_id = ?1 ORDER BY phase",
+            dataset_id,
+        )
     }
 
     /// Record (or with `None`, clear) the error that stopped `phase` for a dataset.
@@ -416,6 +419,17 @@ impl Store {
         .store(&self.path)?;
         Ok(())
     }
+}
+
+/// `INSERT INTO {table} ({columns}) VALUES (?,..), (?,..) ... {tail}` for `rows` rows: many
+/// rows per statement, since at a million rows the per-statement cost dominates.
+pub(crate) fn multi_row_insert(table: &str, columns: &[&str], rows: usize, tail: &str) -> String {
+    let one = format!("({})", vec!["?"; columns.len()].join(","));
+    let values = vec![one; rows].join(",");
+    format!(
+        "INSERT INTO {table} ({}) VALUES {values} {tail}",
+        columns.join(", ")
+    )
 }
 
 /// Add `delta` to the counter of `(dataset, job, status)`. Called inside the transaction that

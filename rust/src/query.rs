@@ -161,14 +161,6 @@ impl Store {
 
     /// COCO entries of a job whose file was not found: `(coco image id, file_name)`.
     pub fn coco_missing(&self, job_id: i64) -> Result<Vec<(i64, String)>> {
-        let mut st = self
-            .conn
-            .prepare_cached("SELECT coco_image_id, file_name FROM coco_missing WHERE job_id = ?1 ORDER BY file_name")
-            .store(&self.path)?;
-        let rows = st
-            .query_map([job_id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .store(&self.path)?;
-        rows.collect::<std::result::Result<_, _>>()
-            .store(&self.path)
+        self.pairs("SELECT coco_image_id, file_name FROM coco_missing WHERE job_id = ?1 ORDER BY file_name", job_id)
     }
 }

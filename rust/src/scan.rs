@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use rayon::prelude::*;
 use rusqlite::params;
 
-use crate::db::{bump, bump_moves, Store, FAILED, INDEXED, PENDING};
+use crate::db::{bump, bump_moves, multi_row_insert, Store, FAILED, INDEXED, PENDING};
 use crate::error::{Error, Result, StoreContext};
 use crate::header::{self, ImageInfo};
 use crate::walk::{self, FileEntry, WalkOptions};
@@ -18,17 +18,20 @@ const INSERT_CHUNK: usize = 250_000;
 const ROWS_PER_INSERT: usize = 128;
 
 fn sample_insert(rows: usize) -> String {
-    let mut sql = String::from(
-        "INSERT INTO samples (dataset_id, job_id, root_id, path, size_bytes, mtime_ns) VALUES ",
-    );
-    for r in 0..rows {
-        if r > 0 {
-            sql.push(',');
-        }
-        sql.push_str("(?,?,?,?,?,?)");
-    }
-    sql.push_str(" ON CONFLICT (root_id, path) DO NOTHING");
-    sql
+    let columns = [
+        "dataset_id",
+        "job_id",
+        "root_id",
+        "path",
+        "size_bytes",
+        "mtime_ns",
+    ];
+    multi_row_insert(
+        "samples",
+        &columns,
+        rows,
+        "ON CONFLICT (root_id, path) DO NOTHING",
+    )
 }
 
 /// Rows probed between two store writes.
