@@ -250,3 +250,25 @@ while time.monotonic() < deadline:
 else:
     sys.exit("the run never finished")
 """
+
+
+def test_load_when_the_embedding_model_cannot_be_rebuilt(tmp_path: Path) -> None:
+    """A dataset embedded elsewhere (another open_clip, no torch here) still opens and reads;
+    progress says why phase 3 waits instead of hanging in_progress."""
+    from fastindex import _core
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (10 + i, 10)).save(folder / f"{i}.png")
+    db = tmp_path / "s.db"
+    ds = fastindex.Dataset.create("d", db=db)
+    assert ds.add_images_from_path(folder, embed=False).wait(30)
+    _core.Store(str(db)).set_embed_spec(ds.id, '{"name": 5}')  # not a spec this fastindex reads
+
+    again = fastindex.Dataset.load("d", db=db)
+    assert len(again.samples()) == 3
+    p = again.get_loading_progress()
+    assert p["status"] == "complete" and p["indexed"] == 3
+    assert "cannot resume embeddings" in p["errors"]["embed"]

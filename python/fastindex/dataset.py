@@ -7,7 +7,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from . import _core
-from .errors import DatasetNotFoundError, InvalidArgumentError
+from .errors import DatasetNotFoundError, FastIndexError, InvalidArgumentError
 from .jobs import Job, Pipeline, pipeline_for, progress_of, wait_for
 from .sample import Annotation, Sample
 
@@ -109,7 +109,13 @@ class Dataset:
 
     def resume(self) -> None:
         """Start background work for whatever the store says is unfinished."""
-        model = self.embedding_model()
+        try:
+            model = self.embedding_model()
+        except (ImportError, FastIndexError) as e:
+            # The dataset was embedded where torch/open_clip are installed and they are not
+            # here: everything else still opens and works; progress says why phase 3 waits.
+            model = None
+            self._store.set_phase_error(self.id, "embed", f"cannot resume embeddings: {e}")
         self._pipeline.kick(model)
 
     # -- adding -----------------------------------------------------------------------------
