@@ -13,8 +13,17 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
 .PHONY: install
-install: ## install the Python dependencies (reuses what is installed) and build the extension
+install: system-deps ## install the Python dependencies (reuses what is installed) and build the extension
 	$(PYTHON) -m pip install -q --upgrade-strategy only-if-needed -e '.[dev]'
+
+.PHONY: system-deps
+system-deps: ## Debian's chromium for the browser tests (never a downloaded browser)
+	@command -v chromium >/dev/null 2>&1 || { \
+		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+		else \
+			echo "chromium missing: install Debian's chromium (the browser tests skip without it)"; \
+		fi; }
 
 .PHONY: build
 build: ## rebuild the Rust extension in release mode into the current Python
