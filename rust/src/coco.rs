@@ -103,7 +103,6 @@ enum Found {
 }
 
 fn look(path: &Path) -> Found {
-    use std::os::unix::fs::MetadataExt;
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Found::Missing,
@@ -116,12 +115,7 @@ fn look(path: &Path) -> Found {
         }
     };
     let (size, mtime_ns) = match file.metadata() {
-        Ok(m) if m.is_file() => (
-            m.len(),
-            m.mtime()
-                .saturating_mul(1_000_000_000)
-                .saturating_add(m.mtime_nsec()),
-        ),
+        Ok(m) if m.is_file() => (m.len(), crate::walk::mtime_ns(&m)),
         Ok(_) => return Found::Missing,
         Err(e) => {
             return Found::File {

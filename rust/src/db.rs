@@ -452,6 +452,17 @@ pub(crate) fn bump(
     Ok(())
 }
 
+/// Count, per job, the `job_id`s a status-changing `... RETURNING job_id` statement returned.
+pub(crate) fn tally(
+    rows: &mut rusqlite::Rows<'_>,
+    moves: &mut std::collections::HashMap<i64, i64>,
+) -> rusqlite::Result<()> {
+    while let Some(r) = rows.next()? {
+        *moves.entry(r.get(0)?).or_default() += 1;
+    }
+    Ok(())
+}
+
 /// Move rows between statuses in the counters: `moves` holds `(job_id, delta)` per job.
 pub(crate) fn bump_moves(
     tx: &Transaction<'_>,

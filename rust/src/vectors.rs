@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use rusqlite::params;
 
-use crate::db::{bump_moves, Store, EMBEDDING, FAILED, INDEXED, READY};
+use crate::db::{bump_moves, tally, Store, EMBEDDING, FAILED, INDEXED, READY};
 use crate::error::{Error, Result, StoreContext};
 
 impl Store {
@@ -71,10 +71,11 @@ impl Store {
                          RETURNING job_id",
                     )
                     .store(&path)?;
-                let mut rows = st.query(params![dataset_id, model]).store(&path)?;
-                while let Some(r) = rows.next().store(&path)? {
-                    *moves.entry(r.get(0).store(&path)?).or_default() += 1;
-                }
+                tally(
+                    &mut st.query(params![dataset_id, model]).store(&path)?,
+                    &mut moves,
+                )
+                .store(&path)?;
             }
             bump_moves(&tx, dataset_id, READY, INDEXED, &moves).store(&path)?;
         }
@@ -168,10 +169,7 @@ impl Store {
                 .store(&path)?;
             for (id, v) in ids.iter().zip(vectors.chunks_exact(row_bytes)) {
                 put.execute(params![model_id, id, v]).store(&path)?;
-                let mut rows = done.query([id]).store(&path)?;
-                if let Some(r) = rows.next().store(&path)? {
-                    *ready.entry(r.get(0).store(&path)?).or_default() += 1;
-                }
+                tally(&mut done.query([id]).store(&path)?, &mut ready).store(&path)?;
             }
             let mut fail = tx
                 .prepare_cached(
@@ -179,10 +177,7 @@ impl Store {
                 )
                 .store(&path)?;
             for (id, reason) in failed {
-                let mut rows = fail.query(params![id, reason]).store(&path)?;
-                if let Some(r) = rows.next().store(&path)? {
-                    *bad.entry(r.get(0).store(&path)?).or_default() += 1;
-                }
+                tally(&mut fail.query(params![id, reason]).store(&path)?, &mut bad).store(&path)?;
             }
         }
         bump_moves(&tx, dataset_id, EMBEDDING, READY, &ready).store(&path)?;
@@ -197,12 +192,6 @@ impl Store {
         let tx = self.immediate()?;
         let mut moves: HashMap<i64, i64> = HashMap::new();
         {
-            let mut collect = |rows: &mut rusqlite::Rows<'_>| -> Result<()> {
-                while let Some(r) = rows.next().store(&path)? {
-                    *moves.entry(r.get(0).store(&path)?).or_default() += 1;
-                }
-                Ok(())
-            };
             match ids {
                 None => {
                     let mut st = tx
@@ -210,7 +199,7 @@ impl Store {
                             "UPDATE samples SET status = 'indexed' WHERE dataset_id = ?1 AND status = 'embedding' RETURNING job_id",
                         )
                         .store(&path)?;
-                    collect(&mut st.query([dataset_id]).store(&path)?)?;
+                    tally(&mut st.query([dataset_id]).store(&path)?, &mut moves).store(&path)?;
                 }
                 Some(ids) => {
                     let mut st = tx
@@ -219,7 +208,11 @@ impl Store {
                         )
                         .store(&path)?;
                     for id in ids {
-                        collect(&mut st.query(params![id, dataset_id]).store(&path)?)?;
+                        tally(
+                            &mut st.query(params![id, dataset_id]).store(&path)?,
+                            &mut moves,
+                        )
+                        .store(&path)?;
                     }
                 }
             }

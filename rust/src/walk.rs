@@ -229,7 +229,8 @@ fn is_hidden(name: &OsStr) -> bool {
     name.as_encoded_bytes().first() == Some(&b'.')
 }
 
-fn mtime_ns(m: &fs::Metadata) -> i64 {
+/// Modification time in nanoseconds since the epoch, as stored on a sample.
+pub(crate) fn mtime_ns(m: &fs::Metadata) -> i64 {
     m.mtime()
         .saturating_mul(1_000_000_000)
         .saturating_add(m.mtime_nsec())
