@@ -18,6 +18,8 @@
 mod ingest;
 mod parse;
 mod paths;
+mod plan;
+mod write;
 
 pub use parse::{
     max_bytes, parse, read_limited, Annotation, Category, Coco, Image, MAX_COCO_BYTES,

@@ -298,6 +298,12 @@ fn check<'a>(path: &Path, raw: RawCoco<'a>, stop: &AtomicBool) -> Result<Coco<'a
         if im.file_name.is_empty() {
             return Err(Error::coco(path, format!("images[{i}]: empty file_name")));
         }
+        if im.width.is_some() != im.height.is_some() {
+            return Err(Error::coco(
+                path,
+                format!("images[{i}]: width and height go together (give both or neither)"),
+            ));
+        }
         if im.width.is_some_and(|w| w <= 0) || im.height.is_some_and(|h| h <= 0) {
             return Err(Error::coco(
                 path,
