@@ -127,6 +127,32 @@ impl Store {
             file_id,
             categories: &categories,
         };
+        // Checkpoints are run in the pauses between transactions, not inside the commits.
+        let autocheckpoint: i64 = self
+            .conn
+            .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
+            .store(&self.path)?;
+        self.conn
+            .execute_batch("PRAGMA wal_autocheckpoint = 0")
+            .store(&self.path)?;
+        let written = self.look_and_write(&target, root, coco, plan, tally, stop);
+        let restored = self
+            .conn
+            .execute_batch(&format!("PRAGMA wal_autocheckpoint = {autocheckpoint}"))
+            .store(&self.path);
+        written.and(restored)
+    }
+
+    /// Look at the listed files on the I/O pool while this thread writes what was found.
+    fn look_and_write(
+        &mut self,
+        target: &Target<'_>,
+        root: &Path,
+        coco: &Coco<'_>,
+        plan: &Plan,
+        tally: &mut Tally,
+        stop: &AtomicBool,
+    ) -> Result<()> {
         let quit = AtomicBool::new(false);
         let (found_tx, found_rx) = sync_channel::<Vec<Found>>(2);
         std::thread::scope(|scope| {
@@ -148,7 +174,7 @@ impl Store {
                     }
                 }
             });
-            let written = self.write_found(&target, coco, plan, tally, &found_rx, stop);
+            let written = self.write_found(target, coco, plan, tally, &found_rx, stop);
             // Stop the looker and unblock it before waiting for it: it may be waiting on a
             // full channel that nobody reads any more.
             quit.store(true, Ordering::Relaxed);
@@ -231,7 +257,13 @@ impl Store {
                 }
                 self.write_some(t, coco, plan, &found, base, &mut cur, tally)?;
                 if cur.busy(plan.names.len()) {
-                    std::thread::sleep(TX_PAUSE);
+                    // The pause does the checkpoint work the commits were spared: it runs
+                    // beside other writers (PASSIVE takes no write lock).
+                    let began = std::time::Instant::now();
+                    self.conn
+                        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                        .store(&self.path)?;
+                    std::thread::sleep(TX_PAUSE.saturating_sub(began.elapsed()));
                 }
             }
             base = end;

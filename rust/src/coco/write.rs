@@ -13,14 +13,15 @@ use crate::db::{bump, multi_row_insert, Store, FAILED, INDEXED};
 use crate::error::{Error, Result, StoreContext};
 
 /// A write transaction ends after this long (or `TX_ROWS` rows)...
-pub const TX_TIME: Duration = Duration::from_millis(40);
-const TX_ROWS: usize = 32_768;
+pub const TX_TIME: Duration = Duration::from_millis(60);
+const TX_ROWS: usize = 65_536;
 
-/// ...and the next one starts after this pause. A writer waiting on the store (SQLite's
-/// busy handler) retries after 1, 3, 8, 18, 33, 53, 78 ms...: with transactions of at most
-/// ~50 ms and pauses of 20 ms one of those retries always falls in a pause, so it waits
-/// ~50 ms at most (a pause shorter than the retry steps can miss them for seconds).
-pub const TX_PAUSE: Duration = Duration::from_millis(22);
+/// ...and the next one starts after this pause. A writer waiting for the store (SQLite's
+/// busy handler) retries 1, 3, 8, 18, 33, 53, 78, 103, 128 ms after it first found it busy:
+/// steps of at most 25 ms. With transactions of at most ~75 ms and pauses longer than
+/// those steps, one of its retries falls in a pause, so it waits ~80 ms at most. (Shorter
+/// pauses can fall between its retries again and again, for seconds.)
+pub const TX_PAUSE: Duration = Duration::from_millis(27);
 
 /// Sample rows per upsert statement, and box rows per insert statement: the per-statement
 /// cost, not SQLite's per-row work, dominates at 100k files and 700k boxes.
