@@ -209,11 +209,11 @@ def test_special_files_are_refused_at_once(tmp_path: Path) -> None:
         import json, sys, time
         import fastindex
         ds = fastindex.Dataset.create("d", db=sys.argv[1])
-        out = []
+        images, out = sys.argv[2], []
         for path in sys.argv[3:]:
             t = time.monotonic()
             try:
-                ds.add_samples_from_coco(annotations_json=path, images_path=sys.argv[2], embed=False)
+                ds.add_samples_from_coco(annotations_json=path, images_path=images, embed=False)
                 out.append([path, "no error", "", 0.0])
             except fastindex.FastIndexError as e:
                 out.append([path, type(e).__name__, str(e), time.monotonic() - t])
@@ -302,7 +302,7 @@ def test_a_stop_ends_the_ingest_promptly_and_a_rerun_finishes_it(
     def ingest() -> None:
         try:
             outcome.append(store.ingest_coco(ds, str(ann), str(images), stop=flag))
-        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+        except BaseException as e:  # handed to the test thread
             outcome.append(e)
 
     worker = threading.Thread(target=ingest)

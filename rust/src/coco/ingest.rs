@@ -60,8 +60,7 @@ impl Store {
             ..Tally::default()
         };
         let done = self.write_coco(
-            dataset_id, job_id, json_str, root_id, &prefix, &root, &coco, &plan, &mut tally,
-            stop,
+            dataset_id, job_id, json_str, root_id, &prefix, &root, &coco, &plan, &mut tally, stop,
         );
         tally.rejected.sort();
         let mut warnings: Vec<String> = tally
@@ -166,7 +165,13 @@ impl Store {
                     let found = io_pool().install(|| {
                         chunk
                             .par_iter()
-                            .map(|n| if halt() { Found::Skipped } else { look(root, n) })
+                            .map(|n| {
+                                if halt() {
+                                    Found::Skipped
+                                } else {
+                                    look(root, n)
+                                }
+                            })
                             .collect()
                     });
                     if found_tx.send(found).is_err() {
@@ -358,8 +363,14 @@ mod tests {
         let (t, mut s, d, images) = setup(&coco);
         let stop = AtomicBool::new(false);
         let json = t.path().join("c.json");
-        assert_eq!(s.ingest_coco(d, &json, &images, &stop).unwrap().annotations, n);
-        assert_eq!(s.ingest_coco(d, &json, &images, &stop).unwrap().annotations, n);
+        assert_eq!(
+            s.ingest_coco(d, &json, &images, &stop).unwrap().annotations,
+            n
+        );
+        assert_eq!(
+            s.ingest_coco(d, &json, &images, &stop).unwrap().annotations,
+            n
+        );
         assert_eq!(count(&s, "annotations"), n as i64);
     }
 }

@@ -174,7 +174,9 @@ impl<'de> Visitor<'de> for Top<'_, '_> {
         let (mut images, mut categories, mut annotations) = (None, None, None);
         while let Some(key) = map.next_key::<Key>()? {
             match key {
-                Key::Images if images.is_some() => return Err(de::Error::duplicate_field("images")),
+                Key::Images if images.is_some() => {
+                    return Err(de::Error::duplicate_field("images"))
+                }
                 Key::Images => images = Some(map.next_value_seed(List::new(self.0, "images"))?),
                 Key::Categories if categories.is_some() => {
                     return Err(de::Error::duplicate_field("categories"))
@@ -433,9 +435,13 @@ mod tests {
 
     #[test]
     fn hostile_values_name_where_they_are() {
-        let huge = r#"{"images":[{"id":1,"file_name":"a"},{"id":9223372036854775808,"file_name":"b"}]}"#;
+        let huge =
+            r#"{"images":[{"id":1,"file_name":"a"},{"id":9223372036854775808,"file_name":"b"}]}"#;
         let e = err(huge);
-        assert!(e.contains("images[1]") && e.contains("9223372036854775808"), "{e}");
+        assert!(
+            e.contains("images[1]") && e.contains("9223372036854775808"),
+            "{e}"
+        );
         let e = err(r#"{"images":[{"id":1,"file_name":7}]}"#);
         assert!(e.contains("images[0]") && e.contains("invalid type"), "{e}");
         let e = err(
@@ -466,7 +472,9 @@ mod tests {
         let f = t.path().join("c.json");
         std::fs::write(&f, b"{\"images\":[]}").unwrap();
         assert_eq!(read_limited(&f, 100, &stop).unwrap().len(), 13);
-        assert!(matches!(read_limited(&f, 12, &stop), Err(Error::Coco { reason, .. }) if reason.contains("above the limit")));
+        assert!(
+            matches!(read_limited(&f, 12, &stop), Err(Error::Coco { reason, .. }) if reason.contains("above the limit"))
+        );
         assert!(matches!(
             read_limited(t.path(), 100, &stop),
             Err(Error::Coco { .. })
@@ -475,14 +483,18 @@ mod tests {
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         // SAFETY: a plain syscall on a path we own.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        assert!(matches!(read_limited(&fifo, 100, &stop), Err(Error::Coco { reason, .. }) if reason.contains("not a regular file")));
+        assert!(
+            matches!(read_limited(&fifo, 100, &stop), Err(Error::Coco { reason, .. }) if reason.contains("not a regular file"))
+        );
         assert!(matches!(
             read_limited(Path::new("/dev/zero"), 100, &stop),
             Err(Error::Coco { .. })
         ));
         let pagemap = Path::new("/proc/self/pagemap");
         if pagemap.exists() {
-            assert!(matches!(read_limited(pagemap, 1 << 20, &stop), Err(Error::Coco { reason, .. }) if reason.contains("size is unknown")));
+            assert!(
+                matches!(read_limited(pagemap, 1 << 20, &stop), Err(Error::Coco { reason, .. }) if reason.contains("size is unknown"))
+            );
         }
     }
 }

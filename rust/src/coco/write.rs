@@ -223,9 +223,7 @@ impl Store {
             }
             let sql = multi_row_insert("samples", &SAMPLE_COLUMNS, rels.len(), SAMPLE_UPSERT);
             let mut st = tx.prepare_cached(&sql).store(&path)?;
-            let mut rows = st
-                .query(rusqlite::params_from_iter(values))
-                .store(&path)?;
+            let mut rows = st.query(rusqlite::params_from_iter(values)).store(&path)?;
             let mut ids = vec![(0i64, 0i64); rels.len()];
             while let Some(r) = rows.next().store(&path)? {
                 let rel = r.get_ref(2).store(&path)?;
@@ -354,10 +352,10 @@ fn write_open_boxes<'c>(
                 ]
                 .map(ToSqlOutput::Owned),
             );
-            step.boxes.push(a.segmentation.map_or(
-                ToSqlOutput::Owned(Value::Null),
-                |r| ToSqlOutput::Borrowed(ValueRef::Text(r.get().as_bytes())),
-            ));
+            step.boxes
+                .push(a.segmentation.map_or(ToSqlOutput::Owned(Value::Null), |r| {
+                    ToSqlOutput::Borrowed(ValueRef::Text(r.get().as_bytes()))
+                }));
             step.next_id += 1;
             step.rows += 1;
             cur.next_box += 1;
