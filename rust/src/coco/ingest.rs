@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use rusqlite::params;
 
 use super::parse::{max_bytes, parse, read_limited, Coco};
-use super::paths::{look, Found};
+use super::paths::{look, Found, Root};
 use super::plan::Plan;
 use super::write::{Cursor, Tally, Target, TX_PAUSE};
 use super::CocoSummary;
@@ -152,6 +152,7 @@ impl Store {
         tally: &mut Tally,
         stop: &AtomicBool,
     ) -> Result<()> {
+        let root = &Root::new(root);
         let quit = AtomicBool::new(false);
         let (found_tx, found_rx) = sync_channel::<Vec<Found>>(2);
         std::thread::scope(|scope| {

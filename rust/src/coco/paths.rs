@@ -63,17 +63,93 @@ fn is_missing(e: &std::io::Error) -> bool {
         || matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ENAMETOOLONG))
 }
 
-/// Look at `root/rel` (`root` canonical, `rel` normalised): its real path must lie inside
-/// `root`; then its size, mtime and image header, from the same open.
-pub fn look(root: &Path, rel: &str) -> Found {
-    let path = root.join(rel);
+/// The images folder (canonical), opened once so that names resolve beneath it.
+pub struct Root {
+    path: PathBuf,
+    #[cfg(target_os = "linux")]
+    dir: Option<File>,
+}
+
+impl Root {
+    pub fn new(path: &Path) -> Root {
+        Root {
+            path: path.to_path_buf(),
+            #[cfg(target_os = "linux")]
+            dir: {
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+                    .open(path)
+                    .ok()
+            },
+        }
+    }
+}
+
+/// Look at `root/rel` (`rel` normalised): its real path must lie inside `root`; then its
+/// size, mtime and image header, from the same open.
+pub fn look(root: &Root, rel: &str) -> Found {
+    #[cfg(target_os = "linux")]
+    if let Some(file) = open_beneath(root, rel) {
+        return match file {
+            Ok(file) => read_header(file),
+            Err(e) if is_missing(&e) => Found::Missing,
+            Err(e) => cannot_read(&e),
+        };
+    }
+    let path = root.path.join(rel);
     #[cfg(target_os = "linux")]
     {
-        look_linux(root, &path)
+        look_linux(&root.path, &path)
     }
     #[cfg(not(target_os = "linux"))]
     {
-        look_portable(root, &path)
+        look_portable(&root.path, &path)
+    }
+}
+
+/// One `openat2` that the kernel refuses if resolving the name leaves the folder (the
+/// common case in one system call, as cheap as a plain open). `None` where it cannot
+/// decide: no `openat2` here, or a link that leaves the folder or is absolute (which may
+/// still lead back inside: the slower look decides).
+#[cfg(target_os = "linux")]
+fn open_beneath(root: &Root, rel: &str) -> Option<std::io::Result<File>> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+    let dir = root.dir.as_ref()?;
+    if UNSUPPORTED.load(Ordering::Relaxed) {
+        return None;
+    }
+    let name = std::ffi::CString::new(rel).ok()?;
+    // SAFETY: `open_how` is plain data; zero is "no flags".
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: a plain syscall with a valid descriptor, a NUL-terminated name and a struct of
+    // the size passed; a returned descriptor is owned by the `File` made from it.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            std::ptr::addr_of!(how),
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: the kernel just gave us this descriptor.
+        return Some(Ok(unsafe { File::from_raw_fd(fd as i32) }));
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENOSYS | libc::EPERM | libc::EINVAL | libc::E2BIG) => {
+            UNSUPPORTED.store(e.raw_os_error() == Some(libc::ENOSYS), Ordering::Relaxed);
+            None
+        }
+        Some(libc::EXDEV | libc::EAGAIN) => None,
+        _ => Some(Err(e)),
     }
 }
 
@@ -182,7 +258,10 @@ mod tests {
         symlink(t.path().join("secret"), root.join("outdir")).unwrap();
         symlink(root.join("sub/in.png"), root.join("in-link.png")).unwrap();
         symlink("sub", root.join("sublink")).unwrap();
-        let root = std::fs::canonicalize(&root).unwrap();
+        symlink(root.join("sub/in.png"), root.join("abs-in.png")).unwrap();
+        let real = std::fs::canonicalize(&root).unwrap();
+        let root = Root::new(&real);
+        assert!(matches!(look(&root, "abs-in.png"), Found::File { .. }));
         assert!(matches!(look(&root, "out.png"), Found::Escapes));
         assert!(matches!(look(&root, "outdir/x.png"), Found::Escapes));
         assert!(matches!(look(&root, "in-link.png"), Found::File { .. }));
@@ -192,12 +271,16 @@ mod tests {
         assert!(matches!(look(&root, "sub/in.png/x"), Found::Missing));
         assert!(matches!(look(&root, "sub"), Found::Missing));
         assert!(matches!(
-            look_portable(&root, &root.join("out.png")),
+            look_portable(&real, &real.join("out.png")),
             Found::Escapes
         ));
         assert!(matches!(
-            look_portable(&root, &root.join("sublink/in.png")),
+            look_portable(&real, &real.join("sublink/in.png")),
             Found::File { .. }
+        ));
+        assert!(matches!(
+            look_linux(&real, &real.join("outdir/x.png")),
+            Found::Escapes
         ));
     }
 }
