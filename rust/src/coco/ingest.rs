@@ -11,7 +11,7 @@ use rusqlite::params;
 use super::parse::{max_bytes, parse, read_limited, Coco};
 use super::paths::{look, Found, Root};
 use super::plan::Plan;
-use super::write::{Cursor, Tally, Target, TX_PAUSE};
+use super::write::{Cursor, Tally, Target, TX_PAUSE, TX_TIME};
 use super::CocoSummary;
 use crate::db::Store;
 use crate::error::{Error, Result, StoreContext};
@@ -117,7 +117,8 @@ impl Store {
         tally: &mut Tally,
         stop: &AtomicBool,
     ) -> Result<()> {
-        let (file_id, categories) = self.write_categories(dataset_id, json_str, coco)?;
+        let (file_id, categories) = self.write_categories(dataset_id, json_str, coco, stop)?;
+        self.pause();
         let target = Target {
             dataset_id,
             job_id,
@@ -191,47 +192,76 @@ impl Store {
         })
     }
 
-    /// The COCO file's row and its categories, in one transaction. Returns the file's id and
-    /// `(COCO category id, category row)`, sorted.
+    /// The COCO file's row and its categories (in short transactions too: a file may list
+    /// millions). Returns the file's id and `(COCO category id, category row)`, sorted.
     fn write_categories(
         &mut self,
         dataset_id: i64,
         json_str: &str,
         coco: &Coco<'_>,
+        stop: &AtomicBool,
     ) -> Result<(i64, Vec<(i64, i64)>)> {
         let path = self.path.clone();
-        let tx = self.immediate()?;
-        let file_id: i64 = tx
-            .query_row(
-                "INSERT INTO coco_files (dataset_id, path) VALUES (?1, ?2)
-                 ON CONFLICT (dataset_id, path) DO UPDATE SET path = excluded.path RETURNING id",
-                params![dataset_id, json_str],
-                |r| r.get(0),
-            )
-            .store(&path)?;
+        let mut file_id = None;
         let mut rows = Vec::with_capacity(coco.categories.len());
-        {
-            let mut st = tx
-                .prepare_cached(
-                    "INSERT INTO categories (dataset_id, name, supercategory, coco_id)
-                     VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (dataset_id, name)
-                     DO UPDATE SET supercategory = coalesce(excluded.supercategory, supercategory)
-                     RETURNING id",
-                )
-                .store(&path)?;
-            for c in &coco.categories {
-                let id: i64 = st
-                    .query_row(params![dataset_id, c.name, c.supercategory, c.id], |r| {
-                        r.get(0)
-                    })
-                    .store(&path)?;
-                rows.push((c.id, id));
+        while file_id.is_none() || rows.len() < coco.categories.len() {
+            if stop.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled);
             }
+            if file_id.is_some() {
+                self.pause();
+            }
+            let began = std::time::Instant::now();
+            let tx = self.immediate()?;
+            if file_id.is_none() {
+                file_id = Some(
+                    tx.query_row(
+                        "INSERT INTO coco_files (dataset_id, path) VALUES (?1, ?2)
+                         ON CONFLICT (dataset_id, path) DO UPDATE SET path = excluded.path
+                         RETURNING id",
+                        params![dataset_id, json_str],
+                        |r| r.get(0),
+                    )
+                    .store(&path)?,
+                );
+            }
+            {
+                let mut st = tx
+                    .prepare_cached(
+                        "INSERT INTO categories (dataset_id, name, supercategory, coco_id)
+                         VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (dataset_id, name) DO UPDATE
+                         SET supercategory = coalesce(excluded.supercategory, supercategory)
+                         RETURNING id",
+                    )
+                    .store(&path)?;
+                for c in &coco.categories[rows.len()..] {
+                    let id: i64 = st
+                        .query_row(params![dataset_id, c.name, c.supercategory, c.id], |r| {
+                            r.get(0)
+                        })
+                        .store(&path)?;
+                    rows.push((c.id, id));
+                    if began.elapsed() >= TX_TIME {
+                        break;
+                    }
+                }
+            }
+            tx.commit().store(&path)?;
         }
-        tx.commit().store(&path)?;
         rows.sort_unstable();
-        Ok((file_id, rows))
+        Ok((file_id.unwrap_or_default(), rows))
+    }
+
+    /// Between two write transactions: let other writers in. The pause also does the
+    /// checkpoint work the commits were spared; it runs beside other writers (PASSIVE takes
+    /// no write lock), and a checkpoint that fails only leaves the log longer.
+    fn pause(&mut self) {
+        let began = std::time::Instant::now();
+        let _ = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        std::thread::sleep(TX_PAUSE.saturating_sub(began.elapsed()));
     }
 
     /// Write what the looker found, chunk by chunk, in short transactions with a pause
@@ -263,13 +293,7 @@ impl Store {
                 }
                 self.write_some(t, coco, plan, &found, base, &mut cur, tally)?;
                 if cur.busy(plan.names.len()) {
-                    // The pause does the checkpoint work the commits were spared: it runs
-                    // beside other writers (PASSIVE takes no write lock).
-                    let began = std::time::Instant::now();
-                    self.conn
-                        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-                        .store(&self.path)?;
-                    std::thread::sleep(TX_PAUSE.saturating_sub(began.elapsed()));
+                    self.pause();
                 }
             }
             base = end;
