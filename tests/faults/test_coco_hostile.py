@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -448,3 +449,64 @@ def test_other_writers_are_not_blocked_by_an_ingest(
     print(f"ingest {ended - started:.2f} s; {len(during)} writes beside it, longest {worst:.3f} s")
     assert len(during) > 10
     assert worst < 0.5  # generous (a loaded CI box); typically under 0.1 s
+
+
+# -- kill -9 at random moments: a rerun finishes the clean result --------------------------------
+KILL_TRIALS = 20
+
+
+@pytest.mark.slow
+def test_kill_9_during_an_ingest_then_a_rerun_gives_the_clean_store(
+    tmp_path: Path, many: tuple[Path, Path]
+) -> None:
+    ann, images = many
+    # a smaller file over the same images: a trial takes a fraction of a second
+    doc = json.loads(ann.read_text())
+    keep = {im["id"] for im in doc["images"][:4000]} | {doc["images"][-1]["id"]}
+    doc["images"] = [im for im in doc["images"] if im["id"] in keep]
+    doc["annotations"] = [a for a in doc["annotations"] if a["image_id"] in keep]
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps(doc))
+    clean_db = tmp_path / "clean.db"
+    store = _core.Store(str(clean_db))
+    ds = store.create_dataset("d")
+    t = time.monotonic()
+    store.ingest_coco(ds, str(small), str(images))
+    duration = time.monotonic() - t
+    clean = store_view(clean_db, ds)
+    child = textwrap.dedent(
+        """
+        import sys
+        from fastindex import _core
+        store = _core.Store(sys.argv[1])
+        ds = store.create_dataset("d")
+        print("ready", flush=True)
+        store.ingest_coco(ds, sys.argv[2], sys.argv[3])
+        print("done", flush=True)
+        """
+    )
+    rng = random.Random(7)
+    partial = 0
+    for trial in range(KILL_TRIALS):
+        db = tmp_path / f"kill{trial}.db"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", child, str(db), str(small), str(images)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0, duration * 1.5))
+        proc.kill()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+        store = _core.Store(str(db))
+        found = store.find_dataset("d")
+        assert found is not None
+        partial += 0 < store.progress(found[0])["total"] < len(clean[0])
+        store.ingest_coco(found[0], str(small), str(images))
+        assert store_view(db, found[0]) == clean, f"trial {trial}"
+        counters_match_rows(db, found[0])
+        assert store.progress(found[0])["status"] == "complete"
+    print(f"{partial} of {KILL_TRIALS} kills landed while rows were being written")
+    assert partial >= 2
