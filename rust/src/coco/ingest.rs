@@ -211,8 +211,8 @@ impl Store {
             if file_id.is_some() {
                 self.pause();
             }
-            let began = std::time::Instant::now();
             let tx = self.immediate()?;
+            let began = std::time::Instant::now();
             if file_id.is_none() {
                 file_id = Some(
                     tx.query_row(

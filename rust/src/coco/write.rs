@@ -125,8 +125,10 @@ struct Step<'t> {
 }
 
 impl Step<'_> {
+    /// The budget counts from when the lock was taken, and every transaction writes at
+    /// least one row: waiting for the store never leaves the ingest without progress.
     fn spent(&self) -> bool {
-        self.rows >= TX_ROWS || self.began.elapsed() >= TX_TIME
+        self.rows > 0 && (self.rows >= TX_ROWS || self.began.elapsed() >= TX_TIME)
     }
 }
 
@@ -145,8 +147,8 @@ impl Store {
         tally: &mut Tally,
     ) -> Result<()> {
         let path = self.path.clone();
-        let began = Instant::now();
         let tx = self.immediate()?;
+        let began = Instant::now();
         let next_id: i64 = tx
             .query_row(
                 "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'next_annotation_id'",
