@@ -24,7 +24,7 @@ pub const MAX_COCO_BYTES: u64 = 4 << 30;
 pub const MAX_COCO_BYTES_ENV: &str = "FASTINDEX_MAX_COCO_BYTES";
 
 /// Elements parsed (or checked) between two looks at the stop flag: a few ms of work.
-const STOP_EVERY: usize = 4096;
+pub(super) const STOP_EVERY: usize = 4096;
 
 /// Bytes read between two looks at the stop flag.
 const READ_STEP: usize = 16 << 20;
@@ -315,6 +315,9 @@ fn check<'a>(path: &Path, raw: RawCoco<'a>, stop: &AtomicBool) -> Result<Coco<'a
     }
     let mut cat_ids = HashSet::with_capacity(raw.categories.len());
     for (i, c) in raw.categories.iter().enumerate() {
+        if stopped(i) {
+            return Err(Error::Cancelled);
+        }
         if !cat_ids.insert(c.id) {
             return Err(Error::coco(
                 path,

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::slice::ParallelSliceMut;
 
-use super::parse::Coco;
+use super::parse::{Coco, STOP_EVERY};
 use super::paths::normalise;
 use crate::error::{Error, Result};
 
@@ -37,13 +37,13 @@ impl Plan {
         let mut listed: Vec<(String, u32)> = Vec::with_capacity(coco.images.len());
         let mut refused = Vec::new();
         for (i, im) in coco.images.iter().enumerate() {
+            if i % STOP_EVERY == 0 && stop.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
             match normalise(&im.file_name) {
                 Ok(name) => listed.push((name, i as u32)),
                 Err(reason) => refused.push((i as u32, reason)),
             }
-        }
-        if stop.load(Ordering::Relaxed) {
-            return Err(Error::Cancelled);
         }
         // In name order, so that new rows (and their boxes) append to the indexes.
         crate::pools::cpu_pool().install(|| listed.par_sort_unstable());
