@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use rusqlite::params;
@@ -212,7 +213,7 @@ impl Store {
                 self.pause();
             }
             let tx = self.immediate()?;
-            let began = std::time::Instant::now();
+            let began = Instant::now();
             if file_id.is_none() {
                 file_id = Some(
                     tx.query_row(
@@ -257,7 +258,7 @@ impl Store {
     /// checkpoint work the commits were spared; it runs beside other writers (PASSIVE takes
     /// no write lock), and a checkpoint that fails only leaves the log longer.
     fn pause(&mut self) {
-        let began = std::time::Instant::now();
+        let began = Instant::now();
         let _ = self
             .conn
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
@@ -277,6 +278,9 @@ impl Store {
     ) -> Result<()> {
         let mut cur = Cursor::default();
         let mut base = 0;
+        // How long the store has been held since the last pause (transactions back to back
+        // look like one to a writer waiting), and when it was last let go.
+        let (mut held, mut let_go) = (Duration::ZERO, Instant::now());
         while base < plan.names.len() {
             // No transaction is open while waiting for the looker.
             let Ok(found) = found_rx.recv() else {
@@ -291,9 +295,15 @@ impl Store {
                 if stop.load(Ordering::Relaxed) {
                     return Err(Error::Cancelled);
                 }
-                self.write_some(t, coco, plan, &found, base, &mut cur, tally)?;
-                if cur.busy(plan.names.len()) {
+                if let_go.elapsed() >= TX_PAUSE {
+                    held = Duration::ZERO; // waiting for the looker was a pause
+                }
+                let budget = TX_TIME.saturating_sub(held);
+                held += self.write_some(t, coco, plan, &found, base, &mut cur, tally, budget)?;
+                let_go = Instant::now();
+                if held >= TX_TIME && cur.busy(plan.names.len()) {
                     self.pause();
+                    held = Duration::ZERO;
                 }
             }
             base = end;

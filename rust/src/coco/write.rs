@@ -12,7 +12,8 @@ use super::plan::Plan;
 use crate::db::{bump, multi_row_insert, Store, FAILED, INDEXED};
 use crate::error::{Error, Result, StoreContext};
 
-/// A write transaction ends after this long (or `TX_ROWS` rows)...
+/// The store is held for this long at most (or `TX_ROWS` rows) in one transaction, or in
+/// transactions back to back (one per chunk of files looked at)...
 pub const TX_TIME: Duration = Duration::from_millis(60);
 const TX_ROWS: usize = 65_536;
 
@@ -119,6 +120,7 @@ impl Cursor {
 /// One transaction's statements and budget.
 struct Step<'t> {
     began: Instant,
+    budget: Duration,
     rows: usize,
     boxes: Vec<ToSqlOutput<'t>>,
     next_id: i64,
@@ -128,13 +130,14 @@ impl Step<'_> {
     /// The budget counts from when the lock was taken, and every transaction writes at
     /// least one row: waiting for the store never leaves the ingest without progress.
     fn spent(&self) -> bool {
-        self.rows > 0 && (self.rows >= TX_ROWS || self.began.elapsed() >= TX_TIME)
+        self.rows > 0 && (self.rows >= TX_ROWS || self.began.elapsed() >= self.budget)
     }
 }
 
 impl Store {
-    /// One transaction: from `cur` on, until the budget is spent or the names before
+    /// One transaction: from `cur` on, until `budget` is spent or the names before
     /// `base + found.len()` are written. Rows, their counters and boxes commit together.
+    /// Returns how long it held the store.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn write_some<'c>(
         &mut self,
@@ -145,7 +148,8 @@ impl Store {
         base: usize,
         cur: &mut Cursor,
         tally: &mut Tally,
-    ) -> Result<()> {
+        budget: Duration,
+    ) -> Result<Duration> {
         let path = self.path.clone();
         let tx = self.immediate()?;
         let began = Instant::now();
@@ -160,6 +164,7 @@ impl Store {
             .unwrap_or(1);
         let mut step = Step {
             began,
+            budget,
             rows: 0,
             boxes: Vec::with_capacity(ROWS_PER_STATEMENT * ANNOTATION_COLUMNS.len()),
             next_id,
@@ -268,7 +273,7 @@ impl Store {
         bump(&tx, t.dataset_id, t.job_id, FAILED, n_failed).store(&path)?;
         tx.commit().store(&path)?;
         tally.absorb(done);
-        Ok(())
+        Ok(began.elapsed())
     }
 }
 
