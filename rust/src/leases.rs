@@ -1,14 +1,21 @@
 //! Leases: which process runs a phase of a dataset, renewed by heartbeat and taken over
 //! when its holder is gone.
 
-use rusqlite::{params, OptionalExtension};
+use std::collections::HashMap;
 
-use crate::db::{now, Store};
-use crate::error::{Result, StoreContext};
+use rusqlite::{params, OptionalExtension, Transaction};
+
+use crate::db::{bump_moves, now, tally, Store, EMBEDDING, INDEXED};
+use crate::error::{Error, Result, StoreContext};
 
 impl Store {
     /// Take (or keep) the right to run `phase` for a dataset. A lease whose holder has not
-    /// renewed it within `ttl` seconds is taken over. Returns whether `owner` holds it now.
+    /// renewed it within `ttl` seconds, or whose holder is a process of this host that is
+    /// gone, is taken over. Returns whether `owner` holds it now.
+    ///
+    /// Taking over the `embed` lease puts the previous holder's `embedding` rows back to
+    /// `indexed` in the same transaction, so a late commit of the old holder (refused by
+    /// `finish_embeddings(owner=...)`) can never land after another has claimed them.
     pub fn acquire_lease(
         &mut self,
         dataset_id: i64,
@@ -27,9 +34,13 @@ impl Store {
             .optional()
             .store(&path)?;
         let t = now();
-        let free = match held {
-            None => true,
-            Some((o, hb)) => o == owner || t - hb > ttl || holder_is_gone(&o),
+        let (free, taken_from_another) = match &held {
+            None => (true, true),
+            Some((o, _)) if o == owner => (true, false),
+            Some((o, hb)) => {
+                let stale = t - hb > ttl || holder_is_gone(o);
+                (stale, stale)
+            }
         };
         if free {
             tx.execute(
@@ -38,9 +49,37 @@ impl Store {
                 params![dataset_id, phase, owner, t],
             )
             .store(&path)?;
+            if taken_from_another && phase == EMBED_PHASE {
+                release_all_claims(&tx, dataset_id).store(&path)?;
+            }
         }
         tx.commit().store(&path)?;
         Ok(free)
+    }
+
+    /// Renew `owner`'s lease on `phase`: only if `owner` still holds it (it never takes one
+    /// over or takes a free one). Returns whether it did. `ttl` is the time-to-live the caller
+    /// works under; a holder that renews within it keeps the lease.
+    pub fn renew_lease(
+        &mut self,
+        dataset_id: i64,
+        phase: &str,
+        owner: &str,
+        ttl: f64,
+    ) -> Result<bool> {
+        if !ttl.is_finite() || ttl <= 0.0 {
+            return Err(Error::InvalidArgument(format!(
+                "lease ttl must be a positive number of seconds, got {ttl}"
+            )));
+        }
+        let n = self
+            .conn
+            .execute(
+                "UPDATE leases SET heartbeat = ?4 WHERE dataset_id = ?1 AND phase = ?2 AND owner = ?3",
+                params![dataset_id, phase, owner, now()],
+            )
+            .store(&self.path)?;
+        Ok(n > 0)
     }
 
     pub fn release_lease(&mut self, dataset_id: i64, phase: &str, owner: &str) -> Result<()> {
@@ -52,6 +91,49 @@ impl Store {
             .store(&self.path)?;
         Ok(())
     }
+}
+
+/// The lease phase whose holder has rows claimed (`embedding`).
+pub(crate) const EMBED_PHASE: &str = "embed";
+
+/// Inside a write transaction: fail with `LeaseLost` unless `owner` holds `phase`'s lease of
+/// the dataset, and renew it (the commit is proof of life). Call it before writing anything,
+/// so a lost lease leaves the transaction empty.
+pub(crate) fn hold_lease(
+    tx: &Transaction<'_>,
+    path: &str,
+    dataset_id: i64,
+    phase: &str,
+    owner: &str,
+) -> Result<()> {
+    let n = tx
+        .execute(
+            "UPDATE leases SET heartbeat = ?4 WHERE dataset_id = ?1 AND phase = ?2 AND owner = ?3",
+            params![dataset_id, phase, owner, now()],
+        )
+        .store(path)?;
+    if n == 0 {
+        return Err(Error::LeaseLost {
+            path: path.to_string(),
+            dataset_id,
+            phase: phase.to_string(),
+            owner: owner.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Every `embedding` row of the dataset back to `indexed`, counters included.
+pub(crate) fn release_all_claims(tx: &Transaction<'_>, dataset_id: i64) -> rusqlite::Result<u64> {
+    let mut moves: HashMap<i64, i64> = HashMap::new();
+    {
+        let mut st = tx.prepare_cached(
+            "UPDATE samples SET status = 'indexed' WHERE dataset_id = ?1 AND status = 'embedding' RETURNING job_id",
+        )?;
+        tally(&mut st.query([dataset_id])?, &mut moves)?;
+    }
+    bump_moves(tx, dataset_id, EMBEDDING, INDEXED, &moves)?;
+    Ok(moves.values().sum::<i64>() as u64)
 }
 
 /// True when a lease owner named `host:pid:...` ran on this machine and that process is gone

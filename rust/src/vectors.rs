@@ -8,6 +8,7 @@ use rusqlite::params;
 
 use crate::db::{bump_moves, tally, Store, EMBEDDING, FAILED, INDEXED, READY};
 use crate::error::{Error, Result, StoreContext};
+use crate::leases::{hold_lease, release_all_claims, EMBED_PHASE};
 
 impl Store {
     /// The id of a model, registered on first use. A second model's embeddings live beside
@@ -85,15 +86,22 @@ impl Store {
     /// Move up to `limit` `indexed` rows with id above `after` to `embedding` and return
     /// `(id, absolute path)` in id order. Callers keep the last id as a cursor, so a claim
     /// never rescans the rows already done (pass 0 for a final sweep).
+    ///
+    /// With `owner`, the claim is made only while `owner` holds the dataset's `embed` lease
+    /// (checked and renewed in the same transaction), else `LeaseLost` and nothing changes.
     pub fn claim_for_embedding(
         &mut self,
         dataset_id: i64,
         limit: usize,
         after: i64,
+        owner: Option<&str>,
     ) -> Result<Vec<(i64, PathBuf)>> {
         let roots = self.root_paths(dataset_id)?;
         let path = self.path.clone();
         let tx = self.immediate()?;
+        if let Some(owner) = owner {
+            hold_lease(&tx, &path, dataset_id, EMBED_PHASE, owner)?;
+        }
         let mut out = Vec::new();
         let mut moves: HashMap<i64, i64> = HashMap::new();
         {
@@ -130,6 +138,10 @@ impl Store {
 
     /// Store a batch: `vectors` holds `ids.len() * dim` float16 values (little-endian); each
     /// row goes `embedding` -> `ready`. `failed` rows go to `failed` with their reason.
+    ///
+    /// With `owner`, the batch is written only while `owner` holds the dataset's `embed`
+    /// lease (checked and renewed in the same transaction), else `LeaseLost` and nothing is
+    /// written: the rows were given back when another process took the lease over.
     pub fn finish_embeddings(
         &mut self,
         dataset_id: i64,
@@ -137,6 +149,7 @@ impl Store {
         ids: &[i64],
         vectors: &[u8],
         failed: &[(i64, String)],
+        owner: Option<&str>,
     ) -> Result<()> {
         let dim: i64 = self
             .conn
@@ -155,6 +168,9 @@ impl Store {
         }
         let path = self.path.clone();
         let tx = self.immediate()?;
+        if let Some(owner) = owner {
+            hold_lease(&tx, &path, dataset_id, EMBED_PHASE, owner)?;
+        }
         let mut ready: HashMap<i64, i64> = HashMap::new();
         let mut bad: HashMap<i64, i64> = HashMap::new();
         {
@@ -194,12 +210,9 @@ impl Store {
         {
             match ids {
                 None => {
-                    let mut st = tx
-                        .prepare_cached(
-                            "UPDATE samples SET status = 'indexed' WHERE dataset_id = ?1 AND status = 'embedding' RETURNING job_id",
-                        )
-                        .store(&path)?;
-                    tally(&mut st.query([dataset_id]).store(&path)?, &mut moves).store(&path)?;
+                    let n = release_all_claims(&tx, dataset_id).store(&path)?;
+                    tx.commit().store(&path)?;
+                    return Ok(n);
                 }
                 Some(ids) => {
                     let mut st = tx

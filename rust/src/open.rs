@@ -1,0 +1,400 @@
+//! Opening a store: recognise the file before anything is written to it, then create or
+//! migrate the schema in one transaction that concurrent first opens take in turn.
+
+use std::ffi::CString;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+
+use crate::db::Store;
+use crate::error::{Error, Result, StoreContext};
+use crate::schema::{APPLICATION_ID, MIGRATIONS, SCHEMA, SCHEMA_VERSION};
+
+const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+/// What the file's tables say it is.
+enum Kind {
+    /// No tables yet: a new store (or an empty file), ours to create.
+    Empty,
+    /// A fastindex store of this schema version.
+    Store(i64),
+    /// Another application's database.
+    Foreign,
+}
+
+impl Store {
+    /// Open (or create) the store at `path`.
+    ///
+    /// The file is recognised before anything is written to it: a folder, a file that is not
+    /// SQLite, a damaged (truncated) store, a store this process cannot write and another
+    /// application's SQLite file each fail with a one-line error naming the file, and the file
+    /// is left exactly as it was (its journal mode included). A store of an older schema
+    /// version is migrated in place; a newer one is refused. Concurrent first opens of a new
+    /// store all succeed and create one schema.
+    pub fn open(path: &str) -> Result<Store> {
+        if path.is_empty() {
+            return Err(Error::InvalidArgument("db: empty path".into()));
+        }
+        let exists = look_at_file(path)?;
+        let flags = if exists {
+            // Never create: a file removed since we looked is an error, not a new store.
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        };
+        let conn = Connection::open_with_flags(path, flags).map_err(|e| opening(path, e))?;
+        conn.busy_timeout(std::time::Duration::from_secs(60))
+            .store(path)?;
+        // A read of the tables writes nothing; only a file known to be ours is switched to WAL.
+        if let Kind::Foreign = kind(&conn).map_err(|e| opening(path, e))? {
+            return Err(Error::NotAStore(path.to_string()));
+        }
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| opening(path, e))?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .store(path)?;
+        conn.pragma_update(None, "temp_store", "MEMORY")
+            .store(path)?;
+        conn.pragma_update(None, "cache_size", -65536).store(path)?;
+        let mut store = Store::from_connection(path, conn);
+        store.create_or_migrate()?;
+        Ok(store)
+    }
+
+    /// Create the schema, or migrate an older one, inside one IMMEDIATE transaction: the
+    /// first of several concurrent openers does the work, the others find it done.
+    fn create_or_migrate(&mut self) -> Result<()> {
+        let path = self.path.clone();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| opening(&path, e))?;
+        match kind(&tx).map_err(|e| opening(&path, e))? {
+            Kind::Foreign => return Err(Error::NotAStore(path)),
+            Kind::Store(v) if v == SCHEMA_VERSION => return Ok(()),
+            Kind::Store(found) if found > SCHEMA_VERSION || found < 1 => {
+                return Err(Error::SchemaVersion {
+                    path,
+                    found,
+                    expected: SCHEMA_VERSION,
+                })
+            }
+            Kind::Store(found) => {
+                for (from, sql) in MIGRATIONS {
+                    if *from >= found {
+                        tx.execute_batch(sql).store(&path)?;
+                    }
+                }
+            }
+            Kind::Empty => {
+                tx.execute_batch(SCHEMA).store(&path)?;
+            }
+        }
+        tx.pragma_update(None, "application_id", APPLICATION_ID)
+            .store(&path)?;
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [SCHEMA_VERSION.to_string()],
+        )
+        .store(&path)?;
+        tx.commit().store(&path)
+    }
+}
+
+/// What the tables of the database on `conn` say it is.
+fn kind(conn: &Connection) -> rusqlite::Result<Kind> {
+    let tables: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'",
+        [],
+        |r| r.get(0),
+    )?;
+    if tables == 0 {
+        return Ok(Kind::Empty);
+    }
+    let has_meta: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_meta {
+        return Ok(Kind::Foreign);
+    }
+    let version: Option<String> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })?;
+    Ok(match version {
+        Some(v) => Kind::Store(v.parse::<i64>().unwrap_or(-1)),
+        None => Kind::Foreign,
+    })
+}
+
+/// Look at `path` with plain file calls (no SQLite yet, so nothing is created or changed).
+/// Returns whether the file exists; fails on anything that cannot be a writable store.
+fn look_at_file(path: &str) -> Result<bool> {
+    let p = Path::new(path);
+    let bad = |reason: &str| Error::BadStore {
+        path: path.to_string(),
+        reason: reason.to_string(),
+    };
+    let meta = match std::fs::metadata(p) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let dir = match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            return match std::fs::metadata(dir) {
+                Ok(d) if d.is_dir() => {
+                    writable(dir).map_err(|e| {
+                        bad(&format!(
+                            "cannot create the store: its folder is not writable ({e})"
+                        ))
+                    })?;
+                    Ok(false)
+                }
+                Ok(_) => Err(bad("cannot create the store: its folder is not a folder")),
+                Err(e) => Err(bad(&format!(
+                    "cannot create the store: its folder is missing ({})",
+                    short(&e)
+                ))),
+            };
+        }
+        Err(e) => return Err(bad(&short(&e))),
+    };
+    if meta.is_dir() {
+        return Err(bad("is a folder, not a store file; name a file inside it"));
+    }
+    if !meta.is_file() {
+        return Err(bad("not a regular file"));
+    }
+    let mut head = [0u8; 100];
+    let n = read_up_to(p, &mut head).map_err(|e| bad(&short(&e)))?;
+    if n == 0 {
+        // An empty file is a new database to SQLite: ours to create in.
+        writable(p).map_err(|e| bad(&read_only(&e)))?;
+        return Ok(true);
+    }
+    if n < SQLITE_MAGIC.len() || &head[..SQLITE_MAGIC.len()] != SQLITE_MAGIC {
+        return Err(bad(
+            "not a fastindex store (not an SQLite database); choose another file",
+        ));
+    }
+    if n < head.len() {
+        return Err(bad(&format!(
+            "the store is damaged (truncated to {n} bytes)"
+        )));
+    }
+    if let Some(expected) = header_size(&head) {
+        // Only a quiet store (no write-ahead log in use) has its full size in the main file.
+        let wal_len = std::fs::metadata(format!("{path}-wal")).map_or(0, |m| m.len());
+        if wal_len == 0 && meta.len() < expected {
+            return Err(bad(&format!(
+                "the store is damaged (truncated: {} bytes, its header says {expected})",
+                meta.len()
+            )));
+        }
+    }
+    // Refuse before SQLite opens it: a read-only open would leave a `-shm` file with the
+    // store's read-only mode behind, and the store's owner could not open it afterwards.
+    writable(p).map_err(|e| bad(&read_only(&e)))?;
+    let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
+    let shm_exists = std::fs::metadata(format!("{path}-shm")).is_ok();
+    if !shm_exists {
+        if let Err(e) = writable(dir.unwrap_or(Path::new("."))) {
+            return Err(bad(&format!(
+                "its folder is not writable ({e}); fastindex keeps its write-ahead log beside the store"
+            )));
+        }
+    }
+    Ok(true)
+}
+
+fn read_only(e: &str) -> String {
+    format!("the store is read-only ({e}); fastindex needs to write it")
+}
+
+/// The database size the SQLite header records, in bytes, when the header vouches for it.
+fn header_size(head: &[u8; 100]) -> Option<u64> {
+    let be32 = |at: usize| u32::from_be_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
+    let page_size = match u16::from_be_bytes([head[16], head[17]]) {
+        1 => 65_536u64,
+        n if n >= 512 && n.is_power_of_two() => u64::from(n),
+        _ => return None,
+    };
+    let pages = be32(28);
+    // The page count is valid only when written by a SQLite that keeps it (3.7.0+).
+    (pages > 0 && be32(24) == be32(92)).then(|| u64::from(pages) * page_size)
+}
+
+fn read_up_to(p: &Path, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut f = std::fs::File::open(p)?;
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// `Ok` when this process may write `p` (`access(2)`: the real permissions, a read-only
+/// mount included; root passes permission bits but not a read-only mount).
+fn writable(p: &Path) -> std::result::Result<(), String> {
+    let c = CString::new(p.as_os_str().as_bytes()).map_err(|_| "path holds a NUL byte".to_string())?;
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0 {
+        Ok(())
+    } else {
+        Err(short(&std::io::Error::last_os_error()))
+    }
+}
+
+/// An I/O error as a short lowercase phrase (no "(os error N)").
+fn short(e: &std::io::Error) -> String {
+    let msg = e.to_string();
+    msg.split(" (os error")
+        .next()
+        .unwrap_or(&msg)
+        .to_lowercase()
+}
+
+/// A SQLite error met while opening: damage and permission problems get a plain reason.
+fn opening(path: &str, e: rusqlite::Error) -> Error {
+    use rusqlite::ErrorCode::{CannotOpen, DatabaseCorrupt, NotADatabase, ReadOnly};
+    let reason = match e.sqlite_error_code() {
+        Some(DatabaseCorrupt) => "the store is damaged (database disk image is malformed)",
+        Some(NotADatabase) => "not a fastindex store (not an SQLite database); choose another file",
+        Some(ReadOnly) => "the store is read-only; fastindex needs to write it",
+        Some(CannotOpen) => "cannot open the store file (check the file and its folder)",
+        _ => {
+            return Error::Store {
+                path: path.to_string(),
+                source: e,
+            }
+        }
+    };
+    Error::BadStore {
+        path: path.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fresh() -> (tempfile::TempDir, String) {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("s.db").to_str().unwrap().to_string();
+        (t, p)
+    }
+
+    #[test]
+    fn a_foreign_database_is_left_as_it_was() {
+        let (_t, p) = fresh();
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch("CREATE TABLE notes (x); INSERT INTO notes VALUES (1);")
+                .unwrap();
+        }
+        let before = std::fs::read(&p).unwrap();
+        assert!(matches!(Store::open(&p), Err(Error::NotAStore(_))));
+        assert_eq!(std::fs::read(&p).unwrap(), before);
+        let c = Connection::open(&p).unwrap();
+        let mode: String = c
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "delete");
+        assert!(!Path::new(&format!("{p}-wal")).exists());
+    }
+
+    #[test]
+    fn folders_junk_and_truncated_stores_are_refused() {
+        let (t, p) = fresh();
+        let err = Store::open(t.path().to_str().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("is a folder"), "{err}");
+        std::fs::write(&p, vec![b'x'; 4096]).unwrap();
+        let err = Store::open(&p).unwrap_err();
+        assert!(err.to_string().contains("not an SQLite database"), "{err}");
+        std::fs::remove_file(&p).unwrap();
+        {
+            let mut s = Store::open(&p).unwrap();
+            s.create_dataset("d").unwrap();
+        }
+        let len = std::fs::metadata(&p).unwrap().len();
+        assert!(len > 8192);
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.set_len(len / 2).unwrap();
+        let err = Store::open(&p).unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
+        assert!(err.to_string().contains(&p), "{err}");
+    }
+
+    #[test]
+    fn a_version_1_store_is_migrated_in_place() {
+        let (_t, p) = fresh();
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(SCHEMA).unwrap();
+            // version 1 had no job heartbeat and no dataset high-water mark
+            c.execute_batch(
+                "ALTER TABLE jobs DROP COLUMN heartbeat;
+                 INSERT INTO meta VALUES ('schema_version', '1');
+                 INSERT INTO datasets (id, name, created_at) VALUES (7, 'old', 0);
+                 INSERT INTO jobs (dataset_id, kind, source, created_at, running_owner)
+                     VALUES (7, 'images', '/x', 0, 'elsewhere:1');",
+            )
+            .unwrap();
+        }
+        let mut s = Store::open(&p).unwrap();
+        assert_eq!(s.find_dataset("old").unwrap().unwrap().id, 7);
+        // the old job's marker is judged by time now: long stale
+        assert!(s.progress(7, None).unwrap().is_complete());
+        s.delete_dataset(7).unwrap();
+        assert_eq!(s.create_dataset("new").unwrap(), 8);
+        let v: String = s
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION.to_string());
+        drop(s);
+        Store::open(&p).unwrap();
+    }
+
+    #[test]
+    fn concurrent_first_opens_all_succeed() {
+        for _ in 0..10 {
+            let (_t, p) = fresh();
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let p = p.clone();
+                    std::thread::spawn(move || {
+                        let mut s = Store::open(&p)?;
+                        s.find_or_create_dataset("images")
+                    })
+                })
+                .collect();
+            let ids: Vec<(i64, bool)> = handles
+                .into_iter()
+                .map(|h| h.join().unwrap().unwrap())
+                .collect();
+            assert!(ids.iter().all(|(id, _)| *id == ids[0].0));
+            assert_eq!(ids.iter().filter(|(_, created)| *created).count(), 1);
+        }
+    }
+}
