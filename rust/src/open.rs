@@ -5,6 +5,7 @@ use std::ffi::CString;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
@@ -13,6 +14,14 @@ use crate::error::{Error, Result, StoreContext};
 use crate::schema::{APPLICATION_ID, MIGRATIONS, SCHEMA, SCHEMA_VERSION};
 
 const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+/// How long a connection waits for another writer before it fails.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn is_busy(e: &Error) -> bool {
+    use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked};
+    matches!(e, Error::Store { source, .. }
+        if matches!(source.sqlite_error_code(), Some(DatabaseBusy | DatabaseLocked)))
+}
 
 /// What the file's tables say it is.
 enum Kind {
@@ -38,6 +47,20 @@ impl Store {
             return Err(Error::InvalidArgument("db: empty path".into()));
         }
         let exists = look_at_file(path)?;
+        // Switching a new file to WAL can answer "locked" at once, without waiting on the
+        // busy handler, while another process creates the same store: try again then.
+        let deadline = Instant::now() + BUSY_TIMEOUT;
+        loop {
+            match Store::open_checked(path, exists) {
+                Err(e) if is_busy(&e) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                done => return done,
+            }
+        }
+    }
+
+    fn open_checked(path: &str, exists: bool) -> Result<Store> {
         let flags = if exists {
             // Never create: a file removed since we looked is an error, not a new store.
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX
@@ -47,8 +70,7 @@ impl Store {
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX
         };
         let conn = Connection::open_with_flags(path, flags).map_err(|e| opening(path, e))?;
-        conn.busy_timeout(std::time::Duration::from_secs(60))
-            .store(path)?;
+        conn.busy_timeout(BUSY_TIMEOUT).store(path)?;
         // A read of the tables writes nothing; only a file known to be ours is switched to WAL.
         if let Kind::Foreign = kind(&conn).map_err(|e| opening(path, e))? {
             return Err(Error::NotAStore(path.to_string()));
