@@ -620,3 +620,30 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod stale_tests {
+    use super::*;
+
+    #[test]
+    fn marks_written_elsewhere_are_seen() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("s.db");
+        let p = p.to_str().unwrap();
+        std::fs::create_dir(t.path().join("r")).unwrap();
+        std::fs::write(t.path().join("r/a.png"), b"x").unwrap();
+        let mut s = Store::open(p).unwrap();
+        let d = s.create_dataset("a").unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        s.scan(d, &t.path().join("r"), false, false, &stop).unwrap();
+        let other = Connection::open(p).unwrap();
+        other
+            .execute("UPDATE jobs SET running_owner = 'h:1:x', heartbeat = ?1", [now() - 5.0])
+            .unwrap();
+        assert!(!s.progress(1, None).unwrap().is_complete());
+        other
+            .execute("UPDATE counts SET n = n + 100", [])
+            .unwrap();
+        assert_eq!(s.progress(1, None).unwrap().total(), 101);
+    }
+}

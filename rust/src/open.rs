@@ -2,7 +2,6 @@
 //! migrate the schema in one transaction that concurrent first opens take in turn.
 
 use std::ffi::CString;
-use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -13,7 +12,6 @@ use crate::db::Store;
 use crate::error::{Error, Result, StoreContext};
 use crate::schema::{APPLICATION_ID, MIGRATIONS, SCHEMA, SCHEMA_VERSION};
 
-const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
 /// How long a connection waits for another writer before it fails.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -201,39 +199,16 @@ fn look_at_file(path: &str) -> Result<bool> {
     if !meta.is_file() {
         return Err(bad("not a regular file"));
     }
-    let mut head = [0u8; 100];
-    let n = read_up_to(p, &mut head).map_err(|e| bad(&short(&e)))?;
-    if n == 0 {
-        // An empty file is a new database to SQLite: ours to create in.
-        writable(p).map_err(|e| bad(&read_only(&e)))?;
-        return Ok(true);
-    }
-    if n < SQLITE_MAGIC.len() || &head[..SQLITE_MAGIC.len()] != SQLITE_MAGIC {
-        return Err(bad(
-            "not a fastindex store (not an SQLite database); choose another file",
-        ));
-    }
-    if n < head.len() {
-        return Err(bad(&format!(
-            "the store is damaged (truncated to {n} bytes)"
-        )));
-    }
-    if let Some(expected) = header_size(&head) {
-        // Only a quiet store (no write-ahead log in use) has its full size in the main file.
-        let wal_len = std::fs::metadata(format!("{path}-wal")).map_or(0, |m| m.len());
-        if wal_len == 0 && meta.len() < expected {
-            return Err(bad(&format!(
-                "the store is damaged (truncated: {} bytes, its header says {expected})",
-                meta.len()
-            )));
-        }
-    }
-    // Refuse before SQLite opens it: a read-only open would leave a `-shm` file with the
-    // store's read-only mode behind, and the store's owner could not open it afterwards.
+    // Nothing here opens the file itself: closing any descriptor of it would drop the locks
+    // SQLite holds on it for this process's other connections (sqlite.org/howtocorrupt,
+    // 2.2), so its content is judged by SQLite (not SQLite, damaged, truncated: see
+    // `opening`).
+    //
+    // Refuse a file we may not write before SQLite opens it: a read-only open would leave a
+    // `-shm` file with the store's read-only mode behind, which then kept its owner out.
     writable(p).map_err(|e| bad(&read_only(&e)))?;
-    let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
-    let shm_exists = std::fs::metadata(format!("{path}-shm")).is_ok();
-    if !shm_exists {
+    if meta.len() > 0 && std::fs::metadata(format!("{path}-shm")).is_err() {
+        let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
         if let Err(e) = writable(dir.unwrap_or(Path::new("."))) {
             return Err(bad(&format!(
                 "its folder is not writable ({e}); fastindex keeps its write-ahead log beside the store"
@@ -245,31 +220,6 @@ fn look_at_file(path: &str) -> Result<bool> {
 
 fn read_only(e: &str) -> String {
     format!("the store is read-only ({e}); fastindex needs to write it")
-}
-
-/// The database size the SQLite header records, in bytes, when the header vouches for it.
-fn header_size(head: &[u8; 100]) -> Option<u64> {
-    let be32 = |at: usize| u32::from_be_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
-    let page_size = match u16::from_be_bytes([head[16], head[17]]) {
-        1 => 65_536u64,
-        n if n >= 512 && n.is_power_of_two() => u64::from(n),
-        _ => return None,
-    };
-    let pages = be32(28);
-    // The page count is valid only when written by a SQLite that keeps it (3.7.0+).
-    (pages > 0 && be32(24) == be32(92)).then(|| u64::from(pages) * page_size)
-}
-
-fn read_up_to(p: &Path, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut f = std::fs::File::open(p)?;
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 /// `Ok` when this process may write `p` (`access(2)`: the real permissions, a read-only
@@ -297,7 +247,11 @@ fn short(e: &std::io::Error) -> String {
 fn opening(path: &str, e: rusqlite::Error) -> Error {
     use rusqlite::ErrorCode::{CannotOpen, DatabaseCorrupt, NotADatabase, ReadOnly};
     let reason = match e.sqlite_error_code() {
-        Some(DatabaseCorrupt) => "the store is damaged (database disk image is malformed)",
+        // SQLite checks the size its header records against the file's: a truncated store
+        // lands here too.
+        Some(DatabaseCorrupt) => {
+            "the store is damaged (truncated or overwritten: database disk image is malformed)"
+        }
         Some(NotADatabase) => "not a fastindex store (not an SQLite database); choose another file",
         Some(ReadOnly) => "the store is read-only; fastindex needs to write it",
         Some(CannotOpen) => "cannot open the store file (check the file and its folder)",
@@ -361,7 +315,7 @@ mod tests {
         let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
         f.set_len(len / 2).unwrap();
         let err = Store::open(&p).unwrap_err();
-        assert!(err.to_string().contains("truncated"), "{err}");
+        assert!(err.to_string().contains("damaged"), "{err}");
         assert!(err.to_string().contains(&p), "{err}");
     }
 

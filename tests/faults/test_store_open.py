@@ -71,7 +71,7 @@ def test_another_applications_database_is_left_untouched(
     assert (mode[0], rows) == (journal_mode, ["ada"])
 
 
-def test_a_folder_junk_and_an_empty_name(tmp_path: Path) -> None:
+def test_a_folder_and_junk(tmp_path: Path) -> None:
     folder = tmp_path / "store.db"
     folder.mkdir()
     assert_refused(folder, "is a folder")
@@ -82,7 +82,11 @@ def test_a_folder_junk_and_an_empty_name(tmp_path: Path) -> None:
     assert snapshot(junk) == before
     short = tmp_path / "short.db"
     short.write_bytes(b"SQLite format 3\x00\x10\x00")
-    assert_refused(short, "damaged")
+    assert_refused(short, "not an SQLite database")
+    # an empty file is a new database to SQLite, and so a new store
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    assert fastindex.Dataset.create("a", db=empty).id == 1
 
 
 def test_a_truncated_store(tmp_path: Path) -> None:
@@ -92,7 +96,7 @@ def test_a_truncated_store(tmp_path: Path) -> None:
     assert size > 16 * 4096
     with open(db, "r+b") as f:
         f.truncate(size // 2)
-    assert_refused(db, "truncated")
+    assert_refused(db, "truncated")  # SQLite compares the size in its header with the file
 
 
 def test_a_store_whose_first_page_is_overwritten(tmp_path: Path) -> None:
@@ -236,3 +240,16 @@ def test_a_version_1_store_is_migrated_in_place(tmp_path: Path) -> None:
     # the high-water mark starts at the highest id there was
     ds.delete()
     assert fastindex.Dataset.create("b", db=db).id == 4
+
+
+def test_opening_again_in_this_process_keeps_the_first_connection_seeing(
+    tmp_path: Path, db: Path
+) -> None:
+    """Recognising a file must not open it outside SQLite: closing that descriptor would drop
+    the locks SQLite holds for this process's other connections, and a writer in another
+    process could then reset the log under them (they would go on reading an old store)."""
+    ds = fastindex.Dataset.create("a", db=db)
+    for i in range(3):
+        fastindex.list_datasets(db=db)  # another connection opened and closed here
+        sql(db, ("INSERT INTO datasets (name, created_at) VALUES (?, 0)", [f"x{i}"]), write=True)
+        assert len(ds._store.list_datasets()) == 2 + i
