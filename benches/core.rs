@@ -67,9 +67,7 @@ fn main() {
         .expect("insert");
     let done = AtomicU64::new(0);
     let t = Instant::now();
-    let n = store
-        .probe_pending(ds2, &stop, &done, None)
-        .expect("probe");
+    let n = store.probe_pending(ds2, &stop, &done, None).expect("probe");
     rows.push((
         "probe_pending, pipelined (= phase 2)",
         t.elapsed(),

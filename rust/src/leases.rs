@@ -74,10 +74,7 @@ impl Store {
         }
         let n = self
             .conn
-            .execute(
-                "UPDATE leases SET heartbeat = ?4 WHERE dataset_id = ?1 AND phase = ?2 AND owner = ?3",
-                params![dataset_id, phase, owner, now()],
-            )
+            .execute(RENEW_LEASE, params![dataset_id, phase, owner, now()])
             .store(&self.path)?;
         Ok(n > 0)
     }
@@ -93,6 +90,10 @@ impl Store {
     }
 }
 
+/// Renew a lease only if its owner still holds it: `(dataset_id, phase, owner, now)`.
+pub(crate) const RENEW_LEASE: &str =
+    "UPDATE leases SET heartbeat = ?4 WHERE dataset_id = ?1 AND phase = ?2 AND owner = ?3";
+
 /// The lease phase whose holder has rows claimed (`embedding`).
 pub(crate) const EMBED_PHASE: &str = "embed";
 
@@ -107,10 +108,7 @@ pub(crate) fn hold_lease(
     owner: &str,
 ) -> Result<()> {
     let n = tx
-        .execute(
-            "UPDATE leases SET heartbeat = ?4 WHERE dataset_id = ?1 AND phase = ?2 AND owner = ?3",
-            params![dataset_id, phase, owner, now()],
-        )
+        .execute(RENEW_LEASE, params![dataset_id, phase, owner, now()])
         .store(path)?;
     if n == 0 {
         return Err(Error::LeaseLost {
@@ -170,6 +168,7 @@ pub fn local_host() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::{EMBEDDING, INDEXED};
 
     #[test]
     fn leases() {
@@ -189,5 +188,148 @@ mod tests {
         let live = format!("{host}:{}:x", std::process::id());
         assert!(s.acquire_lease(3, "embed", &live, 600.0).unwrap());
         assert!(!s.acquire_lease(3, "embed", "c", 600.0).unwrap());
+    }
+
+    fn store_with_rows(t: &tempfile::TempDir, n: usize) -> (Store, i64) {
+        let root = t.path().join("r");
+        std::fs::create_dir_all(&root).unwrap();
+        for i in 0..n {
+            std::fs::write(root.join(format!("{i}.png")), b"x").unwrap();
+        }
+        let mut s = Store::open(t.path().join("s.db").to_str().unwrap()).unwrap();
+        let d = s.create_dataset("d").unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        s.scan(d, &root, false, false, &stop).unwrap();
+        (s, d)
+    }
+
+    fn statuses(s: &Store, d: i64) -> Vec<(String, i64)> {
+        let mut st = s
+            .conn
+            .prepare("SELECT status, COUNT(*) FROM samples WHERE dataset_id = ?1 GROUP BY status ORDER BY status")
+            .unwrap();
+        st.query_map([d], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn renew_never_takes_over() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = Store::open(t.path().join("s.db").to_str().unwrap()).unwrap();
+        assert!(!s.renew_lease(1, "probe", "a", 10.0).unwrap());
+        assert!(s.acquire_lease(1, "probe", "a", 10.0).unwrap());
+        assert!(s.renew_lease(1, "probe", "a", 10.0).unwrap());
+        assert!(s.acquire_lease(1, "probe", "b", -1.0).unwrap());
+        assert!(!s.renew_lease(1, "probe", "a", 10.0).unwrap());
+        assert!(s.renew_lease(1, "probe", "a", f64::NAN).is_err());
+    }
+
+    #[test]
+    fn a_probe_commit_without_the_lease_writes_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        let (mut s, d) = store_with_rows(&t, 3);
+        let batch = s.pending_batch(d, 0, 10).unwrap();
+        let probed = crate::scan::probe_files(&batch, &[]).unwrap();
+        assert!(s.acquire_lease(d, "probe", "a", 10.0).unwrap());
+        assert!(s.acquire_lease(d, "probe", "b", -1.0).unwrap());
+        let before = statuses(&s, d);
+        assert!(matches!(
+            s.record_probes(d, &probed, Some("a")),
+            Err(Error::LeaseLost { .. })
+        ));
+        assert_eq!(statuses(&s, d), before);
+        assert_eq!(s.progress(d, None).unwrap().count(crate::db::PENDING), 3);
+        s.record_probes(d, &probed, Some("b")).unwrap();
+        assert_eq!(s.progress(d, None).unwrap().count(crate::db::FAILED), 3);
+    }
+
+    #[test]
+    fn taking_over_embed_gives_the_claims_back_at_once() {
+        let t = tempfile::tempdir().unwrap();
+        let (mut s, d) = store_with_rows(&t, 4);
+        // make them `indexed` by hand: the files are not images
+        s.conn
+            .execute_batch(
+                "UPDATE samples SET status = 'indexed'; UPDATE counts SET status = 'indexed';",
+            )
+            .unwrap();
+        let model = s.register_model("m", "p", 2).unwrap();
+        assert!(s.acquire_lease(d, "embed", "old", 10.0).unwrap());
+        let claimed = s.claim_for_embedding(d, 2, 0, Some("old")).unwrap();
+        let ids: Vec<i64> = claimed.iter().map(|(i, _)| *i).collect();
+        assert_eq!(s.progress(d, None).unwrap().count(EMBEDDING), 2);
+        // the same owner renewing keeps its claims
+        assert!(s.acquire_lease(d, "embed", "old", 10.0).unwrap());
+        assert_eq!(s.progress(d, None).unwrap().count(EMBEDDING), 2);
+        assert!(s.acquire_lease(d, "embed", "new", -1.0).unwrap());
+        let p = s.progress(d, None).unwrap();
+        assert_eq!((p.count(EMBEDDING), p.count(INDEXED)), (0, 4));
+        let late = s.finish_embeddings(d, model, &ids, &[0u8; 8], &[], Some("old"));
+        assert!(matches!(late, Err(Error::LeaseLost { .. })));
+        assert!(matches!(
+            s.claim_for_embedding(d, 2, 0, Some("old")),
+            Err(Error::LeaseLost { .. })
+        ));
+        assert_eq!(s.load_embeddings(d, model, 0).unwrap().1.len(), 0);
+        let again = s.claim_for_embedding(d, 10, 0, Some("new")).unwrap();
+        assert_eq!(again.len(), 4);
+    }
+
+    #[test]
+    fn adding_is_judged_by_heartbeat_age() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = Store::open(t.path().join("s.db").to_str().unwrap()).unwrap();
+        let d = s.create_dataset("d").unwrap();
+        let job = s.create_job(d, "images", "/x").unwrap();
+        assert!(!s.progress(d, None).unwrap().is_complete());
+        // a live pid (1 is always there) on this host, silent for longer than the TTL
+        let host = local_host();
+        s.conn
+            .execute(
+                "UPDATE jobs SET running_owner = ?1, heartbeat = ?2 WHERE id = ?3",
+                params![
+                    format!("{host}:1:x"),
+                    now() - 2.0 * crate::schema::JOB_TTL,
+                    job
+                ],
+            )
+            .unwrap();
+        assert!(s.progress(d, None).unwrap().is_complete());
+        // renewed: running again
+        assert_eq!(s.renew_jobs(&format!("{host}:1:x")).unwrap(), 1);
+        assert!(!s.progress(d, None).unwrap().is_complete());
+        // a heartbeat from another connection renews this connection's jobs
+        let j2 = s.create_job(d, "images", "/y").unwrap();
+        s.conn
+            .execute("UPDATE jobs SET heartbeat = 0 WHERE id = ?1", [j2])
+            .unwrap();
+        crate::db::Heartbeat::jobs(&s.path, s.job_owner()).beat();
+        let hb: f64 = s
+            .conn
+            .query_row("SELECT heartbeat FROM jobs WHERE id = ?1", [j2], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert!(hb > now() - 5.0);
+    }
+
+    #[test]
+    fn dataset_ids_are_never_reused() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("s.db");
+        let mut s = Store::open(p.to_str().unwrap()).unwrap();
+        let a = s.create_dataset("a").unwrap();
+        let b = s.create_dataset("b").unwrap();
+        s.delete_dataset(b).unwrap();
+        let c = s.find_or_create_dataset("c").unwrap();
+        assert_eq!(c, (b + 1, true));
+        assert_eq!(s.find_or_create_dataset(" c ").unwrap(), (c.0, false));
+        s.delete_dataset(c.0).unwrap();
+        s.delete_dataset(a).unwrap();
+        drop(s);
+        let mut s = Store::open(p.to_str().unwrap()).unwrap();
+        assert_eq!(s.create_dataset("a").unwrap(), c.0 + 1);
     }
 }

@@ -96,7 +96,7 @@ impl Store {
         match kind(&tx).map_err(|e| opening(&path, e))? {
             Kind::Foreign => return Err(Error::NotAStore(path)),
             Kind::Store(v) if v == SCHEMA_VERSION => return Ok(()),
-            Kind::Store(found) if found > SCHEMA_VERSION || found < 1 => {
+            Kind::Store(found) if !(1..=SCHEMA_VERSION).contains(&found) => {
                 return Err(Error::SchemaVersion {
                     path,
                     found,
@@ -225,7 +225,8 @@ fn read_only(e: &str) -> String {
 /// `Ok` when this process may write `p` (`access(2)`: the real permissions, a read-only
 /// mount included; root passes permission bits but not a read-only mount).
 fn writable(p: &Path) -> std::result::Result<(), String> {
-    let c = CString::new(p.as_os_str().as_bytes()).map_err(|_| "path holds a NUL byte".to_string())?;
+    let c =
+        CString::new(p.as_os_str().as_bytes()).map_err(|_| "path holds a NUL byte".to_string())?;
     // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
     if unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0 {
         Ok(())
@@ -343,9 +344,11 @@ mod tests {
         assert_eq!(s.create_dataset("new").unwrap(), 8);
         let v: String = s
             .conn
-            .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
         assert_eq!(v, SCHEMA_VERSION.to_string());
         drop(s);
