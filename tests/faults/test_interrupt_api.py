@@ -1,8 +1,9 @@
 """Ctrl-C during a long Python API call: the call raises `KeyboardInterrupt` promptly, the store
-is consistent, and running the call again finishes the work.
+is consistent, and running the call again finishes the work. And a store that fails under a
+long call (a full disk) ends it at once with the store's name.
 
-Each case runs the call in a child process on its main thread (where CPython delivers signals)
-and sends it one SIGINT once the call is inside its work.
+Each Ctrl-C case runs the call in a child process on its main thread (where CPython delivers
+signals) and sends it one SIGINT once the call is inside its work.
 """
 
 from __future__ import annotations
@@ -188,7 +189,8 @@ def test_ctrl_c_in_add_samples_from_coco(tmp_path: Path, tree: Path, coco: Path)
     db = run_interrupted("coco", tmp_path, tree, coco)
     assert_consistent(db)
     p = finish(
-        db, lambda ds: ds.add_samples_from_coco(annotations_json=coco, images_path=tree, embed=False)
+        db,
+        lambda ds: ds.add_samples_from_coco(annotations_json=coco, images_path=tree, embed=False),
     )
     assert (p["total"], p["pending"], p["status"]) == (N_FILES, 0, "complete"), p
     assert_consistent(db)
@@ -206,3 +208,39 @@ def test_ctrl_c_in_probe_pending(tmp_path: Path, tree: Path, coco: Path) -> None
     assert store.probe_pending(1) == left["pending"]
     p = assert_consistent(db)
     assert (p["pending"], p["failed"], p["status"]) == (0, N_FILES, "complete"), p
+
+
+@pytest.mark.timeout(120)
+def test_a_full_disk_ends_probe_pending_at_once(tmp_path: Path, tree: Path) -> None:
+    """The writer's error stops the reading side too: no probing on, no wait on a channel."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"needs root to mount a small tmpfs: {done.stderr.decode().strip()}")
+    try:
+        db = mnt / "s.db"
+        store = _core.Store(str(db))
+        did = store.create_dataset("a")
+        part = tree.parent / "part"  # 30k rows fit, the probe's log then outgrows the disk
+        if not part.exists():
+            part.mkdir()
+            for d in range(300):
+                (tree / f"d{d:04d}").rename(part / f"d{d:04d}")
+        try:
+            store.scan(did, str(part))
+        finally:
+            for d in range(300):
+                (part / f"d{d:04d}").rename(tree / f"d{d:04d}")
+        with pytest.raises(fastindex.StoreError, match="full") as e:
+            store.probe_pending(did)
+        assert str(db) in str(e.value) and "\n" not in str(e.value)
+        p = store.progress(did)
+        assert p["pending"] > 0 and p["total"] == 300 * PER_FOLDER
+        del store
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -71,9 +71,7 @@ def job_marks(db: Path, owner: str, age: float) -> None:
     [f"{socket.gethostname()}:1:reused", "another-host:4242:crashed"],
     ids=["live-reused-pid", "other-host"],
 )
-def test_a_stale_adding_mark_does_not_hold_progress(
-    tmp_path: Path, db: Path, owner: str
-) -> None:
+def test_a_stale_adding_mark_does_not_hold_progress(tmp_path: Path, db: Path, owner: str) -> None:
     """pid 1 is alive here (it is in every container) and a pid of another host cannot be
     asked about: only the heartbeat's age tells whether the add still runs."""
     ds = fastindex.Dataset.create("a", db=db)
@@ -136,9 +134,7 @@ def test_a_probe_without_the_lease_writes_nothing(tmp_path: Path, db: Path) -> N
     assert status_counts(db, did)["indexed"] == 20
 
 
-def test_a_late_embedding_commit_after_a_take_over_writes_nothing(
-    tmp_path: Path, db: Path
-) -> None:
+def test_a_late_embedding_commit_after_a_take_over_writes_nothing(tmp_path: Path, db: Path) -> None:
     store, did = pending_store(tmp_path, db)
     store.probe_pending(did)
     dim = 4

@@ -55,9 +55,7 @@ def snapshot(path: Path) -> tuple[bytes, int]:
 
 
 @pytest.mark.parametrize("journal_mode", ["delete", "wal"])  # the two a file remembers
-def test_another_applications_database_is_left_untouched(
-    tmp_path: Path, journal_mode: str
-) -> None:
+def test_another_applications_database_is_left_untouched(tmp_path: Path, journal_mode: str) -> None:
     db = tmp_path / "app.db"
     with contextlib.closing(sqlite3.connect(db)) as c:  # closed before fastindex opens it
         c.execute(f"PRAGMA journal_mode = {journal_mode}")
