@@ -113,7 +113,8 @@ class Store:
 
         Runs on a worker thread while this thread waits with the GIL released and checks for
         signals. With `lease=(owner, ttl)` the `probe` lease is taken first, and each batch is
-        committed only while `owner` holds it.
+        committed only while no other owner holds it (the commit renews it, or takes it back
+        if it was let go meanwhile).
 
         Raises:
             CancelledError: `stop` was set.
@@ -169,7 +170,8 @@ class Store:
         self, dataset_id: int, limit: int, after: int = 0, *, owner: str | None = None
     ) -> list[tuple[int, Path]]:
         """Move up to `limit` `indexed` rows above `after` to `embedding`. With `owner`, only
-        while it holds the `embed` lease (renewed): else `LeaseLostError`, nothing claimed."""
+        while no other owner holds the `embed` lease (renewed, or taken if free): else
+        `LeaseLostError`, nothing claimed."""
 
     def finish_embeddings(
         self,
@@ -182,8 +184,8 @@ class Store:
         owner: str | None = None,
     ) -> None:
         """Store float16 vectors and mark the rows `ready` (`failed`: `[(id, reason)]`).
-        With `owner`, only while it holds the `embed` lease (renewed): else
-        `LeaseLostError` and nothing of the batch is written."""
+        With `owner`, only while no other owner holds the `embed` lease (renewed, or taken
+        if free): else `LeaseLostError` and nothing of the batch is written."""
 
     def release_claims(self, dataset_id: int, ids: list[int] | None = None) -> int: ...
     def load_embeddings(

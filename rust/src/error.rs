@@ -29,7 +29,9 @@ pub enum Error {
         expected: i64,
     },
     /// The file is an SQLite database of another application.
-    #[error("{0}: not a fastindex store (it holds other tables); choose another file")]
+    #[error(
+        "{0}: not a fastindex store (another application's SQLite database); choose another file"
+    )]
     NotAStore(String),
     /// The file cannot be a store: a folder, not SQLite, damaged, read-only.
     #[error("{path}: {reason}")]

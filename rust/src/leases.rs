@@ -97,9 +97,13 @@ pub(crate) const RENEW_LEASE: &str =
 /// The lease phase whose holder has rows claimed (`embedding`).
 pub(crate) const EMBED_PHASE: &str = "embed";
 
-/// Inside a write transaction: fail with `LeaseLost` unless `owner` holds `phase`'s lease of
-/// the dataset, and renew it (the commit is proof of life). Call it before writing anything,
-/// so a lost lease leaves the transaction empty.
+/// Inside a write transaction: fail with `LeaseLost` when another owner holds `phase`'s lease
+/// of the dataset; else renew it for `owner` (the commit is proof of life), taking it if it
+/// is free. Call it before writing anything, so a lost lease leaves the transaction empty.
+///
+/// A free lease is taken rather than refused: whoever held it before gave its claims back
+/// before letting go (or had them given back by a take-over), and every phase commit only
+/// moves rows still in the state the committer left them in, so nothing is done twice.
 pub(crate) fn hold_lease(
     tx: &Transaction<'_>,
     path: &str,
@@ -108,7 +112,12 @@ pub(crate) fn hold_lease(
     owner: &str,
 ) -> Result<()> {
     let n = tx
-        .execute(RENEW_LEASE, params![dataset_id, phase, owner, now()])
+        .execute(
+            "INSERT INTO leases (dataset_id, phase, owner, heartbeat) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (dataset_id, phase) DO UPDATE SET heartbeat = excluded.heartbeat
+                 WHERE owner = excluded.owner",
+            params![dataset_id, phase, owner, now()],
+        )
         .store(path)?;
     if n == 0 {
         return Err(Error::LeaseLost {
@@ -241,8 +250,11 @@ mod tests {
         ));
         assert_eq!(statuses(&s, d), before);
         assert_eq!(s.progress(d, None).unwrap().count(crate::db::PENDING), 3);
-        s.record_probes(d, &probed, Some("b")).unwrap();
+        // a lease let go is free: the commit takes it (nobody else can hold claims then)
+        s.release_lease(d, "probe", "b").unwrap();
+        s.record_probes(d, &probed, Some("a")).unwrap();
         assert_eq!(s.progress(d, None).unwrap().count(crate::db::FAILED), 3);
+        assert!(!s.acquire_lease(d, "probe", "b", 10.0).unwrap());
     }
 
     #[test]

@@ -70,7 +70,8 @@ impl Store {
         let conn = Connection::open_with_flags(path, flags).map_err(|e| opening(path, e))?;
         conn.busy_timeout(BUSY_TIMEOUT).store(path)?;
         // A read of the tables writes nothing; only a file known to be ours is switched to WAL.
-        if let Kind::Foreign = kind(&conn).map_err(|e| opening(path, e))? {
+        let found = kind(&conn).map_err(|e| opening(path, e))?;
+        if let Kind::Foreign = found {
             return Err(Error::NotAStore(path.to_string()));
         }
         conn.pragma_update(None, "journal_mode", "WAL")
@@ -81,7 +82,10 @@ impl Store {
             .store(path)?;
         conn.pragma_update(None, "cache_size", -65536).store(path)?;
         let mut store = Store::from_connection(path, conn);
-        store.create_or_migrate()?;
+        // The common case, a store of this version, opens without taking the write lock.
+        if !matches!(found, Kind::Store(SCHEMA_VERSION)) {
+            store.create_or_migrate()?;
+        }
         Ok(store)
     }
 
@@ -134,6 +138,12 @@ fn kind(conn: &Connection) -> rusqlite::Result<Kind> {
         |r| r.get(0),
     )?;
     if tables == 0 {
+        // No tables yet, but marked by its application: not ours to fill.
+        let app: i32 = conn.query_row("PRAGMA application_id", [], |r| r.get(0))?;
+        let user: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if (app != 0 && app != APPLICATION_ID) || user != 0 {
+            return Ok(Kind::Foreign);
+        }
         return Ok(Kind::Empty);
     }
     let has_meta: bool = conn.query_row(
@@ -296,6 +306,18 @@ mod tests {
             .unwrap();
         assert_eq!(mode, "delete");
         assert!(!Path::new(&format!("{p}-wal")).exists());
+    }
+
+    #[test]
+    fn an_empty_database_marked_by_another_application_is_left_alone() {
+        let (_t, p) = fresh();
+        Connection::open(&p)
+            .unwrap()
+            .execute_batch("PRAGMA user_version = 3;")
+            .unwrap();
+        let before = std::fs::read(&p).unwrap();
+        assert!(matches!(Store::open(&p), Err(Error::NotAStore(_))));
+        assert_eq!(std::fs::read(&p).unwrap(), before);
     }
 
     #[test]

@@ -413,7 +413,7 @@ impl Store {
     ///
     /// With `lease=(owner, ttl)` the `probe` lease is taken first, renewed with every batch
     /// (and every few seconds while a batch runs), and each batch is committed only while
-    /// `owner` holds it: `LeaseLostError` once another process took it over.
+    /// no other owner holds it: `LeaseLostError` once another process took it over.
     #[pyo3(signature = (dataset_id, *, stop=None, lease=None))]
     fn probe_pending(
         &self,
@@ -568,7 +568,7 @@ impl Store {
 
     /// Move up to `limit` indexed rows with id above `after` to `embedding`; returns
     /// `[(id, absolute path)]` in id order. Keep the last id as the next `after`.
-    /// With `owner`, only while it holds the `embed` lease (`LeaseLostError` otherwise).
+    /// With `owner`, only while no other owner holds the `embed` lease (`LeaseLostError`).
     #[pyo3(signature = (dataset_id, limit, after=0, *, owner=None))]
     fn claim_for_embedding(
         &self,
@@ -585,8 +585,8 @@ impl Store {
     }
 
     /// Store float16 vectors (`ids.len() * dim * 2` bytes) and mark those rows `ready`;
-    /// `failed` is `[(id, reason)]`. With `owner`, only while it holds the `embed` lease
-    /// (`LeaseLostError` and nothing written otherwise).
+    /// `failed` is `[(id, reason)]`. With `owner`, only while no other owner holds the
+    /// `embed` lease (`LeaseLostError` and nothing written otherwise).
     #[pyo3(signature = (dataset_id, model_id, ids, vectors, failed=Vec::new(), *, owner=None))]
     #[allow(clippy::too_many_arguments)]
     fn finish_embeddings(

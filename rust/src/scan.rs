@@ -251,8 +251,9 @@ impl Store {
 
     /// Write probe results in one transaction. Only rows still `pending` change, so two
     /// probers racing on the same rows never count a row twice. With `lease_owner`, the
-    /// results are written only while that owner holds the dataset's `probe` lease (checked
-    /// and renewed in the same transaction), else `LeaseLost` and nothing is written.
+    /// results are written only while no other owner holds the dataset's `probe` lease
+    /// (checked, and renewed or taken if free, in the same transaction), else `LeaseLost` and
+    /// nothing is written.
     pub fn record_probes(
         &mut self,
         dataset_id: i64,
@@ -311,7 +312,7 @@ impl Store {
     /// Reading the queue and probing happen on this thread and the I/O pool while a second
     /// connection writes the previous batch, so the store writes overlap the file reads.
     /// With `lease = Some((owner, ttl))` the `probe` lease is taken first and every batch is
-    /// committed only while `owner` still holds it (`LeaseLost` otherwise). The first error
+    /// committed only while no other owner holds it (`LeaseLost` otherwise). The first error
     /// of either side (a full disk, a lost lease) ends the call promptly: the writer's failure
     /// stops the probing within a file or so, and no side waits on the other's channel.
     /// Returns the number of rows probed.

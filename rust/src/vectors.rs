@@ -87,8 +87,9 @@ impl Store {
     /// `(id, absolute path)` in id order. Callers keep the last id as a cursor, so a claim
     /// never rescans the rows already done (pass 0 for a final sweep).
     ///
-    /// With `owner`, the claim is made only while `owner` holds the dataset's `embed` lease
-    /// (checked and renewed in the same transaction), else `LeaseLost` and nothing changes.
+    /// With `owner`, the claim is made only while no other owner holds the dataset's `embed`
+    /// lease (checked, and renewed or taken if free, in the same transaction), else
+    /// `LeaseLost` and nothing changes.
     pub fn claim_for_embedding(
         &mut self,
         dataset_id: i64,
@@ -139,9 +140,10 @@ impl Store {
     /// Store a batch: `vectors` holds `ids.len() * dim` float16 values (little-endian); each
     /// row goes `embedding` -> `ready`. `failed` rows go to `failed` with their reason.
     ///
-    /// With `owner`, the batch is written only while `owner` holds the dataset's `embed`
-    /// lease (checked and renewed in the same transaction), else `LeaseLost` and nothing is
-    /// written: the rows were given back when another process took the lease over.
+    /// With `owner`, the batch is written only while no other owner holds the dataset's
+    /// `embed` lease (checked, and renewed or taken if free, in the same transaction), else
+    /// `LeaseLost` and nothing is written: the rows were given back when another process took
+    /// the lease over.
     pub fn finish_embeddings(
         &mut self,
         dataset_id: i64,
