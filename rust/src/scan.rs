@@ -498,4 +498,52 @@ mod tests {
         assert_eq!((sub.added, sub.existing), (0, 1));
         assert_eq!(s.progress(d, None).unwrap().total(), 3);
     }
+    #[test]
+    fn byte_names_round_trip_and_problems_once() {
+        use std::ffi::OsStr;
+        let t = tempfile::tempdir().unwrap();
+        let raw = |b: &[u8]| PathBuf::from(OsStr::from_bytes(b));
+        let root = t.path().join(raw(b"r\xe9"));
+        let long = [b"x".repeat(251), b".png".to_vec()].concat();
+        let names: [&[u8]; 4] = [b"caf\xe9.png", b"new\nline.png", &long, b"\xff/in.png"];
+        for n in names {
+            let p = root.join(raw(n));
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, png(7, 9)).unwrap();
+        }
+        std::os::unix::fs::symlink(root.join("gone"), root.join(raw(b"gone\xe9.jpg"))).unwrap();
+        let mut s = Store::open(t.path().join("s.db").to_str().unwrap()).unwrap();
+        let d = s.create_dataset("d").unwrap();
+        let stop = AtomicBool::new(false);
+        let abs = absolute_dir(&root).unwrap();
+        let sum = s.scan(d, &abs, false, false, &stop).unwrap();
+        assert_eq!((sum.found, sum.added, sum.existing), (5, 5, 0));
+        let done = AtomicU64::new(0);
+        assert_eq!(s.probe_pending(d, &stop, &done, |_| Ok(true)).unwrap(), 4);
+        let rows = s.samples(d, None, 0, i64::MAX, 0).unwrap();
+        let mut got: Vec<(Vec<u8>, &str, Option<i64>)> = rows
+            .iter()
+            .map(|r| {
+                assert_eq!(r.root, abs);
+                (r.path.as_os_str().as_bytes().to_vec(), r.status.as_str(), r.width)
+            })
+            .collect();
+        got.sort();
+        let mut want: Vec<(Vec<u8>, &str, Option<i64>)> = names
+            .iter()
+            .map(|n| (n.to_vec(), INDEXED, Some(7)))
+            .collect();
+        want.push((b"gone\xe9.jpg".to_vec(), FAILED, None));
+        want.sort();
+        assert_eq!(got, want);
+        let failed = rows.iter().find(|r| r.status == FAILED).unwrap();
+        assert_eq!(failed.error.as_deref(), Some("broken symbolic link"));
+        // again, and from a folder inside the root (a prefix that is not UTF-8 either)
+        let again = s.scan(d, &abs, false, false, &stop).unwrap();
+        assert_eq!((again.added, again.existing), (0, 5));
+        let sub = s.scan(d, &abs.join(raw(b"\xff")), false, false, &stop).unwrap();
+        assert_eq!((sub.added, sub.existing), (0, 1));
+        let p = s.progress(d, None).unwrap();
+        assert_eq!((p.total(), p.count(FAILED)), (5, 1));
+    }
 }
