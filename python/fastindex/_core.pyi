@@ -63,14 +63,17 @@ class Store:
     def scan(
         self,
         dataset_id: int,
-        root: str,
+        root: str | bytes | PathLike[str] | PathLike[bytes],
         *,
         include_hidden: bool = False,
         follow_links: bool = False,
         stop: StopFlag | None = None,
     ) -> dict[str, Any]:
         """Phase 1: walk `root`, insert a `pending` row per new image file; blocks until
-        committed. Returns `{"job_id", "found", "added", "existing", "errors"}`."""
+        committed. Names are taken byte for byte (a `str` root is os.fsencode'd). What the
+        walk cannot take (a broken link, a link loop, an unreadable folder) becomes a
+        `failed` row with its reason. Returns `{"job_id", "found", "added", "existing",
+        "errors"}` (the counts include those rows)."""
 
     def ingest_coco(
         self,
