@@ -100,7 +100,11 @@ impl Store {
             .iter()
             .filter_map(|(id, p)| {
                 let rest = abs.strip_prefix(p).ok()?;
-                Some((p.as_os_str().len(), *id, rest.as_os_str().as_bytes().to_vec()))
+                Some((
+                    p.as_os_str().len(),
+                    *id,
+                    rest.as_os_str().as_bytes().to_vec(),
+                ))
             })
             .max_by_key(|(len, _, _)| *len);
         if let Some((_, id, prefix)) = deepest {
@@ -122,7 +126,10 @@ mod tests {
 
     #[test]
     fn text_and_blob_by_utf8() {
-        assert!(matches!(SqlPath(b"caf\xc3\xa9.png").value(), ValueRef::Text(_)));
+        assert!(matches!(
+            SqlPath(b"caf\xc3\xa9.png").value(),
+            ValueRef::Text(_)
+        ));
         assert!(matches!(SqlPath(b"caf\xe9.png").value(), ValueRef::Blob(_)));
         assert_eq!(join_rel(b"", b"a"), b"a");
         assert_eq!(join_rel(b"x\xff", b"a"), b"x\xff/a");

@@ -89,7 +89,9 @@ impl<'a, 'py> FromPyObject<'a, 'py> for FsPath {
         use std::os::unix::ffi::OsStrExt;
         let fspath = ob.py().import("os")?.getattr("fspath")?.call1((ob,))?;
         if let Ok(b) = fspath.cast::<PyBytes>() {
-            return Ok(FsPath(PathBuf::from(std::ffi::OsStr::from_bytes(b.as_bytes()))));
+            return Ok(FsPath(PathBuf::from(std::ffi::OsStr::from_bytes(
+                b.as_bytes(),
+            ))));
         }
         Ok(FsPath(fspath.extract::<PathBuf>()?))
     }

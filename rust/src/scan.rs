@@ -86,14 +86,7 @@ impl Store {
         // fails removes it again, so a bad root leaves nothing behind. Its `source` is a label
         // (the root's own row keeps the exact bytes).
         let job_id = self.create_job(dataset_id, "images", &root.to_string_lossy())?;
-        let done = self.scan_job(
-            dataset_id,
-            job_id,
-            root,
-            include_hidden,
-            follow_links,
-            stop,
-        );
+        let done = self.scan_job(dataset_id, job_id, root, include_hidden, follow_links, stop);
         let (report, added, existing) = match done {
             Ok(v) => v,
             Err(e) => {
@@ -241,7 +234,13 @@ impl Store {
             for p in problems {
                 let rel = join_rel(prefix, &p.rel_path);
                 n += st
-                    .execute(params![dataset_id, job_id, root_id, SqlPath(&rel), p.reason])
+                    .execute(params![
+                        dataset_id,
+                        job_id,
+                        root_id,
+                        SqlPath(&rel),
+                        p.reason
+                    ])
                     .store(&path)? as i64;
             }
         }
@@ -525,7 +524,11 @@ mod tests {
             .iter()
             .map(|r| {
                 assert_eq!(r.root, abs);
-                (r.path.as_os_str().as_bytes().to_vec(), r.status.as_str(), r.width)
+                (
+                    r.path.as_os_str().as_bytes().to_vec(),
+                    r.status.as_str(),
+                    r.width,
+                )
             })
             .collect();
         got.sort();
@@ -541,7 +544,9 @@ mod tests {
         // again, and from a folder inside the root (a prefix that is not UTF-8 either)
         let again = s.scan(d, &abs, false, false, &stop).unwrap();
         assert_eq!((again.added, again.existing), (0, 5));
-        let sub = s.scan(d, &abs.join(raw(b"\xff")), false, false, &stop).unwrap();
+        let sub = s
+            .scan(d, &abs.join(raw(b"\xff")), false, false, &stop)
+            .unwrap();
         assert_eq!((sub.added, sub.existing), (0, 1));
         let p = s.progress(d, None).unwrap();
         assert_eq!((p.total(), p.count(FAILED)), (5, 1));

@@ -118,7 +118,10 @@ impl Store {
                 *moves.entry(job).or_default() += 1;
                 out.push((
                     id,
-                    roots.get(&root).map_or_else(PathBuf::new, PathBuf::clone).join(rel.0),
+                    roots
+                        .get(&root)
+                        .map_or_else(PathBuf::new, PathBuf::clone)
+                        .join(rel.0),
                 ));
             }
         }

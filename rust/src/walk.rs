@@ -400,9 +400,18 @@ mod tests {
         let mut want: Vec<&[u8]> = names[..5].to_vec();
         want.sort();
         assert_eq!(got, want);
-        assert!(r.problems.is_empty() && r.errors.is_empty(), "{:?}", r.errors);
+        assert!(
+            r.problems.is_empty() && r.errors.is_empty(),
+            "{:?}",
+            r.errors
+        );
         // a root whose own name is not UTF-8
-        let r = walk(&t.path().join(raw(b"\xff\xfe")), &WalkOptions::default(), &stop).unwrap();
+        let r = walk(
+            &t.path().join(raw(b"\xff\xfe")),
+            &WalkOptions::default(),
+            &stop,
+        )
+        .unwrap();
         assert_eq!(r.files[0].rel_path, b"in.gif");
     }
 
