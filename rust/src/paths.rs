@@ -45,12 +45,15 @@ pub struct StoredPath(pub PathBuf);
 
 impl FromSql for StoredPath {
     fn column_result(v: ValueRef<'_>) -> FromSqlResult<Self> {
-        match v {
-            ValueRef::Text(b) | ValueRef::Blob(b) => {
-                Ok(StoredPath(PathBuf::from(OsStr::from_bytes(b))))
-            }
-            _ => Err(FromSqlError::InvalidType),
-        }
+        path_bytes(v).map(|b| StoredPath(PathBuf::from(OsStr::from_bytes(b))))
+    }
+}
+
+/// The bytes of a path column (TEXT or BLOB), borrowed.
+pub fn path_bytes(v: ValueRef<'_>) -> FromSqlResult<&[u8]> {
+    match v {
+        ValueRef::Text(b) | ValueRef::Blob(b) => Ok(b),
+        _ => Err(FromSqlError::InvalidType),
     }
 }
 

@@ -12,7 +12,7 @@ use std::os::unix::ffi::OsStrExt;
 use crate::db::{bump, bump_moves, multi_row_insert, Store, FAILED, INDEXED, PENDING};
 use crate::error::{Error, Result, StoreContext};
 use crate::header::{self, ImageInfo};
-use crate::paths::{join_rel, SqlPath, StoredPath};
+use crate::paths::{join_rel, path_bytes, SqlPath, StoredPath};
 use crate::walk::{self, FileEntry, Problem, WalkOptions};
 
 /// Rows per transaction when inserting scanned files.
@@ -130,6 +130,7 @@ impl Store {
             report.files.retain(|f| outside(&f.rel_path));
             report.problems.retain(|p| outside(&p.rel_path));
         }
+        self.revive_walk_failures(dataset_id, root_id, &prefix, &report.files)?;
         let (added, existing) =
             self.insert_files(dataset_id, job_id, root_id, &prefix, &report.files)?;
         let (failed, known) =
@@ -208,6 +209,75 @@ impl Store {
         Ok((added, files.len() as u64 - added))
     }
 
+    /// A path the walk could not take before (a broken link, a file of an unreadable folder)
+    /// and finds as a file now goes back to `pending`, so adding a folder again after fixing
+    /// it indexes what was fixed. Walk failures are the `failed` rows without a size (nothing
+    /// was read); they are few. Returns the number of rows queued again.
+    fn revive_walk_failures(
+        &mut self,
+        dataset_id: i64,
+        root_id: i64,
+        prefix: &[u8],
+        files: &[FileEntry],
+    ) -> Result<u64> {
+        let path = self.path.clone();
+        let stale: Vec<(i64, i64, StoredPath)> = {
+            let mut st = self
+                .conn
+                .prepare_cached(
+                    "SELECT id, job_id, path FROM samples WHERE dataset_id = ?1 AND status = 'failed'
+                     AND root_id = ?2 AND size_bytes IS NULL",
+                )
+                .store(&path)?;
+            let rows = st
+                .query_map(params![dataset_id, root_id], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .store(&path)?;
+            rows.collect::<rusqlite::Result<_>>().store(&path)?
+        };
+        let found: Vec<(i64, i64, &FileEntry)> = stale
+            .iter()
+            .filter_map(|(id, job, p)| {
+                let p = p.0.as_os_str().as_bytes();
+                let rel = if prefix.is_empty() {
+                    p
+                } else {
+                    p.strip_prefix(prefix)?.strip_prefix(b"/")?
+                };
+                let i = files
+                    .binary_search_by(|f| f.rel_path.as_slice().cmp(rel))
+                    .ok()?;
+                Some((*id, *job, &files[i]))
+            })
+            .collect();
+        if found.is_empty() {
+            return Ok(0);
+        }
+        let tx = self.immediate()?;
+        let mut moves: HashMap<i64, i64> = HashMap::new();
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "UPDATE samples SET status = 'pending', error = NULL, size_bytes = ?2, mtime_ns = ?3
+                     WHERE id = ?1 AND status = 'failed' AND size_bytes IS NULL",
+                )
+                .store(&path)?;
+            for (id, job, f) in &found {
+                if st
+                    .execute(params![id, f.size as i64, f.mtime_ns])
+                    .store(&path)?
+                    > 0
+                {
+                    *moves.entry(*job).or_default() += 1;
+                }
+            }
+        }
+        bump_moves(&tx, dataset_id, FAILED, PENDING, &moves).store(&path)?;
+        tx.commit().store(&path)?;
+        Ok(moves.values().sum::<i64>() as u64)
+    }
+
     /// What the walk could not take becomes `failed` rows with the reason, in one
     /// transaction; a path already in the root is left as it is. Returns `(added, existing)`.
     pub fn insert_problems(
@@ -265,12 +335,17 @@ impl Store {
         let mut out = Vec::with_capacity(limit.min(65_536));
         while let Some(r) = rows.next().store(&self.path)? {
             let root_id: i64 = r.get(2).store(&self.path)?;
-            let rel: StoredPath = r.get(3).store(&self.path)?;
+            let rel = r.get_ref(3).store(&self.path)?;
+            let rel = path_bytes(rel)
+                .map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(3, rel.data_type(), e.into())
+                })
+                .store(&self.path)?;
             let root = roots.get(&root_id).map_or(Path::new(""), PathBuf::as_path);
             out.push(Pending {
                 id: r.get(0).store(&self.path)?,
                 job_id: r.get(1).store(&self.path)?,
-                path: root.join(rel.0),
+                path: root.join(walk::rel_as_path(rel)),
             });
         }
         Ok(out)
@@ -550,5 +625,15 @@ mod tests {
         assert_eq!((sub.added, sub.existing), (0, 1));
         let p = s.progress(d, None).unwrap();
         assert_eq!((p.total(), p.count(FAILED)), (5, 1));
+        // the link fixed, an add takes the file: the same row, queued again
+        let link = root.join(raw(b"gone\xe9.jpg"));
+        std::fs::remove_file(&link).unwrap();
+        std::fs::write(&link, png(2, 3)).unwrap();
+        let fixed = s.scan(d, &abs, false, false, &stop).unwrap();
+        assert_eq!((fixed.added, fixed.existing), (0, 5));
+        assert_eq!(s.progress(d, None).unwrap().count(PENDING), 1);
+        assert_eq!(s.probe_pending(d, &stop, &done, |_| Ok(true)).unwrap(), 1);
+        let p = s.progress(d, None).unwrap();
+        assert_eq!((p.total(), p.count(INDEXED), p.count(FAILED)), (5, 5, 0));
     }
 }

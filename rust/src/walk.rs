@@ -170,6 +170,10 @@ impl<'a> Walker<'a> {
     }
 
     fn unreadable_folder(&self, rel: Vec<u8>, dir: &Path, e: &io::Error) {
+        if e.kind() == io::ErrorKind::NotFound {
+            // Removed while the walk ran: nothing there to index, nothing to keep as a row.
+            return self.error(dir, &io_reason(e));
+        }
         let reason = match io_reason(e) {
             r if e.raw_os_error() == Some(libc::ELOOP) => r,
             r => format!("unreadable folder: {r}"),
@@ -242,6 +246,8 @@ impl<'a> Walker<'a> {
                         size: m.len(),
                         mtime_ns: mtime_ns(&m),
                     }),
+                    // Removed while the walk ran: not a file of the folder any more.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => self.problem(
                         child(&rel, name),
                         &entry.path(),

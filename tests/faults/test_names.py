@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import fastindex
@@ -197,3 +198,19 @@ def test_walk_problems_are_failed_rows_every_process_sees(tmp_path: Path) -> Non
     assert (again.summary["added"], again.summary["existing"]) == (0, n + 2)
     assert ds.get_loading_progress()["failed"] == n
     assert len(ds.samples(status="failed")) == n
+
+    # once the link is fixed, adding the folder again indexes the file, in the same row
+    gone = os.path.join(os.fsencode(root), b"gone\xe9.jpg")
+    os.unlink(gone)
+    with open(gone, "wb") as f:
+        f.write(image_bytes((7, 3)))
+    fixed = ds.add_images_from_path(root, embed=False, follow_links=True)
+    assert (fixed.summary["added"], fixed.summary["existing"]) == (0, n + 2)
+    # the row is the first add's: wait for the dataset, not for this job
+    deadline = time.monotonic() + 60
+    while ds.get_loading_progress()["status"] != "complete" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (row,) = (s for s in ds.samples() if os.fsencode(s.path) == b"gone\xe9.jpg")
+    assert (row.status, row.width, row.height, row.error) == ("indexed", 7, 3, None)
+    p = ds.get_loading_progress()
+    assert (p["total"], p["failed"], p["status"]) == (n + 2, n - 1, "complete")
