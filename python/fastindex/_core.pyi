@@ -24,10 +24,10 @@ SCHEMA_VERSION: Final[int]
 STATUSES: Final[list[str]]
 IMAGE_EXTENSIONS: Final[list[str]]
 
-def image_size(path: str | PathLike[str]) -> tuple[int, int]:
+def image_size(path: str | bytes | PathLike[str] | PathLike[bytes]) -> tuple[int, int]:
     """`(width, height)` from the header. Raises `ImageError`."""
 
-def probe_image(path: str | PathLike[str]) -> dict[str, Any]:
+def probe_image(path: str | bytes | PathLike[str] | PathLike[bytes]) -> dict[str, Any]:
     """`{"width", "height", "format", "orientation"}` from the header. Raises `ImageError`."""
 
 def probe_bytes(data: bytes) -> dict[str, Any]:

@@ -108,7 +108,8 @@ fn info_dict<'py>(py: Python<'py>, i: &ImageInfo) -> Res<Bound<'py, PyDict>> {
 
 /// `(width, height)` from the header of the image at `path`.
 #[pyfunction]
-pub fn image_size(py: Python<'_>, path: PathBuf) -> Res<(u32, u32)> {
+pub fn image_size(py: Python<'_>, path: FsPath) -> Res<(u32, u32)> {
+    let path = path.0;
     let info = py.detach(|| {
         header::probe_path(&path).map_err(|reason| Error::image(&path, reason.to_string()))
     });
@@ -118,7 +119,8 @@ pub fn image_size(py: Python<'_>, path: PathBuf) -> Res<(u32, u32)> {
 
 /// Width, height, format and EXIF orientation from the header of the image at `path`.
 #[pyfunction]
-pub fn probe_image<'py>(py: Python<'py>, path: PathBuf) -> Res<Bound<'py, PyDict>> {
+pub fn probe_image<'py>(py: Python<'py>, path: FsPath) -> Res<Bound<'py, PyDict>> {
+    let path = path.0;
     let info = py.detach(|| {
         header::probe_path(&path).map_err(|reason| Error::image(&path, reason.to_string()))
     });

@@ -80,6 +80,7 @@ def test_any_name_is_indexed_and_read_back_byte_for_byte(tmp_path: Path) -> None
             assert f.read() == on_disk(root, rel)
         assert s.file_name == os.fsdecode(os.path.basename(rel))
         assert fastindex.image_size(s.abs_path) == HOSTILE[rel][:2]
+        assert fastindex.image_size(os.fsencode(s.abs_path)) == HOSTILE[rel][:2]
     # the exact bytes in the store: TEXT when they are UTF-8, else a BLOB of them
     classes = storage_classes(db)
     assert set(classes) == set(HOSTILE)
