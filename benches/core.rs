@@ -31,13 +31,13 @@ fn main() {
         .expect("root");
     let t = Instant::now();
     let (added, _) = store
-        .insert_files(ds, job, root_id, "", &report.files, &stop)
+        .insert_files(ds, job, root_id, b"", &report.files, &stop)
         .expect("insert");
     rows.push(("insert pending rows", t.elapsed(), added as usize));
 
     let t = Instant::now();
     let (again, _) = store
-        .insert_files(ds, job, root_id, "", &report.files, &stop)
+        .insert_files(ds, job, root_id, b"", &report.files, &stop)
         .expect("insert");
     rows.push((
         "insert again (all exist)",
@@ -63,7 +63,7 @@ fn main() {
         .root_for(ds2, root.to_str().expect("utf-8"))
         .expect("root");
     store
-        .insert_files(ds2, job2, root2, "", &report.files, &stop)
+        .insert_files(ds2, job2, root2, b"", &report.files, &stop)
         .expect("insert");
     let done = AtomicU64::new(0);
     let t = Instant::now();

@@ -24,10 +24,10 @@ SCHEMA_VERSION: Final[int]
 STATUSES: Final[list[str]]
 IMAGE_EXTENSIONS: Final[list[str]]
 
-def image_size(path: str | PathLike[str]) -> tuple[int, int]:
+def image_size(path: str | bytes | PathLike[str] | PathLike[bytes]) -> tuple[int, int]:
     """`(width, height)` from the header. Raises `ImageError`."""
 
-def probe_image(path: str | PathLike[str]) -> dict[str, Any]:
+def probe_image(path: str | bytes | PathLike[str] | PathLike[bytes]) -> dict[str, Any]:
     """`{"width", "height", "format", "orientation"}` from the header. Raises `ImageError`."""
 
 def probe_bytes(data: bytes) -> dict[str, Any]:
@@ -74,14 +74,17 @@ class Store:
     def scan(
         self,
         dataset_id: int,
-        root: str,
+        root: str | bytes | PathLike[str] | PathLike[bytes],
         *,
         include_hidden: bool = False,
         follow_links: bool = False,
         stop: StopFlag | None = None,
     ) -> dict[str, Any]:
         """Phase 1: walk `root`, insert a `pending` row per new image file; blocks until
-        committed. Returns `{"job_id", "found", "added", "existing", "errors"}`.
+        committed. Names are taken byte for byte (a `str` root is os.fsencode'd). What the
+        walk cannot take (a broken link, a link loop, an unreadable folder) becomes a
+        `failed` row with its reason. Returns `{"job_id", "found", "added", "existing",
+        "errors"}` (the counts include those rows).
 
         The work runs on a worker thread; this thread waits with the GIL released, renews the
         job's "still adding" mark, and checks for signals: Ctrl-C stops the walk and raises

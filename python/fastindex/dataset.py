@@ -20,10 +20,12 @@ DEFAULT_DB = "fastindex.db"
 
 
 def _check_path_arg(name: str, value: object) -> str:
-    if not isinstance(value, str | os.PathLike):
+    # bytes are names as the file system has them; as str (os.fsdecode, surrogateescape) they
+    # reach the core unchanged, which encodes them back byte for byte
+    if not isinstance(value, str | bytes | os.PathLike):
         raise InvalidArgumentError(f"{name} must be a path, got {type(value).__name__}")
-    s = os.fspath(value)
-    if not isinstance(s, str) or not s:
+    s = os.fsdecode(os.fspath(value))
+    if not s:
         raise InvalidArgumentError(f"{name} must be a non-empty path")
     return s
 
@@ -127,7 +129,7 @@ class Dataset:
     # -- adding -----------------------------------------------------------------------------
     def add_images_from_path(
         self,
-        path: str | os.PathLike[str],
+        path: str | bytes | os.PathLike[str] | os.PathLike[bytes],
         *,
         embed: EmbeddingModel | bool | None = None,
         include_hidden: bool = False,

@@ -254,51 +254,14 @@ impl Store {
             .store(&self.path)
     }
 
-    /// The root row for folder `abs` in a dataset, and the prefix to put before paths found
-    /// under it. A folder inside a known root reuses that root (so nothing is added twice);
-    /// known roots inside the new folder are returned so the walk can skip them.
+    /// [`Store::root_for_path`] for a UTF-8 folder (COCO): the prefix and nested roots as text.
     pub fn root_for(&mut self, dataset_id: i64, abs: &str) -> Result<(i64, String, Vec<String>)> {
-        let roots = self.root_paths(dataset_id)?;
-        let inside = |outer: &str, inner: &str| -> Option<String> {
-            let rest = inner.strip_prefix(outer)?;
-            let rest = if outer.ends_with('/') {
-                rest
-            } else {
-                rest.strip_prefix('/')?
-            };
-            Some(rest.to_string())
-        };
-        let nested: Vec<String> = roots
+        let (id, prefix, nested) = self.root_for_path(dataset_id, std::path::Path::new(abs))?;
+        let nested = nested
             .iter()
-            .filter(|(_, p)| p.as_str() != abs && inside(abs, p).is_some())
-            .map(|(_, p)| p.clone())
+            .map(|p| p.to_string_lossy().into_owned())
             .collect();
-        if let Some((id, _)) = roots.iter().find(|(_, p)| p.as_str() == abs) {
-            return Ok((*id, String::new(), nested));
-        }
-        // Inside several known roots (a child root added before its parent): the deepest one
-        // holds the files there, since the parent's walk skipped it.
-        let deepest = roots
-            .iter()
-            .filter_map(|(id, p)| inside(p, abs).map(|rest| (p.len(), *id, rest)))
-            .max_by_key(|(len, _, _)| *len);
-        if let Some((_, id, prefix)) = deepest {
-            return Ok((id, prefix, nested));
-        }
-        self.conn
-            .execute(
-                "INSERT INTO roots (dataset_id, path) VALUES (?1, ?2)",
-                params![dataset_id, abs],
-            )
-            .store(&self.path)?;
-        Ok((self.conn.last_insert_rowid(), String::new(), nested))
-    }
-
-    pub fn root_paths(&self, dataset_id: i64) -> Result<std::collections::HashMap<i64, String>> {
-        self.pairs(
-            "SELECT id, path FROM roots WHERE dataset_id = ?1",
-            dataset_id,
-        )
+        Ok((id, String::from_utf8_lossy(&prefix).into_owned(), nested))
     }
 
     /// The two columns of every row a one-key query returns, collected.

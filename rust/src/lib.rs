@@ -5,6 +5,7 @@ pub mod coco;
 pub mod db;
 pub mod error;
 pub mod header;
+pub mod paths;
 pub mod pools;
 pub mod query;
 pub mod scan;

@@ -174,6 +174,25 @@ impl StopFlag {
     }
 }
 
+/// A path argument: `str` (with surrogates from os.fsdecode), `bytes` or any `os.PathLike`,
+/// taken byte for byte.
+pub struct FsPath(pub PathBuf);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for FsPath {
+    type Error = PyErr;
+
+    fn extract(ob: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        use std::os::unix::ffi::OsStrExt;
+        let fspath = ob.py().import("os")?.getattr("fspath")?.call1((ob,))?;
+        if let Ok(b) = fspath.cast::<PyBytes>() {
+            return Ok(FsPath(PathBuf::from(std::ffi::OsStr::from_bytes(
+                b.as_bytes(),
+            ))));
+        }
+        Ok(FsPath(fspath.extract::<PathBuf>()?))
+    }
+}
+
 fn info_dict<'py>(py: Python<'py>, i: &ImageInfo) -> Res<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("width", i.width)?;
@@ -185,7 +204,8 @@ fn info_dict<'py>(py: Python<'py>, i: &ImageInfo) -> Res<Bound<'py, PyDict>> {
 
 /// `(width, height)` from the header of the image at `path`.
 #[pyfunction]
-pub fn image_size(py: Python<'_>, path: PathBuf) -> Res<(u32, u32)> {
+pub fn image_size(py: Python<'_>, path: FsPath) -> Res<(u32, u32)> {
+    let path = path.0;
     let info = py.detach(|| {
         header::probe_path(&path).map_err(|reason| Error::image(&path, reason.to_string()))
     });
@@ -195,7 +215,8 @@ pub fn image_size(py: Python<'_>, path: PathBuf) -> Res<(u32, u32)> {
 
 /// Width, height, format and EXIF orientation from the header of the image at `path`.
 #[pyfunction]
-pub fn probe_image<'py>(py: Python<'py>, path: PathBuf) -> Res<Bound<'py, PyDict>> {
+pub fn probe_image<'py>(py: Python<'py>, path: FsPath) -> Res<Bound<'py, PyDict>> {
+    let path = path.0;
     let info = py.detach(|| {
         header::probe_path(&path).map_err(|reason| Error::image(&path, reason.to_string()))
     });
@@ -231,8 +252,9 @@ fn sample_dict<'py>(py: Python<'py>, s: SampleRow) -> Res<Bound<'py, PyDict>> {
     d.set_item("id", s.id)?;
     d.set_item("dataset_id", s.dataset_id)?;
     d.set_item("job_id", s.job_id)?;
-    d.set_item("root", s.root)?;
-    d.set_item("path", s.path)?;
+    // str via os.fsdecode (surrogateescape): open() of root/path reaches the same bytes
+    d.set_item("root", s.root.into_os_string())?;
+    d.set_item("path", s.path.into_os_string())?;
     d.set_item("size_bytes", s.size_bytes)?;
     d.set_item("mtime_ns", s.mtime_ns)?;
     d.set_item("status", s.status)?;
@@ -354,7 +376,7 @@ impl Store {
         &self,
         py: Python<'py>,
         dataset_id: i64,
-        root: String,
+        root: FsPath,
         include_hidden: bool,
         follow_links: bool,
         stop: Option<StopFlag>,
@@ -362,7 +384,7 @@ impl Store {
         let stop = stop.unwrap_or_default();
         let beat = db::Heartbeat::jobs(&self.path, &self.job_owner);
         let s: ScanSummary = run_interruptibly(py, &stop.flag, Some(beat), || {
-            let root = scan::absolute_dir(&root)?;
+            let root = scan::absolute_dir(&root.0)?;
             self.lock()
                 .scan(dataset_id, &root, include_hidden, follow_links, &stop.flag)
         })?;

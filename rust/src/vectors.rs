@@ -97,7 +97,7 @@ impl Store {
         after: i64,
         owner: Option<&str>,
     ) -> Result<Vec<(i64, PathBuf)>> {
-        let roots = self.root_paths(dataset_id)?;
+        let roots = self.root_dirs(dataset_id)?;
         let path = self.path.clone();
         let tx = self.immediate()?;
         if let Some(owner) = owner {
@@ -118,7 +118,7 @@ impl Store {
                 .query(params![dataset_id, limit as i64, after])
                 .store(&path)?;
             while let Some(r) = rows.next().store(&path)? {
-                let (id, job, root, rel): (i64, i64, i64, String) = (
+                let (id, job, root, rel): (i64, i64, i64, crate::paths::StoredPath) = (
                     r.get(0).store(&path)?,
                     r.get(1).store(&path)?,
                     r.get(2).store(&path)?,
@@ -127,7 +127,10 @@ impl Store {
                 *moves.entry(job).or_default() += 1;
                 out.push((
                     id,
-                    PathBuf::from(roots.get(&root).map_or("", String::as_str)).join(rel),
+                    roots
+                        .get(&root)
+                        .map_or_else(PathBuf::new, PathBuf::clone)
+                        .join(rel.0),
                 ));
             }
         }
