@@ -190,7 +190,13 @@ class Store:
         With `owner`, only while no other owner holds the `embed` lease (renewed, or taken
         if free): else `LeaseLostError` and nothing of the batch is written."""
 
-    def release_claims(self, dataset_id: int, ids: list[int] | None = None) -> int: ...
+    def release_claims(
+        self, dataset_id: int, ids: list[int] | None = None, *, owner: str | None = None
+    ) -> int:
+        """Put `embedding` rows back to `indexed` (all of the dataset's, or `ids`); returns
+        how many. With `owner`, only unless another owner holds the `embed` lease: else
+        `LeaseLostError` and nothing changes (those claims are the new holder's)."""
+
     def load_embeddings(
         self, dataset_id: int, model_id: int, after: int = 0
     ) -> tuple[int, list[int], bytes]: ...

@@ -130,6 +130,34 @@ pub(crate) fn hold_lease(
     Ok(())
 }
 
+/// Inside a write transaction: fail with `LeaseLost` when an owner other than `owner` holds
+/// `phase`'s lease of the dataset (the lease itself is left as it is).
+pub(crate) fn not_held_by_another(
+    tx: &Transaction<'_>,
+    path: &str,
+    dataset_id: i64,
+    phase: &str,
+    owner: &str,
+) -> Result<()> {
+    let holder: Option<String> = tx
+        .query_row(
+            "SELECT owner FROM leases WHERE dataset_id = ?1 AND phase = ?2",
+            params![dataset_id, phase],
+            |r| r.get(0),
+        )
+        .optional()
+        .store(path)?;
+    match holder {
+        Some(h) if h != owner => Err(Error::LeaseLost {
+            path: path.to_string(),
+            dataset_id,
+            phase: phase.to_string(),
+            owner: owner.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Every `embedding` row of the dataset back to `indexed`, counters included.
 pub(crate) fn release_all_claims(tx: &Transaction<'_>, dataset_id: i64) -> rusqlite::Result<u64> {
     let mut moves: HashMap<i64, i64> = HashMap::new();
@@ -287,6 +315,13 @@ mod tests {
         assert_eq!(s.load_embeddings(d, model, 0).unwrap().1.len(), 0);
         let again = s.claim_for_embedding(d, 10, 0, Some("new")).unwrap();
         assert_eq!(again.len(), 4);
+        // the old holder's cancel path cannot give back the new holder's claims
+        assert!(matches!(
+            s.release_claims(d, None, Some("old")),
+            Err(Error::LeaseLost { .. })
+        ));
+        assert_eq!(s.progress(d, None).unwrap().count(EMBEDDING), 4);
+        assert_eq!(s.release_claims(d, None, Some("new")).unwrap(), 4);
     }
 
     #[test]

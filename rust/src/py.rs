@@ -633,9 +633,19 @@ impl Store {
         }))
     }
 
-    #[pyo3(signature = (dataset_id, ids=None))]
-    fn release_claims(&self, py: Python<'_>, dataset_id: i64, ids: Option<Vec<i64>>) -> Res<u64> {
-        r(py.detach(|| self.lock().release_claims(dataset_id, ids.as_deref())))
+    /// With `owner`, only unless another owner holds the `embed` lease (`LeaseLostError`).
+    #[pyo3(signature = (dataset_id, ids=None, *, owner=None))]
+    fn release_claims(
+        &self,
+        py: Python<'_>,
+        dataset_id: i64,
+        ids: Option<Vec<i64>>,
+        owner: Option<String>,
+    ) -> Res<u64> {
+        r(py.detach(|| {
+            self.lock()
+                .release_claims(dataset_id, ids.as_deref(), owner.as_deref())
+        }))
     }
 
     /// `(cursor, ids, float16 bytes)` of embeddings stored after `cursor`.

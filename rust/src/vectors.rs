@@ -8,7 +8,7 @@ use rusqlite::params;
 
 use crate::db::{bump_moves, tally, Store, EMBEDDING, FAILED, INDEXED, READY};
 use crate::error::{Error, Result, StoreContext};
-use crate::leases::{hold_lease, release_all_claims, EMBED_PHASE};
+use crate::leases::{hold_lease, not_held_by_another, release_all_claims, EMBED_PHASE};
 
 impl Store {
     /// The id of a model, registered on first use. A second model's embeddings live beside
@@ -207,10 +207,20 @@ impl Store {
     }
 
     /// Put `embedding` rows back to `indexed` (after a crash or a cancel): all of the
-    /// dataset's, or only `ids`.
-    pub fn release_claims(&mut self, dataset_id: i64, ids: Option<&[i64]>) -> Result<u64> {
+    /// dataset's, or only `ids`. With `owner`, only unless another owner holds the `embed`
+    /// lease (`LeaseLost` otherwise): the claims out then are the new holder's, and the
+    /// old holder's were given back when it took over.
+    pub fn release_claims(
+        &mut self,
+        dataset_id: i64,
+        ids: Option<&[i64]>,
+        owner: Option<&str>,
+    ) -> Result<u64> {
         let path = self.path.clone();
         let tx = self.immediate()?;
+        if let Some(owner) = owner {
+            not_held_by_another(&tx, &path, dataset_id, EMBED_PHASE, owner)?;
+        }
         let mut moves: HashMap<i64, i64> = HashMap::new();
         {
             match ids {
