@@ -1,11 +1,9 @@
 //! The store: one SQLite file that holds datasets, samples, annotations and embeddings, and is
-//! the work queue. This module owns the schema (its text is in `schema`, opening and migrating in
-//! `open`, the leases in `leases`);
-//! every write goes through `Store`.
-
-use std::time::{SystemTime, UNIX_EPOCH};
+//! the work queue. This module owns the schema (its text is in `schema`, opening and migrating
+//! in `open`, the leases in `leases`); every write goes through `Store`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
