@@ -86,8 +86,9 @@ def test_a_stale_adding_mark_does_not_hold_progress(tmp_path: Path, db: Path, ow
     assert p["total"] == 1
 
 
-def test_a_long_add_renews_its_mark(tmp_path: Path, db: Path) -> None:
-    """The mark a running add writes is fresh, and gone once the add returns."""
+def test_an_add_clears_its_mark(tmp_path: Path, db: Path) -> None:
+    """An add's mark carries a heartbeat (renewed every few seconds while the add runs, see
+    `db::Heartbeat`), and is gone once the add returns."""
     ds = fastindex.Dataset.create("a", db=db)
     write(tmp_path / "r" / "a.png", small_png())
     ds.add_images_from_path(tmp_path / "r", embed=False).wait(timeout=30)
