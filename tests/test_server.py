@@ -75,7 +75,7 @@ class Api:
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[Api]:
     db = str(tmp_path / "store.db")
-    app = create_app(db, allowed_hosts=["testserver"])
+    app = create_app(db, allowed_hosts=["testserver"], allowed_roots=[tmp_path])
     with TestClient(app) as client:
         yield Api(client, db, tmp_path)
         app.state.fastindex.close()
@@ -162,10 +162,14 @@ def test_progress_of_unknown_dataset(api: Api) -> None:
 @pytest.mark.parametrize(
     ("body", "status", "kind"),
     [
-        ({"name": "x", "images_path": "/no/such/folder"}, 400, "PathNotFoundError"),
+        ({"name": "x", "images_path": "MISSING"}, 400, "PathNotFoundError"),
+        ({"name": "x", "images_path": "/"}, 403, "ForbiddenError"),
+        ({"name": "x", "images_path": "/no/such/folder"}, 403, "ForbiddenError"),
+        ({"name": "x", "images_path": "DIR/../.."}, 403, "ForbiddenError"),
+        ({"name": "x", "images_path": "DIR", "annotations_json": "/etc/passwd"}, 403, "ForbiddenError"),
         ({"name": "x", "images_path": "FILE"}, 400, "InvalidArgumentError"),
         (
-            {"name": "x", "images_path": "DIR", "annotations_json": "/no/such.json"},
+            {"name": "x", "images_path": "DIR", "annotations_json": "MISSING.json"},
             400,
             "PathNotFoundError",
         ),
@@ -186,8 +190,16 @@ def test_post_rejects_bad_requests(api: Api, body: dict[str, Any], status: int, 
     folder = api.tmp / "dir"
     folder.mkdir()
     (api.tmp / "file.txt").write_text("x")
-    subst = {"DIR": str(folder), "FILE": str(api.tmp / "file.txt")}
-    body = {k: subst.get(v, v) if isinstance(v, str) else v for k, v in body.items()}
+    subst = {
+        "DIR": str(folder),
+        "FILE": str(api.tmp / "file.txt"),
+        "MISSING": str(api.tmp / "no" / "such"),
+        "MISSING.json": str(api.tmp / "no.json"),
+    }
+    body = {
+        k: subst.get(v, v.replace("DIR", str(folder))) if isinstance(v, str) else v
+        for k, v in body.items()
+    }
     r = api.c.post("/api/datasets", json=body)
     api.error(r, status)
     assert r.json()["error"] == kind

@@ -24,7 +24,7 @@ from websockets.sync import client as ws_client
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
-    app = create_app(str(tmp_path / "s.db"), allowed_hosts=["testserver"])
+    app = create_app(str(tmp_path / "s.db"), allowed_hosts=["testserver"], allowed_roots=[tmp_path])
     with TestClient(app) as c:
         yield c
         app.state.fastindex.close()
@@ -32,7 +32,7 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerHandle]:
-    with start_server(str(tmp_path / "s.db"), port=0) as s:
+    with start_server(str(tmp_path / "s.db"), port=0, allowed_roots=[tmp_path]) as s:
         yield s
 
 
@@ -146,7 +146,7 @@ def test_real_server_websocket_and_stop(tmp_path: Path) -> None:
     db = str(tmp_path / "s.db")
     make_images(tmp_path / "imgs", 10)
     ds = fastindex.Dataset.create("d", db=db)
-    server = start_server(db, port=0)
+    server = start_server(db, port=0, allowed_roots=[tmp_path])
     host, port = server.url.removeprefix("http://").rsplit(":", 1)
     assert host == "127.0.0.1" and int(port) > 0
     with probe_held(db, ds.id), httpx.Client(base_url=server.url) as c:

@@ -11,10 +11,11 @@ with start_server("fastindex.db", port=0) as server:
 from __future__ import annotations
 
 from .app import create_app
-from .errors import NotFoundError, NotReadyError, status_of
+from .errors import ForbiddenError, NotFoundError, NotReadyError, status_of
 from .run import ServerHandle, run_server, start_server
 
 __all__ = [
+    "ForbiddenError",
     "NotFoundError",
     "NotReadyError",
     "ServerHandle",

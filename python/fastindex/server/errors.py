@@ -2,17 +2,22 @@
 
 Every error answer is JSON: `{"error": <kind>, "message": <text>}` (validation errors add the
 field-level `detail` FastAPI gives). Tracebacks never leave the server.
+
+JSON is written with `ensure_ascii`: a path that is not valid UTF-8 reaches Python as a `str`
+with lone surrogates (`os.fsdecode`), and goes out as `\\udcXX` escapes, which `json.loads`
+turns back into the same `str` (so `os.fsencode` gives the file's bytes back).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse as _JSONResponse
 from starlette.exceptions import HTTPException
 
 from ..errors import (
@@ -38,12 +43,27 @@ class NotReadyError(FastIndexError):
     """The request needs work that has not happened yet: a sample not indexed, no embeddings."""
 
 
+class ForbiddenError(FastIndexError, PermissionError):
+    """The request reaches outside what the operator allowed: a folder outside the allowed
+    roots, or a sample whose file now resolves outside its dataset's folder."""
+
+
+class JSONResponse(_JSONResponse):
+    """JSON in ASCII: lone surrogates (names that are not UTF-8) survive as escapes."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(
+            content, ensure_ascii=True, allow_nan=False, indent=None, separators=(",", ":")
+        ).encode("ascii")
+
+
 #: Most specific first: the first class an exception is an instance of gives the status.
 STATUS_OF: tuple[tuple[type[FastIndexError], int], ...] = (
     (CocoError, 422),
     (InvalidArgumentError, 400),  # PathNotFoundError too: a path in the body, not the URL
     (DatasetNotFoundError, 404),
     (NotFoundError, 404),
+    (ForbiddenError, 403),
     (DatasetExistsError, 409),
     (NotReadyError, 409),
     (NoEmbeddingsError, 409),
@@ -94,6 +114,16 @@ def install_error_handlers(app: FastAPI) -> None:
             resp.headers.update(exc.headers)
         return resp
 
+    async def on_overflow(_: Request, exc: Exception) -> JSONResponse:
+        # A number in the request that no id or offset can be (SQLite integers are 64-bit).
+        return error_response(422, "ValidationError", f"number out of range: {exc}")
+
+    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected %s", type(exc).__name__, exc_info=exc)
+        return error_response(500, "InternalError", f"internal error ({type(exc).__name__})")
+
     app.add_exception_handler(FastIndexError, on_fastindex)
+    app.add_exception_handler(OverflowError, on_overflow)
+    app.add_exception_handler(Exception, on_unexpected)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(HTTPException, on_http)
