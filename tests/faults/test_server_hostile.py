@@ -334,3 +334,303 @@ def test_json_keeps_lone_surrogates() -> None:
     body = JSONResponse({"path": name}).body
     assert json.loads(body)["path"] == name
     assert os.fsencode(json.loads(body)["path"]) == b"dir/\xff\xfe-\xe9.png"
+
+
+# -- crowds and slow clients -----------------------------------------------------------------------
+@contextlib.contextmanager
+def open_files_at_least(n: int) -> Iterator[None]:
+    """Raise this process's open-file limit to `n` (skip if the hard limit is lower)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < n:
+        pytest.skip(f"needs {n} open files, the hard limit is {hard}")
+    if soft != resource.RLIM_INFINITY and soft < n:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _open_sockets() -> int:
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            n += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return n
+
+
+async def _get(host: str, port: int, target: str) -> int:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        answer = await reader.read()
+        return int(answer.split(b" ", 2)[1])
+    finally:
+        writer.close()
+
+
+def _abort(ws: Any) -> None:
+    """Drop a connection as a crashed client does: no close frame, a TCP reset."""
+    sock = ws.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    ws.transport.abort()
+
+
+def test_500_connections_and_200_dropped_websockets(tmp_path: Path) -> None:
+    make_images(tmp_path / "imgs", 5)
+    db = str(tmp_path / "s.db")
+    ds = fastindex.Dataset.create("d", db=db)
+    with open_files_at_least(4096), probe_held(db, ds.id):
+        ds.add_images_from_path(str(tmp_path / "imgs"), embed=False)  # stays pending: in progress
+        sockets_before = _open_sockets()
+        with start_server(db, port=0, allowed_roots=[tmp_path]) as server:
+            host, port = _addr(server.url)
+            hub = server.app.state.hub
+
+            async def crowd() -> list[int]:
+                # 500 connections open at once, then each asks for the progress.
+                opened = await asyncio.gather(
+                    *(asyncio.open_connection(host, port) for _ in range(500))
+                )
+                request = (
+                    f"GET /api/progress/{ds.id} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    "Connection: close\r\n\r\n"
+                ).encode()
+
+                async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+                    writer.write(request)
+                    await writer.drain()
+                    answer = await reader.read()
+                    writer.close()
+                    return int(answer.split(b" ", 2)[1])
+
+                return await asyncio.wait_for(asyncio.gather(*(ask(r, w) for r, w in opened)), 120)
+
+            statuses = asyncio.run(crowd())
+            assert statuses == [200] * 500
+
+            async def watchers_then_drop() -> int:
+                ws_url = server.url.replace("http", "ws") + f"/ws/progress/{ds.id}"
+                clients = await asyncio.wait_for(
+                    asyncio.gather(*(connect(ws_url, open_timeout=60) for _ in range(200))), 120
+                )
+                firsts = await asyncio.gather(*(asyncio.wait_for(c.recv(), 30) for c in clients))
+                assert all(json.loads(m)["status"] == "in_progress" for m in firsts)
+                watching = hub.watchers(ds.id)
+                for c in clients:
+                    _abort(c)
+                return watching
+
+            assert asyncio.run(watchers_then_drop()) == 200
+            # The server notices each vanished watcher at its next message (heartbeat: 1 s).
+            wait_until(lambda: hub.watchers() == 0, 30)
+            assert asyncio.run(_get(host, port, "/api/datasets")) == 200
+            wait_until(lambda: _open_sockets() <= sockets_before + 5, 30)  # every socket let go
+
+
+def _slow_client(host: str, port: int, payload: bytes, every: float, out: list[Any]) -> None:
+    """Sends `payload` one byte every `every` seconds until the server closes the socket;
+    appends what the server said (b"" if nothing) and when it closed."""
+    s = socket.create_connection((host, port), timeout=30)
+    s.setblocking(False)
+    got = b""
+    try:
+        for b in payload:
+            try:
+                s.send(bytes([b]))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            time.sleep(every)
+            try:
+                chunk = s.recv(4096)
+            except BlockingIOError:
+                continue
+            except ConnectionResetError:
+                break
+            got += chunk
+            if not chunk or got.endswith(b"}"):
+                break
+        else:
+            got = b"NOT CLOSED"
+    finally:
+        s.close()
+    out.append((got, time.monotonic()))
+
+
+def test_slow_loris_clients_are_timed_out_and_others_served(tmp_path: Path) -> None:
+    db = str(tmp_path / "s.db")
+    timeout = 2.0
+    with start_server(db, port=0, request_timeout=timeout) as server:
+        host, port = _addr(server.url)
+        headers = b"GET /api/datasets HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 100
+        body = b"POST /api/datasets HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+        body += b"\r\nContent-Length: 400\r\n\r\n{" + b" " * 400
+        out: list[Any] = []
+        threads = [
+            threading.Thread(target=_slow_client, args=(host, port, headers, 1.0, out))
+            for _ in range(50)
+        ]
+        # Request line and headers at once, then a body that never finishes.
+        threads += [
+            threading.Thread(
+                target=_slow_client, args=(host, port, body[:120], 0.0, []), daemon=True
+            )
+        ]
+        started = time.monotonic()
+        for t in threads:
+            t.start()
+        silent = [socket.create_connection((host, port), timeout=30) for _ in range(10)]
+        # While all of them hold their sockets, a normal client is served.
+        for _ in range(3):
+            r = httpx.get(f"{server.url}/api/datasets", timeout=10)
+            assert r.status_code == 200
+        for t in threads:
+            t.join(timeout + 20)  # a hang guard
+            assert not t.is_alive()
+        assert len(out) == 50
+        for got, closed_at in out:
+            assert got.startswith(b"HTTP/1.1 408"), got
+            assert json.loads(body_of(got))["error"] == "RequestTimeout"
+            assert closed_at - started < 50  # far from the 100 s the payload would take
+        for s in silent:  # connections that never send a byte are closed too
+            s.settimeout(timeout + 20)
+            assert s.recv(4096).startswith(b"HTTP/1.1 408")
+            s.close()
+        assert httpx.get(f"{server.url}/api/datasets").status_code == 200
+
+
+def test_connection_cap_makes_room_and_refuses_when_all_are_busy(tmp_path: Path) -> None:
+    make_images(tmp_path / "imgs", 3)
+    db = str(tmp_path / "s.db")
+    ds = fastindex.Dataset.create("d", db=db)
+    cap = 20
+    with probe_held(db, ds.id):
+        ds.add_images_from_path(str(tmp_path / "imgs"), embed=False)
+        with start_server(db, port=0, max_connections=cap, request_timeout=60) as server:
+            host, port = _addr(server.url)
+            # Idle sockets beyond the cap: each newcomer closes the one that waited longest.
+            idle = [socket.create_connection((host, port), timeout=30) for _ in range(2 * cap)]
+            assert asyncio.run(_get(host, port, "/api/datasets")) == 200
+            closed = 0
+            for s in idle:
+                s.settimeout(0.5)
+                with contextlib.suppress(TimeoutError):
+                    if s.recv(4096) == b"":
+                        closed += 1
+                s.close()
+            assert closed >= cap
+            # Every slot busy with a live stream: a newcomer is told to come back, in JSON.
+            streams = []
+            for _ in range(cap):
+                c = httpx.Client(base_url=server.url, timeout=30)
+                cm = c.stream("GET", f"/sse/progress/{ds.id}")
+                r = cm.__enter__()
+                assert r.status_code == 200
+                streams.append((c, cm))
+            status, answer = raw(server.url, b"/api/datasets")
+            assert status == 503 and json.loads(body_of(answer))["error"] == "Busy"
+            for c, cm in streams:
+                cm.__exit__(None, None, None)
+                c.close()
+            wait_until(lambda: raw(server.url, b"/api/datasets")[0] == 200, 30)
+
+
+# -- decompression bombs ---------------------------------------------------------------------------
+def write_png(path: Path, width: int, height: int, *, rows: int | None = None) -> None:
+    """An RGB PNG of `width` x `height` black pixels, written without holding it in memory;
+    `rows` < height writes only that many rows (the header still declares the full size)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    comp = zlib.compressobj(1)
+    block = (b"\x00" + bytes(3 * width)) * 64
+    left = height if rows is None else rows
+    parts = []
+    while left > 0:
+        n = min(64, left)
+        parts.append(comp.compress(block if n == 64 else block[: n * (1 + 3 * width)]))
+        left -= n
+    parts.append(comp.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _status_kb(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {key} for {pid}")
+
+
+SERVE = """
+import sys
+from fastindex.server import start_server
+server = start_server(sys.argv[1], port=0, allowed_roots=[sys.argv[2]])
+print(server.url, flush=True)
+sys.stdin.read()  # until the test closes it (or dies)
+server.stop()
+"""
+
+
+def test_thumbnail_bombs_keep_memory_bounded(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.new("RGB", (64, 48), (10, 20, 30)).save(root / "small.png")
+    write_png(root / "bomb30k.png", 30000, 30000, rows=64)  # declares 900 MP
+    write_png(root / "big13k.png", 13000, 13000)  # 169 MP: just under Pillow's own limit
+    write_png(root / "wide63m.png", 8000, 7900)  # 63 MP: within the budget, one at a time
+    db = str(tmp_path / "s.db")
+    ds = fastindex.Dataset.create("d", db=db)
+    ds.add_images_from_path(str(root), embed=False)
+    assert ds.wait(60)
+    ids = {Path(s.path).stem: s.id for s in ds.samples(limit=10)}
+    assert set(ids) == {"small", "bomb30k", "big13k", "wide63m"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVE, db, str(root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://"), url
+        with httpx.Client(base_url=url, timeout=120) as c:
+            assert c.get(f"/api/samples/{ids['small']}/thumbnail").status_code == 200
+        idle_kb = _status_kb(proc.pid, "VmRSS")
+
+        async def six_at_once(name: str) -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=300) as c:
+                return await asyncio.gather(
+                    *(c.get(f"/api/samples/{ids[name]}/thumbnail") for _ in range(6))
+                )
+
+        for name, status in (("bomb30k", 422), ("big13k", 422), ("wide63m", 200)):
+            answers = asyncio.run(six_at_once(name))
+            assert [r.status_code for r in answers] == [status] * 6, answers[0].text
+            if status == 422:  # refused from the header: by Pillow's limit, or by ours
+                assert re.search("megapixels|decompression bomb", answers[0].json()["message"])
+        peak_kb = _status_kb(proc.pid, "VmHWM")
+        print(f"\nserver RSS idle {idle_kb / 1024:.0f} MB, peak {peak_kb / 1024:.0f} MB")
+        assert (peak_kb - idle_kb) / 1024 < 500
+        with httpx.Client(base_url=url, timeout=30) as c:
+            assert c.get("/api/datasets").status_code == 200
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
