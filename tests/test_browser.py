@@ -147,7 +147,10 @@ def test_polling_takes_over_without_websocket(page: Page, tmp_path: Path, how: s
 
         page.route_web_socket("**/ws/progress/**", refuse)
     query = "&transport=poll" if how == "query-flag" else ""
-    with start_server(db, port=0, allowed_roots=[tmp_path]) as server, probe_held(db, ds.id) as release:
+    with (
+        start_server(db, port=0, allowed_roots=[tmp_path]) as server,
+        probe_held(db, ds.id) as release,
+    ):
         _post(server, name="d", images_path=str(tmp_path / "imgs"), embed=False)
         wait_until(lambda: _progress(server, ds.id)["pending"] == 13)
         page.goto(f"{server.url}/?dataset={ds.id}{query}")
@@ -168,7 +171,10 @@ def test_search_opens_only_once_embeddings_exist(page: Page, tmp_path: Path) -> 
     make_images(tmp_path / "imgs", 16)
     ds = fastindex.Dataset.create("d", db=db)
     model = testing.tiny_model()
-    with start_server(db, port=0, embed_model=model, allowed_roots=[tmp_path]) as server, probe_held(db, ds.id) as release:
+    with (
+        start_server(db, port=0, embed_model=model, allowed_roots=[tmp_path]) as server,
+        probe_held(db, ds.id) as release,
+    ):
         _post(server, name="d", images_path=str(tmp_path / "imgs"), embed=True)
         wait_until(lambda: _progress(server, ds.id)["pending"] == 16)
         page.goto(f"{server.url}/?dataset={ds.id}")

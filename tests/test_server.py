@@ -166,7 +166,11 @@ def test_progress_of_unknown_dataset(api: Api) -> None:
         ({"name": "x", "images_path": "/"}, 403, "ForbiddenError"),
         ({"name": "x", "images_path": "/no/such/folder"}, 403, "ForbiddenError"),
         ({"name": "x", "images_path": "DIR/../.."}, 403, "ForbiddenError"),
-        ({"name": "x", "images_path": "DIR", "annotations_json": "/etc/passwd"}, 403, "ForbiddenError"),
+        (
+            {"name": "x", "images_path": "DIR", "annotations_json": "/etc/passwd"},
+            403,
+            "ForbiddenError",
+        ),
         ({"name": "x", "images_path": "FILE"}, 400, "InvalidArgumentError"),
         (
             {"name": "x", "images_path": "DIR", "annotations_json": "MISSING.json"},

@@ -43,7 +43,9 @@ def _addr(url: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def raw(url: str, target: bytes, *, host: bytes = b"127.0.0.1", extra: bytes = b"") -> tuple[int, bytes]:
+def raw(
+    url: str, target: bytes, *, host: bytes = b"127.0.0.1", extra: bytes = b""
+) -> tuple[int, bytes]:
     """Send `GET target` as raw bytes; the status and the whole answer."""
     req = b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n" + extra
     return raw_request(url, req + b"Connection: close\r\n\r\n")
@@ -364,7 +366,9 @@ def _open_sockets() -> int:
 async def _get(host: str, port: int, target: str) -> int:
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        writer.write(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        writer.write(
+            f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+        )
         await writer.drain()
         answer = await reader.read()
         return int(answer.split(b" ", 2)[1])
@@ -558,7 +562,9 @@ def write_png(path: Path, width: int, height: int, *, rows: int | None = None) -
     parts.append(comp.flush())
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts))
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", b"".join(parts))
         + chunk(b"IEND", b"")
     )
 

@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
 
 from .. import __version__
+from ..sample import Sample
 from .errors import JSONResponse, install_error_handlers
 from .guard import LocalOnly, SafeStaticFiles, origin_allowed
 from .media import (
@@ -30,7 +31,6 @@ from .media import (
     open_sample_file,
     render_thumbnail,
 )
-from ..sample import Sample
 from .roots import allowed_path, real_roots
 from .state import ServerState
 from .streams import ProgressHub

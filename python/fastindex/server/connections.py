@@ -95,12 +95,14 @@ def guarded_protocol(
                 return
             if not self._in_flight():  # headers never ended: say why before closing
                 self.transport.write(
-                    _answer(408, "Request Timeout", "RequestTimeout", "request not received in time")
+                    _answer(
+                        408, "Request Timeout", "RequestTimeout", "request not received in time"
+                    )
                 )
             self.transport.close()
 
         # -- the protocol's events ------------------------------------------------------------
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
             if len(self.connections) > max_connections and not self._make_room():
                 log.warning("connection refused: %d connections open", len(self.connections))

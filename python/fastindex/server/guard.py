@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -95,7 +96,7 @@ class LocalOnly:
 class SafeStaticFiles(StaticFiles):
     """`StaticFiles` whose odd paths (a NUL, a name too long) are a 404, not a 500."""
 
-    async def get_response(self, path: str, scope: Scope):  # type: ignore[no-untyped-def]
+    async def get_response(self, path: str, scope: Scope) -> Response:
         if "\0" in path or "\\" in path:
             raise HTTPException(status_code=404)
         try:

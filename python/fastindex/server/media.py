@@ -169,9 +169,7 @@ class OpenFileResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await send(
-                {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
-            )
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             left = self.size
             while left > 0:
                 chunk = await run_in_threadpool(self.file.read, min(self.chunk_size, left))
