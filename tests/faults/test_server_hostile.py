@@ -506,6 +506,34 @@ def test_slow_loris_clients_are_timed_out_and_others_served(tmp_path: Path) -> N
         assert httpx.get(f"{server.url}/api/datasets").status_code == 200
 
 
+def test_a_client_that_stops_reading_is_dropped(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    root.mkdir()
+    big = root / "big.png"
+    Image.new("RGB", (64, 64)).save(big)
+    with big.open("ab") as f:  # a valid header, then 32 MB the probe never reads
+        f.write(os.urandom(32 << 20))
+    size = big.stat().st_size
+    db = str(tmp_path / "s.db")
+    ds = fastindex.Dataset.create("d", db=db)
+    ds.add_images_from_path(str(root), embed=False)
+    assert ds.wait(60)
+    (sample,) = ds.samples()
+    with start_server(db, port=0, write_timeout=1.0) as server:
+        with socket.create_connection(_addr(server.url), timeout=30) as s:
+            s.sendall(
+                f"GET /api/samples/{sample.id}/image HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+            )
+            time.sleep(3)  # read nothing: the server's send buffer fills and stays full
+            got = 0
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := s.recv(1 << 20):
+                    got += len(chunk)
+        assert 0 < got < size  # what the kernel had buffered, then the end
+        r = httpx.get(f"{server.url}/api/samples/{sample.id}/image", timeout=30)
+        assert r.status_code == 200 and len(r.content) == size
+
+
 def test_connection_cap_makes_room_and_refuses_when_all_are_busy(tmp_path: Path) -> None:
     make_images(tmp_path / "imgs", 3)
     db = str(tmp_path / "s.db")

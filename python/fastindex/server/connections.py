@@ -9,6 +9,8 @@ client that opens a socket and sends nothing, or sends its headers one byte a se
   `request_timeout` seconds of the connection opening, or of its first byte on a kept-alive
   connection; else a 408 and the connection is closed;
 - a header size cap: more than `max_header_bytes` before the headers end is a 431;
+- a write stall limit: a client that stops reading an answer (the socket's send buffer stays
+  full) for `write_timeout` seconds is disconnected;
 - a connection cap: at `max_connections` open sockets (HTTP and WebSocket), a new
   connection closes the one that has waited longest for a request that has not arrived (a
   slow or idle client); if every connection is busy, the new one gets a 503 and is closed.
@@ -32,6 +34,8 @@ log = logging.getLogger("fastindex.server")
 REQUEST_TIMEOUT = 10.0
 #: Seconds a kept-alive connection may stay idle between requests (uvicorn closes it).
 KEEP_ALIVE_TIMEOUT = 5
+#: Seconds a client may leave an answer unread (the send buffer full) before it is dropped.
+WRITE_TIMEOUT = 30.0
 #: Bytes of request line and headers; more is a 431.
 MAX_HEADER_BYTES = 64 << 10
 #: Open connections (HTTP and WebSocket) at most; see `connection_cap`.
@@ -64,6 +68,7 @@ def guarded_protocol(
     request_timeout: float = REQUEST_TIMEOUT,
     max_header_bytes: int = MAX_HEADER_BYTES,
     max_connections: int = MAX_CONNECTIONS,
+    write_timeout: float = WRITE_TIMEOUT,
 ) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol class `base` (httptools or h11) with the guards above."""
 
@@ -71,6 +76,7 @@ def guarded_protocol(
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._deadline: asyncio.TimerHandle | None = None
+            self._stall: asyncio.TimerHandle | None = None
             self._header_bytes = 0
             #: When this connection began to wait for a request (None: one is being served).
             self.waiting_since: float | None = time.monotonic()
@@ -156,8 +162,28 @@ def guarded_protocol(
             super().on_response_complete()
             self.waiting_since = time.monotonic()  # idle now (uvicorn's keep-alive timer runs)
 
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._stall is None:
+                self._stall = self.loop.call_later(write_timeout, self._stalled)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._stall is not None:
+                self._stall.cancel()
+                self._stall = None
+
+        def _stalled(self) -> None:
+            self._stall = None
+            if self.transport is not None and not self.transport.is_closing():
+                log.info("dropping a client that stopped reading for %s s", write_timeout)
+                self.transport.abort()
+
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if self._stall is not None:
+                self._stall.cancel()
+                self._stall = None
             self.waiting_since = None
             super().connection_lost(exc)
 

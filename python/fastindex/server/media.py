@@ -168,10 +168,18 @@ class OpenFileResponse(Response):
             self.headers["content-disposition"] = f"inline; filename*=utf-8''{quoted}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gone = asyncio.Event()
+
+        async def watch() -> None:  # the client left (or was dropped): stop reading the file
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             left = self.size
-            while left > 0:
+            while left > 0 and not gone.is_set():
                 chunk = await run_in_threadpool(self.file.read, min(self.chunk_size, left))
                 if not chunk:  # the file shrank since: end here (the client sees it short)
                     break
@@ -180,6 +188,7 @@ class OpenFileResponse(Response):
             if left == self.size == 0:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            watcher.cancel()
             self.file.close()
 
 

@@ -19,6 +19,7 @@ from .connections import (
     KEEP_ALIVE_TIMEOUT,
     MAX_CONNECTIONS,
     REQUEST_TIMEOUT,
+    WRITE_TIMEOUT,
     connection_cap,
     guarded_protocol,
 )
@@ -78,11 +79,17 @@ class _Server(uvicorn.Server):
 
 
 def _config(
-    app: FastAPI, log_level: str, *, request_timeout: float, max_connections: int
+    app: FastAPI,
+    log_level: str,
+    *,
+    request_timeout: float,
+    write_timeout: float,
+    max_connections: int,
 ) -> uvicorn.Config:
     protocol = guarded_protocol(
         AutoHTTPProtocol,
         request_timeout=request_timeout,
+        write_timeout=write_timeout,
         max_connections=connection_cap(max_connections),
     )
     return uvicorn.Config(
@@ -106,6 +113,7 @@ def run_server(
     port: int = 8000,
     log_level: str = "info",
     request_timeout: float = REQUEST_TIMEOUT,
+    write_timeout: float = WRITE_TIMEOUT,
     max_connections: int = MAX_CONNECTIONS,
     **app_options: Any,
 ) -> None:
@@ -113,14 +121,19 @@ def run_server(
 
     Binds to 127.0.0.1 unless told otherwise; `app_options` go to `create_app` (among them
     `allowed_roots`, the folders a `POST /api/datasets` may index). A request must arrive
-    whole within `request_timeout` seconds; at most `max_connections` are open at once (see
+    whole within `request_timeout` seconds, a client that leaves an answer unread for
+    `write_timeout` seconds is dropped, and at most `max_connections` are open at once (see
     `fastindex.server.connections`).
     """
     app = create_app(db, allowed_hosts=_allowed_hosts(host), **app_options)
     sock = _bind(host, port)
     print(f"fastindex serving {db} at {_url(sock)}", flush=True)
     config = _config(
-        app, log_level, request_timeout=request_timeout, max_connections=max_connections
+        app,
+        log_level,
+        request_timeout=request_timeout,
+        write_timeout=write_timeout,
+        max_connections=max_connections,
     )
     server = _Server(app, config)
     try:
@@ -189,6 +202,7 @@ def start_server(
     port: int = 8000,
     log_level: str = "warning",
     request_timeout: float = REQUEST_TIMEOUT,
+    write_timeout: float = WRITE_TIMEOUT,
     max_connections: int = MAX_CONNECTIONS,
     **app_options: Any,
 ) -> ServerHandle:
@@ -200,7 +214,11 @@ def start_server(
     app = create_app(db, allowed_hosts=_allowed_hosts(host), **app_options)
     sock = _bind(host, port)
     config = _config(
-        app, log_level, request_timeout=request_timeout, max_connections=max_connections
+        app,
+        log_level,
+        request_timeout=request_timeout,
+        write_timeout=write_timeout,
+        max_connections=max_connections,
     )
     handle = ServerHandle(app, _Server(app, config), sock)
     handle._start(timeout=30.0)
