@@ -541,6 +541,23 @@ def test_thumbnail_of_a_non_image_raises_image_error(tmp_path: Path) -> None:
         make_thumbnail(str(p))
 
 
+@pytest.mark.parametrize("fmt", ["PPM", "ICO", "TGA"])
+def test_thumbnails_only_of_formats_the_indexer_reads(tmp_path: Path, fmt: str) -> None:
+    """A file swapped for another format Pillow knows (EPS would run Ghostscript) is refused."""
+    p = tmp_path / "x.jpg"
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(p, fmt)
+    with pytest.raises(ImageError, match="cannot make a thumbnail"):
+        make_thumbnail(str(p))
+
+
+def test_thumbnail_over_the_pixel_budget_is_refused_from_its_header(tmp_path: Path) -> None:
+    p = tmp_path / "x.png"
+    Image.new("L", (400, 300)).save(p)
+    with pytest.raises(ImageError, match="400x300 is 120,000 pixels, more than the 100,000"):
+        make_thumbnail(str(p), max_pixels=100_000)
+    assert make_thumbnail(str(p), max_pixels=120_000)
+
+
 def test_status_names_match_the_core() -> None:
     """The page and the API's `status` parameter name the statuses the store uses."""
     import re

@@ -52,6 +52,10 @@ CONTENT_TYPES: dict[str, str] = {
 }
 
 
+#: The formats Pillow may open for a thumbnail: those the header probe indexes.
+THUMB_FORMATS: tuple[str, ...] = tuple(CONTENT_TYPES)
+
+
 def content_type(sample: Sample) -> str:
     return CONTENT_TYPES.get((sample.format or "").upper(), "application/octet-stream")
 
@@ -215,7 +219,9 @@ def open_image(
         with warnings.catch_warnings():
             # A big image is a thumbnail's normal input; the pixel budget below decides.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(source)
+            # Only the formats the indexer reads: a file swapped for, say, an EPS (which
+            # Pillow renders with Ghostscript) is refused, not decoded.
+            img = Image.open(source, formats=THUMB_FORMATS)
         img.draft("RGB", (size, size))  # JPEG: decode at 1/2..1/8 scale; others: no-op
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageError(f"{name}: cannot make a thumbnail: {e}") from e
@@ -223,8 +229,8 @@ def open_image(
     if w * h > max_pixels:
         img.close()
         raise ImageError(
-            f"{name}: cannot make a thumbnail: {w}x{h} is {w * h / 1e6:.0f} megapixels, more "
-            f"than the {max_pixels / 1e6:.0f} a thumbnail may decode (the original is served)"
+            f"{name}: cannot make a thumbnail: {w}x{h} is {w * h:,} pixels, more than the "
+            f"{max_pixels:,} a thumbnail may decode (the original is still served)"
         )
     return img
 
