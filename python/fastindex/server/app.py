@@ -15,9 +15,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
 
 from .. import __version__
+from ..errors import FastIndexError
 from ..sample import Sample
-from .errors import JSONResponse, install_error_handlers
-from .guard import LocalOnly, SafeStaticFiles, origin_allowed
+from .errors import JSONResponse, install_error_handlers, refuse_websocket, status_of
+from .guard import LocalOnly, SafeStaticFiles
 from .media import (
     THUMB_WORKERS,
     DecodeBudget,
@@ -176,16 +177,15 @@ def create_app(
     async def ws_progress(ws: WebSocket, dataset_id: Id) -> None:
         """The progress object on every change (at most ~10 a second, at least every second
         while work runs); the last message says `complete`, then the socket closes."""
-        if not origin_allowed(ws.headers.get("origin"), hosts):
-            await ws.close(code=1008, reason="origin not allowed")
-            return
+        # (`LocalOnly` has refused foreign hosts and origins already.)
         try:
             await run_in_threadpool(state.require_dataset, dataset_id)
-        except LookupError as e:
-            await ws.close(code=4404, reason=str(e)[:120])
-            return
-        except Exception as e:  # the store failed: refuse, never a half-open socket
-            await ws.close(code=1011, reason=f"{type(e).__name__}"[:120])
+        except Exception as e:  # no such dataset (404), or the store failed (500)
+            code = status_of(e) if isinstance(e, FastIndexError) else 500
+            close = 4404 if code == 404 else 1011
+            await refuse_websocket(
+                ws.scope, ws.receive, ws.send, code, type(e).__name__, str(e), close_code=close
+            )
             return
         await ws.accept()
         try:

@@ -78,6 +78,7 @@ def guarded_protocol(
             self._deadline: asyncio.TimerHandle | None = None
             self._stall: asyncio.TimerHandle | None = None
             self._header_bytes = 0
+            self._refused = False
             #: When this connection began to wait for a request (None: one is being served).
             self.waiting_since: float | None = time.monotonic()
 
@@ -112,12 +113,22 @@ def guarded_protocol(
             super().connection_made(transport)
             if len(self.connections) > max_connections and not self._make_room():
                 log.warning("connection refused: %d connections open", len(self.connections))
-                transport.write(
-                    _answer(503, "Service Unavailable", "Busy", "too many connections; retry")
-                )
-                transport.close()
+                self._refuse_all()
                 return
             self._arm()
+
+        def _refuse_all(self) -> None:
+            """Answer 503 and end the connection, reading (and dropping) what the client sends
+            for a moment first: closing with unread data would reset the connection, and the
+            client might lose the answer."""
+            self.waiting_since = None
+            self._refused = True
+            self.transport.write(
+                _answer(503, "Service Unavailable", "Busy", "too many connections; retry")
+            )
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(1.0, self.transport.close)
 
         def _make_room(self) -> bool:
             """Close the connection that has waited longest for a request; False if none."""
@@ -134,6 +145,8 @@ def guarded_protocol(
             return True
 
         def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return
             if not self._in_flight():
                 self._header_bytes += len(data)
                 self._arm()  # a new request began: it has `request_timeout` to arrive

@@ -14,11 +14,12 @@ import json
 import logging
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
+from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
 from fastapi.responses import JSONResponse as _JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
 
 from ..errors import (
     CancelledError,
@@ -85,6 +86,33 @@ def error_response(status: int, kind: str, message: str, **extra: Any) -> JSONRe
     return JSONResponse({"error": kind, "message": message, **extra}, status_code=status)
 
 
+async def refuse_websocket(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    status: int,
+    kind: str,
+    message: str,
+    *,
+    close_code: int = 1008,
+) -> None:
+    """Refuse a WebSocket before accepting it: an HTTP `status` with the JSON error as the
+    handshake's answer where the server can send one, else a close with `close_code` (which
+    the client sees as a refused handshake)."""
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await error_response(status, kind, message)(scope, receive, send)
+    else:
+        await send({"type": "websocket.close", "code": close_code, "reason": message[:120]})
+
+
+def _validation_message(exc: RequestValidationError | WebSocketRequestValidationError) -> str:
+    parts = []
+    for e in exc.errors():
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "request"
+        parts.append(f"{loc}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map fastindex exceptions, validation errors and HTTP errors to JSON answers."""
 
@@ -97,14 +125,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        errors = list(exc.errors())
-        parts = []
-        for e in errors:
-            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "request"
-            parts.append(f"{loc}: {e.get('msg', 'invalid')}")
-        detail = jsonable_encoder(errors, exclude={"ctx", "input", "url"})
-        return error_response(
-            422, "ValidationError", "; ".join(parts) or "invalid request", detail=detail
+        detail = jsonable_encoder(list(exc.errors()), exclude={"ctx", "input", "url"})
+        return error_response(422, "ValidationError", _validation_message(exc), detail=detail)
+
+    async def on_ws_validation(ws: WebSocket, exc: Exception) -> None:
+        assert isinstance(exc, WebSocketRequestValidationError)
+        await refuse_websocket(
+            ws.scope, ws.receive, ws.send, 422, "ValidationError", _validation_message(exc)
         )
 
     async def on_http(_: Request, exc: Exception) -> JSONResponse:
@@ -126,4 +153,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(OverflowError, on_overflow)
     app.add_exception_handler(Exception, on_unexpected)
     app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(WebSocketRequestValidationError, on_ws_validation)
     app.add_exception_handler(HTTPException, on_http)

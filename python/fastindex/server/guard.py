@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import error_response
+from .errors import error_response, refuse_websocket
 
 #: Methods a page elsewhere may send without the browser asking first; they change nothing.
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -87,8 +87,8 @@ class LocalOnly:
     async def _refuse(
         scope: Scope, receive: Receive, send: Send, status: int, kind: str, message: str
     ) -> None:
-        if scope["type"] == "websocket":  # closing before accepting answers the handshake 403
-            await send({"type": "websocket.close", "code": 1008, "reason": message})
+        if scope["type"] == "websocket":
+            await refuse_websocket(scope, receive, send, status, kind, message)
             return
         await error_response(status, kind, message)(scope, receive, send)
 
