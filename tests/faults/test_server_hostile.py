@@ -12,6 +12,7 @@ import json
 import os
 import re
 import select
+import signal
 import socket
 import struct
 import subprocess
@@ -722,3 +723,64 @@ def test_thumbnail_bombs_keep_memory_bounded(tmp_path: Path) -> None:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+# -- the command line ------------------------------------------------------------------------------
+def _cli(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "fastindex.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "300", "NO_COLOR": "1"},
+    )
+
+
+def _url_from(proc: subprocess.Popen[str]) -> str:
+    assert proc.stdout is not None
+    for _ in range(50):
+        line = proc.stdout.readline()
+        m = re.search(r"(http://127\.0\.0\.1:\d+)", line)
+        if m:
+            return m.group(1)
+        if not line:
+            break
+    raise AssertionError("no URL printed")
+
+
+def _interrupt(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+@pytest.mark.parametrize("how", ["serve", "index-serve"])
+def test_cli_allows_only_the_folders_it_was_given(tmp_path: Path, how: str) -> None:
+    allowed, other = tmp_path / "allowed", tmp_path / "other"
+    make_images(allowed / "a", 2)
+    make_images(allowed / "b", 2, start=10)
+    make_images(other, 2, start=20)
+    db = str(tmp_path / "s.db")
+    if how == "serve":
+        proc = _cli("serve", "--db", db, "--port", "0", "--allow-root", str(allowed))
+    else:
+        proc = _cli("index", str(allowed), "--db", db, "--no-embed", "--serve", "--port", "0")
+    try:
+        url = _url_from(proc)
+        wait_until(lambda: httpx.get(f"{url}/api/datasets").status_code == 200, 30)
+
+        def post(folder: Path) -> httpx.Response:
+            body = {"name": "x", "images_path": str(folder), "embed": False}
+            return httpx.post(f"{url}/api/datasets", json=body, timeout=30)
+
+        assert post(allowed / "b").status_code == 202
+        for folder in (other, tmp_path, Path("/")):
+            r = post(folder)
+            assert r.status_code == 403 and r.json()["error"] == "ForbiddenError", r.text
+    finally:
+        _interrupt(proc)
