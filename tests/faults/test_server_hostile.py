@@ -28,7 +28,7 @@ import fastindex
 import httpx
 import pytest
 from fastindex.server import ServerHandle, start_server
-from fastindex.server.errors import JSONResponse
+from fastindex.server.errors import ForbiddenError, JSONResponse, NotFoundError
 from fastindex.server.media import OpenFileResponse, make_thumbnail, open_sample_file
 from PIL import Image
 from server_support import make_images, probe_held, wait_until
@@ -306,6 +306,60 @@ def test_link_swapped_in_after_indexing_is_refused(tmp_path: Path) -> None:
             r = get(s3, part)
             assert r.status_code == 403 and "regular file" in r.json()["message"], r.text
         assert httpx.get(f"{url}/api/datasets").status_code == 200
+
+
+def _sample(root: Path, path: str) -> fastindex.Sample:
+    return fastindex.Sample(
+        id=1,
+        dataset_id=1,
+        job_id=1,
+        root=str(root),
+        path=path,
+        size_bytes=None,
+        mtime_ns=None,
+        status="indexed",
+        width=40,
+        height=30,
+        format="PNG",
+        orientation=1,
+        error=None,
+        coco_width=None,
+        coco_height=None,
+        size_mismatch=False,
+    )
+
+
+@pytest.mark.parametrize("how", ["o_path", "portable"])
+def test_open_sample_file_checks_the_file_it_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Both ways of opening (Linux O_PATH + /proc, and the portable open + realpath + inode
+    check) refuse links out of the root, FIFOs and folders, and serve links inside it."""
+    if how == "portable":
+        monkeypatch.delattr(os, "O_PATH", raising=False)
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.png").write_bytes(b"inside")
+    (tmp_path / "secret").write_bytes(SECRET)
+    (root / "out.png").symlink_to(tmp_path / "secret")
+    (root / "in.png").symlink_to(root / "a.png")
+    (root / "up").symlink_to(tmp_path)
+    os.mkfifo(root / "fifo.png")
+    with open_sample_file(_sample(root, "a.png")) as f:
+        assert f.read() == b"inside"
+    with open_sample_file(_sample(root, "in.png")) as f:
+        assert f.read() == b"inside"
+    for path, why in (
+        ("out.png", "outside"),
+        ("up/secret", "outside"),
+        ("sub/../../secret", "outside"),
+        ("fifo.png", "regular file"),
+        ("sub", "regular file"),
+    ):
+        with pytest.raises(ForbiddenError, match=why):
+            open_sample_file(_sample(root, path))
+    with pytest.raises(NotFoundError, match="no longer on disk"):
+        open_sample_file(_sample(root, "gone.png"))
 
 
 def test_names_that_are_not_utf8_round_trip(tmp_path: Path) -> None:

@@ -96,7 +96,9 @@ def open_sample_file(sample: Sample) -> IO[bytes]:
 
 def _open_inside(path: str, root: str, where: str) -> int:
     o_path = getattr(os, "O_PATH", 0)
-    if o_path and os.path.isdir("/proc/self/fd"):
+    via_proc = bool(o_path) and os.path.isdir("/proc/self/fd")
+    st_real = None
+    if via_proc:
         # Linux: an O_PATH handle opens nothing (no FIFO waits, no device side effects);
         # its /proc link names the file it really is. Reopen through that link, the same
         # inode, only once the check passed.
@@ -122,7 +124,7 @@ def _open_inside(path: str, root: str, where: str) -> int:
     try:
         opened = os.fstat(fd)
         if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino) or (
-            o_path == 0 and (st_real.st_dev, st_real.st_ino) != (st.st_dev, st.st_ino)
+            st_real is not None and (st_real.st_dev, st_real.st_ino) != (st.st_dev, st.st_ino)
         ):
             raise ForbiddenError(f"{where} changed while it was being opened")
         os.set_blocking(fd, True)
