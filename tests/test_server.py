@@ -166,6 +166,7 @@ def test_progress_of_unknown_dataset(api: Api) -> None:
         ({"name": "x", "images_path": "/"}, 403, "ForbiddenError"),
         ({"name": "x", "images_path": "/no/such/folder"}, 403, "ForbiddenError"),
         ({"name": "x", "images_path": "DIR/../.."}, 403, "ForbiddenError"),
+        ({"name": "x", "images_path": "DIR\u0000"}, 400, "InvalidArgumentError"),
         (
             {"name": "x", "images_path": "DIR", "annotations_json": "/etc/passwd"},
             403,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+from ..errors import InvalidArgumentError
 from .errors import ForbiddenError
 
 
@@ -28,6 +29,7 @@ def allowed_path(what: str, path: str, roots: tuple[str, ...]) -> str:
 
     Raises:
         ForbiddenError: no root is allowed, or `path` is outside all of them.
+        InvalidArgumentError: `path` contains NUL.
     """
     if not roots:
         raise ForbiddenError(
@@ -35,7 +37,7 @@ def allowed_path(what: str, path: str, roots: tuple[str, ...]) -> str:
             "(start it with --allow-root DIR to allow one)"
         )
     if "\0" in path:
-        raise ForbiddenError(f"{what}: a path may not contain NUL")
+        raise InvalidArgumentError(f"{what}: a path may not contain NUL")
     real = os.path.realpath(path)
     if not any(is_inside(real, root) for root in roots):
         raise ForbiddenError(f"{what}: {path} is outside the folders this server may index")
