@@ -704,6 +704,32 @@ def write_png(path: Path, width: int, height: int, *, rows: int | None = None) -
     )
 
 
+def test_one_decode_for_six_requests_of_one_thumbnail(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    root.mkdir()
+    write_png(root / "big.png", 4000, 3000)
+    db = str(tmp_path / "s.db")
+    ds = fastindex.Dataset.create("d", db=db)
+    ds.add_images_from_path(str(root), embed=False)
+    assert ds.wait(60)
+    (sample,) = ds.samples()
+    with start_server(db, port=0, allowed_roots=[root]) as server:
+
+        async def six_at_once(sample_id: int) -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
+                return await asyncio.gather(
+                    *(c.get(f"/api/samples/{sample_id}/thumbnail") for _ in range(6))
+                )
+
+        answers = asyncio.run(six_at_once(sample.id))
+        assert [r.status_code for r in answers] == [200] * 6
+        assert len({r.content for r in answers}) == 1
+        budget = server.app.state.decode_budget
+        assert budget.decodes == 1 and budget.busy == 0
+        assert asyncio.run(six_at_once(sample.id))[0].status_code == 200
+        assert budget.decodes == 1  # from the cache
+
+
 def _status_kb(pid: int, key: str) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -108,6 +109,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         budget[:] = [DecodeBudget()]
+        app.state.decode_budget = budget[0]
         state.store()  # open the event loop thread's connection now, not on a first request
         yield
         hub.close()
@@ -245,11 +247,7 @@ def create_app(
         headers = {"ETag": tag, "Cache-Control": "private, max-age=86400"}
         if request.headers.get("if-none-match") == tag:
             return Response(status_code=304, headers=headers)
-        key = cache_key(sample)
-        data = thumbs.get(key)
-        if data is None:
-            data = await _thumbnail(sample)
-            thumbs.put(key, data)
+        data = await _shared_thumbnail(sample)
         headers["X-Content-Type-Options"] = "nosniff"
         return Response(data, media_type="image/jpeg", headers=headers)
 
@@ -277,6 +275,36 @@ def create_app(
         except BaseException:
             f.close()
             raise
+
+    # Thumbnails being made: requests for the same one wait for it rather than decode it again.
+    making: dict[tuple[int, int | None, int | None], asyncio.Future[bytes]] = {}
+
+    async def _shared_thumbnail(sample: Sample) -> bytes:
+        key = cache_key(sample)
+        while True:
+            data = thumbs.get(key)
+            if data is not None:
+                return data
+            fut = making.get(key)
+            if fut is None:
+                break
+            await asyncio.wait([fut])  # never raises: a maker that gave up leaves it cancelled
+            if not fut.cancelled():
+                return fut.result()  # its thumbnail, or its ImageError
+        fut = making[key] = asyncio.get_running_loop().create_future()
+        try:
+            data = await _thumbnail(sample)
+            thumbs.put(key, data)
+            fut.set_result(data)
+            return data
+        except FastIndexError as e:  # the same answer for whoever waits
+            fut.set_exception(e)
+            fut.exception()  # retrieved: not logged when nobody else waited
+            raise
+        finally:
+            if not fut.done():
+                fut.cancel()  # the maker was cancelled: a waiter makes it instead
+            del making[key]
 
     async def _thumbnail(sample: Sample) -> bytes:
         f = await run_in_threadpool(open_sample_file, sample)

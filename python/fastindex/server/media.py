@@ -296,6 +296,8 @@ class DecodeBudget:
         self._free_pixels = pixels
         self._free_jobs = jobs
         self._waiters: list[asyncio.Future[None]] = []
+        #: Decodes started (for tests and the benchmark).
+        self.decodes = 0
 
     @property
     def busy(self) -> int:
@@ -315,6 +317,7 @@ class DecodeBudget:
         # No await between the check above and this: the event loop runs one task at a time.
         self._free_jobs -= 1
         self._free_pixels -= pixels
+        self.decodes += 1
         try:
             yield
         finally:
