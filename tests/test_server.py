@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -572,3 +573,31 @@ def test_status_names_match_the_core() -> None:
     assert m is not None
     assert json.loads(m.group(1)) == list(fastindex.STATUSES)
     assert list(typing.get_args(Status)) == list(fastindex.STATUSES)
+
+
+def test_decode_budget_bounds_pixels_and_jobs_at_once() -> None:
+    from fastindex.server.media import DecodeBudget
+
+    async def run(budget: DecodeBudget, jobs: list[tuple[str, int]]) -> list[tuple[str, str]]:
+        order: list[tuple[str, str]] = []
+
+        async def job(name: str, pixels: int) -> None:
+            async with budget.hold(pixels):
+                order.append(("start", name))
+                await asyncio.sleep(0.02)
+                order.append(("end", name))
+
+        await asyncio.gather(*(job(n, p) for n, p in jobs))
+        assert budget.busy == 0
+        return order
+
+    # b does not fit beside a; c does.
+    order = asyncio.run(run(DecodeBudget(pixels=100, jobs=3), [("a", 60), ("b", 60), ("c", 30)]))
+    assert order.index(("start", "b")) > order.index(("end", "a"))
+    assert order.index(("start", "c")) < order.index(("end", "a"))
+    # One larger than the whole budget runs, alone.
+    order = asyncio.run(run(DecodeBudget(pixels=100, jobs=3), [("a", 10), ("big", 500)]))
+    assert order.index(("start", "big")) > order.index(("end", "a"))
+    # At most `jobs` at once, however small.
+    order = asyncio.run(run(DecodeBudget(pixels=100, jobs=1), [("a", 1), ("b", 1)]))
+    assert order == [("start", "a"), ("end", "a"), ("start", "b"), ("end", "b")]
