@@ -3,8 +3,8 @@ polling) and a web page that fills as samples arrive. Needs `pip install 'fastin
 
 ```python
 from fastindex.server import start_server
-with start_server("fastindex.db", port=0) as server:
-    print(server.url)
+with start_server("fastindex.db", port=0, allowed_roots=["photos"]) as server:
+    print(server.url)  # `POST /api/datasets` may index folders under photos/ only
 ```
 """
 

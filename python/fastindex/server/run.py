@@ -128,6 +128,11 @@ def run_server(
     app = create_app(db, allowed_hosts=_allowed_hosts(host), **app_options)
     sock = _bind(host, port)
     print(f"fastindex serving {db} at {_url(sock)}", flush=True)
+    roots = app.state.allowed_roots
+    if roots:
+        print(f"the page may index folders under: {', '.join(roots)}", flush=True)
+    else:
+        print("the page may not index folders (allow some with --allow-root DIR)", flush=True)
     config = _config(
         app,
         log_level,
