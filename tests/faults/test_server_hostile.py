@@ -299,6 +299,19 @@ def test_link_swapped_in_after_indexing_is_refused(tmp_path: Path) -> None:
         for part in ("image", "thumbnail"):
             r = get(s2, part)
             assert r.status_code == 403 and SECRET not in r.content, r.text
+        # The dataset's folder itself becomes a link (to a copy holding the secret).
+        decoy = tmp_path / "decoy"
+        decoy.mkdir()
+        for sub in ("part0", "part1", "part2"):
+            (decoy / sub).mkdir()
+            (decoy / sub / Path(s1.path).name).write_bytes(SECRET)
+        os.replace(root, tmp_path / "moved-root")
+        os.symlink(decoy, root)
+        for part in ("image", "thumbnail"):
+            r = get(s1, part)
+            assert r.status_code == 403 and "now leads to" in r.json()["message"], r.text
+        os.unlink(root)
+        os.replace(tmp_path / "moved-root", root)
         # A FIFO swapped in is refused at once (opening it must not wait for a writer).
         os.unlink(s3.abs_path)
         os.mkfifo(s3.abs_path)

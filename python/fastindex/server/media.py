@@ -83,6 +83,10 @@ def open_sample_file(sample: Sample) -> IO[bytes]:
     """
     where = f"sample {sample.id}: {sample.path}"
     root = os.path.realpath(sample.root)
+    if root != os.path.normpath(sample.root):
+        # The store keeps each root as its real path (the walk resolves it): a root that
+        # resolves elsewhere now had a link swapped in for it or for a folder above it.
+        raise ForbiddenError(f"{where}: its dataset's folder {sample.root} now leads to {root}")
     try:
         fd = _open_inside(sample.abs_path, root, where)
     except (FileNotFoundError, NotADirectoryError) as e:
