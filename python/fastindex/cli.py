@@ -126,6 +126,11 @@ def cmd_index(args: argparse.Namespace) -> int:
         if server is not None:
             server.stop()
         raise
+    except KeyboardInterrupt:  # the walk (or the COCO ingest) stopped; its rows stay
+        if server is not None:
+            server.stop()
+        console.print("[yellow]interrupted: the store keeps every row; run again to resume[/]")
+        return 130
     scan_s = time.perf_counter() - t0
     wants_embed = ds.embedding_model() is not None
     try:

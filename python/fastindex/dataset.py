@@ -99,11 +99,17 @@ class Dataset:
 
     @classmethod
     def load_or_create(cls, name: str, *, db: str | os.PathLike[str] = DEFAULT_DB) -> Dataset:
-        """`load` the dataset if it exists, else `create` it."""
+        """`load` the dataset if it exists, else `create` it (atomically: of several
+        processes asking at once, one creates it and the others load it)."""
         path = _check_path_arg("db", db)
-        if os.path.exists(path) and _core.Store(path).find_dataset(name) is not None:
-            return cls.load(name, db=path)
-        return cls.create(name, db=path)
+        if not isinstance(name, str):
+            raise InvalidArgumentError(f"name must be a string, got {type(name).__name__}")
+        store = _core.Store(path)
+        dataset_id, created = store.find_or_create_dataset(name)
+        ds = cls(store, dataset_id, name.strip())
+        if not created:
+            ds.resume()
+        return ds
 
     @property
     def _pipeline(self) -> Pipeline:

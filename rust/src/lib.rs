@@ -13,6 +13,7 @@ pub mod vectors;
 pub mod walk;
 
 mod leases;
+mod open;
 mod py;
 mod schema;
 

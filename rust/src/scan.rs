@@ -12,11 +12,13 @@ use std::os::unix::ffi::OsStrExt;
 use crate::db::{bump, bump_moves, multi_row_insert, Store, FAILED, INDEXED, PENDING};
 use crate::error::{Error, Result, StoreContext};
 use crate::header::{self, ImageInfo};
+use crate::leases::hold_lease;
 use crate::paths::{join_rel, path_bytes, SqlPath, StoredPath};
 use crate::walk::{self, FileEntry, Problem, WalkOptions};
 
-/// Rows per transaction when inserting scanned files.
-const INSERT_CHUNK: usize = 250_000;
+/// Rows per transaction when inserting scanned files: small enough that a stop (Ctrl-C) is
+/// seen within ~20 ms, and that other writers wait no longer than that.
+const INSERT_CHUNK: usize = 16_384;
 /// Sample rows bound into one INSERT statement (6 values each).
 const ROWS_PER_INSERT: usize = 128;
 
@@ -132,7 +134,7 @@ impl Store {
         }
         self.revive_walk_failures(dataset_id, root_id, &prefix, &report.files)?;
         let (added, existing) =
-            self.insert_files(dataset_id, job_id, root_id, &prefix, &report.files)?;
+            self.insert_files(dataset_id, job_id, root_id, &prefix, &report.files, stop)?;
         let (failed, known) =
             self.insert_problems(dataset_id, job_id, root_id, &prefix, &report.problems)?;
         let (added, existing) = (added + failed, existing + known);
@@ -157,8 +159,10 @@ impl Store {
         Ok(())
     }
 
-    /// Insert files in large transactions; a path already in the root is left as it is.
-    /// Paths are stored byte for byte (see [`crate::paths`]); `prefix` goes before each.
+    /// Insert files in transactions of `INSERT_CHUNK` rows; a path already in the root is left
+    /// as it is. Paths are stored byte for byte (see [`crate::paths`]); `prefix` goes before
+    /// each. Stops (`Cancelled`) between chunks once `stop` is set; the chunks committed so
+    /// far stay (they are `pending` rows like any other, and a rerun adds the rest).
     pub fn insert_files(
         &mut self,
         dataset_id: i64,
@@ -166,11 +170,15 @@ impl Store {
         root_id: i64,
         prefix: &[u8],
         files: &[FileEntry],
+        stop: &AtomicBool,
     ) -> Result<(u64, u64)> {
         let path = self.path.clone();
         let mut added = 0u64;
         let mut joined: Vec<Vec<u8>> = Vec::new();
         for chunk in files.chunks(INSERT_CHUNK) {
+            if stop.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
             let tx = self.immediate()?;
             let mut n = 0i64;
             // Many rows per INSERT: the per-statement cost dominates at a million rows.
@@ -352,10 +360,21 @@ impl Store {
     }
 
     /// Write probe results in one transaction. Only rows still `pending` change, so two
-    /// probers racing on the same rows never count a row twice.
-    pub fn record_probes(&mut self, dataset_id: i64, results: &[Probed]) -> Result<()> {
+    /// probers racing on the same rows never count a row twice. With `lease_owner`, the
+    /// results are written only while no other owner holds the dataset's `probe` lease
+    /// (checked, and renewed or taken if free, in the same transaction), else `LeaseLost` and
+    /// nothing is written.
+    pub fn record_probes(
+        &mut self,
+        dataset_id: i64,
+        results: &[Probed],
+        lease_owner: Option<&str>,
+    ) -> Result<()> {
         let path = self.path.clone();
         let tx = self.immediate()?;
+        if let Some(owner) = lease_owner {
+            hold_lease(&tx, &path, dataset_id, "probe", owner)?;
+        }
         let mut indexed: HashMap<i64, i64> = HashMap::new();
         let mut failed: HashMap<i64, i64> = HashMap::new();
         {
@@ -402,34 +421,44 @@ impl Store {
     ///
     /// Reading the queue and probing happen on this thread and the I/O pool while a second
     /// connection writes the previous batch, so the store writes overlap the file reads.
-    /// `after_batch` runs on the writer after each commit (renew a lease, check for signals);
-    /// returning `Ok(false)` stops the loop. Returns the number of rows probed.
-    pub fn probe_pending<F>(
+    /// With `lease = Some((owner, ttl))` the `probe` lease is taken first and every batch is
+    /// committed only while no other owner holds it (`LeaseLost` otherwise). The first error
+    /// of either side (a full disk, a lost lease) ends the call promptly: the writer's failure
+    /// stops the probing within a file or so, and no side waits on the other's channel.
+    /// Returns the number of rows probed.
+    pub fn probe_pending(
         &mut self,
         dataset_id: i64,
         stop: &AtomicBool,
         done: &AtomicU64,
-        after_batch: F,
-    ) -> Result<u64>
-    where
-        F: FnMut(&mut Store) -> Result<bool> + Send,
-    {
+        lease: Option<(&str, f64)>,
+    ) -> Result<u64> {
+        if let Some((owner, ttl)) = lease {
+            if !self.acquire_lease(dataset_id, "probe", owner, ttl)? {
+                return Err(Error::LeaseLost {
+                    path: self.path.clone(),
+                    dataset_id,
+                    phase: "probe".into(),
+                    owner: owner.into(),
+                });
+            }
+        }
+        let owner = lease.map(|(o, _)| o);
         let mut writer = Store::open(&self.path)?;
-        let keep_going = AtomicBool::new(true);
+        // Set by the writer when it fails: the reader stops probing at once.
+        let halt = AtomicBool::new(false);
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Probed>>(1);
         std::thread::scope(|scope| {
-            let keep = &keep_going;
+            let halt = &halt;
             let write = scope.spawn(move || -> Result<u64> {
-                let mut after_batch = after_batch;
                 let mut total = 0u64;
                 for results in rx {
-                    writer.record_probes(dataset_id, &results)?;
+                    if let Err(e) = writer.record_probes(dataset_id, &results, owner) {
+                        halt.store(true, Ordering::Relaxed);
+                        return Err(e); // drops `rx`: a send on the other side fails at once
+                    }
                     total += results.len() as u64;
                     done.fetch_add(results.len() as u64, Ordering::Relaxed);
-                    if !after_batch(&mut writer)? {
-                        keep.store(false, Ordering::Relaxed);
-                        break;
-                    }
                 }
                 Ok(total)
             });
@@ -438,8 +467,8 @@ impl Store {
                 if stop.load(Ordering::Relaxed) {
                     break Err(Error::Cancelled);
                 }
-                if !keep.load(Ordering::Relaxed) {
-                    break Ok(());
+                if halt.load(Ordering::Relaxed) {
+                    break Ok(()); // the writer's result says why
                 }
                 let batch = match self.pending_batch(dataset_id, after, PROBE_BATCH) {
                     Ok(b) => b,
@@ -449,14 +478,19 @@ impl Store {
                     break Ok(());
                 };
                 after = last.id;
-                if tx.send(probe_files(&batch)).is_err() {
+                let Some(probed) = probe_files(&batch, &[stop, halt]) else {
+                    continue; // stopped inside the batch: the checks above say why
+                };
+                if tx.send(probed).is_err() {
                     break Ok(()); // the writer stopped; its result says why
                 }
             };
+            // Close the channel before joining: the writer ends when it has drained it.
             drop(tx);
             let written = write
                 .join()
                 .unwrap_or_else(|_| Err(Error::InvalidArgument("probe writer panicked".into())));
+            // A store error outranks the cancel that followed it.
             let total = written?;
             read.map(|()| total)
         })
@@ -480,15 +514,23 @@ pub struct Probed {
 }
 
 /// Probe files on the I/O pool; a file that is not a readable image gets its reason.
-pub fn probe_files(batch: &[Pending]) -> Vec<Probed> {
+/// Returns `None` as soon as one of `stops` is set (a cold batch can take seconds: each file
+/// checks first).
+pub fn probe_files(batch: &[Pending], stops: &[&AtomicBool]) -> Option<Vec<Probed>> {
+    let stopped = || stops.iter().any(|s| s.load(Ordering::Relaxed));
     io_pool().install(|| {
         batch
             .par_iter()
             .with_min_len(16)
-            .map(|p| Probed {
-                id: p.id,
-                job_id: p.job_id,
-                result: header::probe_path(&p.path).map_err(|r| r.to_string()),
+            .map(|p| {
+                if stopped() {
+                    return None;
+                }
+                Some(Probed {
+                    id: p.id,
+                    job_id: p.job_id,
+                    result: header::probe_path(&p.path).map_err(|r| r.to_string()),
+                })
             })
             .collect()
     })
@@ -559,7 +601,7 @@ mod tests {
         assert_eq!((sum.added, sum.existing), (3, 0));
         assert_eq!(s.progress(d, None).unwrap().count(PENDING), 3);
         let done = AtomicU64::new(0);
-        assert_eq!(s.probe_pending(d, &stop, &done, |_| Ok(true)).unwrap(), 3);
+        assert_eq!(s.probe_pending(d, &stop, &done, None).unwrap(), 3);
         let p = s.progress(d, None).unwrap();
         assert_eq!(
             (p.count(INDEXED), p.count(FAILED), p.count(PENDING)),
@@ -593,7 +635,7 @@ mod tests {
         let sum = s.scan(d, &abs, false, false, &stop).unwrap();
         assert_eq!((sum.found, sum.added, sum.existing), (5, 5, 0));
         let done = AtomicU64::new(0);
-        assert_eq!(s.probe_pending(d, &stop, &done, |_| Ok(true)).unwrap(), 4);
+        assert_eq!(s.probe_pending(d, &stop, &done, None).unwrap(), 4);
         let rows = s.samples(d, None, 0, i64::MAX, 0).unwrap();
         let mut got: Vec<(Vec<u8>, &str, Option<i64>)> = rows
             .iter()
@@ -632,7 +674,7 @@ mod tests {
         let fixed = s.scan(d, &abs, false, false, &stop).unwrap();
         assert_eq!((fixed.added, fixed.existing), (0, 5));
         assert_eq!(s.progress(d, None).unwrap().count(PENDING), 1);
-        assert_eq!(s.probe_pending(d, &stop, &done, |_| Ok(true)).unwrap(), 1);
+        assert_eq!(s.probe_pending(d, &stop, &done, None).unwrap(), 1);
         let p = s.progress(d, None).unwrap();
         assert_eq!((p.total(), p.count(INDEXED), p.count(FAILED)), (5, 5, 0));
     }

@@ -190,7 +190,11 @@ impl<'a> Walker<'a> {
             Err(e) => return self.unreadable_folder(rel, &dir, &e),
         };
         let mut found = Vec::new();
-        for entry in entries {
+        for (i, entry) in entries.enumerate() {
+            // One folder can hold a million files: a stop is seen within it too.
+            if i % 1024 == 1023 && self.stop.load(Ordering::Relaxed) {
+                return;
+            }
             let entry = match entry {
                 Ok(entry) => entry,
                 Err(e) => {
