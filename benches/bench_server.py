@@ -71,13 +71,13 @@ def pct(xs: list[float], q: float) -> float:
 class Server:
     """`fastindex serve` on a free port, in a subprocess."""
 
-    def __init__(self, db: str) -> None:
+    def __init__(self, db: str, root: Path) -> None:
         code = (
             "import sys; from fastindex.server import run_server; "
-            "run_server(sys.argv[1], port=0, log_level='warning')"
+            "run_server(sys.argv[1], port=0, log_level='warning', allowed_roots=[sys.argv[2]])"
         )
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, db],
+            [sys.executable, "-c", code, db, str(root)],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -257,7 +257,7 @@ def main() -> None:
     for rep in range(a.repeat):
         for watched in (False, True):
             with tempfile.TemporaryDirectory(prefix="fastindex-bench-server-") as tmp:
-                server = Server(os.path.join(tmp, "b.db"))
+                server = Server(os.path.join(tmp, "b.db"), root)
                 try:
                     run = asyncio.run(
                         index_once(

@@ -31,13 +31,13 @@ fn main() {
         .expect("root");
     let t = Instant::now();
     let (added, _) = store
-        .insert_files(ds, job, root_id, "", &report.files)
+        .insert_files(ds, job, root_id, b"", &report.files, &stop)
         .expect("insert");
     rows.push(("insert pending rows", t.elapsed(), added as usize));
 
     let t = Instant::now();
     let (again, _) = store
-        .insert_files(ds, job, root_id, "", &report.files)
+        .insert_files(ds, job, root_id, b"", &report.files, &stop)
         .expect("insert");
     rows.push((
         "insert again (all exist)",
@@ -50,11 +50,11 @@ fn main() {
     rows.push(("read pending rows", t.elapsed(), batch.len()));
 
     let t = Instant::now();
-    let results = fastindex::scan::probe_files(&batch);
+    let results = fastindex::scan::probe_files(&batch, &[]).expect("not stopped");
     rows.push(("probe headers (io pool)", t.elapsed(), results.len()));
 
     let t = Instant::now();
-    store.record_probes(ds, &results).expect("record");
+    store.record_probes(ds, &results, None).expect("record");
     rows.push(("record probe results", t.elapsed(), results.len()));
 
     let ds2 = store.create_dataset("b2").expect("dataset");
@@ -63,13 +63,11 @@ fn main() {
         .root_for(ds2, root.to_str().expect("utf-8"))
         .expect("root");
     store
-        .insert_files(ds2, job2, root2, "", &report.files)
+        .insert_files(ds2, job2, root2, b"", &report.files, &stop)
         .expect("insert");
     let done = AtomicU64::new(0);
     let t = Instant::now();
-    let n = store
-        .probe_pending(ds2, &stop, &done, |_| Ok(true))
-        .expect("probe");
+    let n = store.probe_pending(ds2, &stop, &done, None).expect("probe");
     rows.push((
         "probe_pending, pipelined (= phase 2)",
         t.elapsed(),

@@ -70,7 +70,7 @@ def test_bar_moves_to_complete_and_gallery_fills(page: Page, tmp_path: Path) -> 
     rows = make_images(tmp_path / "coco", 30, broken=2)
     ann = make_coco(tmp_path / "instances.json", rows)
     make_images(tmp_path / "more", 20, start=1000)
-    with start_server(db, port=0) as server:
+    with start_server(db, port=0, allowed_roots=[tmp_path]) as server:
         did = _post(
             server,
             name="holiday",
@@ -147,7 +147,10 @@ def test_polling_takes_over_without_websocket(page: Page, tmp_path: Path, how: s
 
         page.route_web_socket("**/ws/progress/**", refuse)
     query = "&transport=poll" if how == "query-flag" else ""
-    with start_server(db, port=0) as server, probe_held(db, ds.id) as release:
+    with (
+        start_server(db, port=0, allowed_roots=[tmp_path]) as server,
+        probe_held(db, ds.id) as release,
+    ):
         _post(server, name="d", images_path=str(tmp_path / "imgs"), embed=False)
         wait_until(lambda: _progress(server, ds.id)["pending"] == 13)
         page.goto(f"{server.url}/?dataset={ds.id}{query}")
@@ -168,7 +171,10 @@ def test_search_opens_only_once_embeddings_exist(page: Page, tmp_path: Path) -> 
     make_images(tmp_path / "imgs", 16)
     ds = fastindex.Dataset.create("d", db=db)
     model = testing.tiny_model()
-    with start_server(db, port=0, embed_model=model) as server, probe_held(db, ds.id) as release:
+    with (
+        start_server(db, port=0, embed_model=model, allowed_roots=[tmp_path]) as server,
+        probe_held(db, ds.id) as release,
+    ):
         _post(server, name="d", images_path=str(tmp_path / "imgs"), embed=True)
         wait_until(lambda: _progress(server, ds.id)["pending"] == 16)
         page.goto(f"{server.url}/?dataset={ds.id}")

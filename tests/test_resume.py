@@ -93,8 +93,11 @@ def check_reading(p: dict[str, Any], previous: dict[str, Any] | None) -> None:
     """One progress reading taken while the other process writes: a consistent snapshot."""
     counts = progress_counts(p)
     assert p["total"] == sum(counts.values()), p
-    assert p["total"] in (0, N_FILES), p  # phase 1 commits all its rows at once
+    # phase 1 commits its rows in short transactions (other writers never wait long)
+    assert 0 <= p["total"] <= N_FILES, p
     assert counts["embedding"] == counts["ready"] == 0
+    if previous is not None:
+        assert p["total"] >= previous["total"]
     if previous is not None and previous["total"] == N_FILES:
         assert p["total"] == N_FILES
         assert p["pending"] <= previous["pending"]
@@ -221,10 +224,10 @@ def test_progress_from_another_process(tree: Path, tmp_path: Path) -> None:
     assert seen, err
     last = None
     for total, pending, done in seen:
-        assert total in (0, N_FILES)
+        assert 0 <= total <= N_FILES
         assert pending + done == total
         if last is not None:
-            assert done >= last[2]
+            assert done >= last[2] and total >= last[0]
         last = (total, pending, done)
     assert seen[-1] == (N_FILES, 0, N_FILES)
     assert progress_counts(ds.get_loading_progress()) == status_counts(db, ds.id)

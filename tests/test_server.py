@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -75,7 +76,7 @@ class Api:
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[Api]:
     db = str(tmp_path / "store.db")
-    app = create_app(db, allowed_hosts=["testserver"])
+    app = create_app(db, allowed_hosts=["testserver"], allowed_roots=[tmp_path])
     with TestClient(app) as client:
         yield Api(client, db, tmp_path)
         app.state.fastindex.close()
@@ -162,10 +163,19 @@ def test_progress_of_unknown_dataset(api: Api) -> None:
 @pytest.mark.parametrize(
     ("body", "status", "kind"),
     [
-        ({"name": "x", "images_path": "/no/such/folder"}, 400, "PathNotFoundError"),
+        ({"name": "x", "images_path": "MISSING"}, 400, "PathNotFoundError"),
+        ({"name": "x", "images_path": "/"}, 403, "ForbiddenError"),
+        ({"name": "x", "images_path": "/no/such/folder"}, 403, "ForbiddenError"),
+        ({"name": "x", "images_path": "DIR/../.."}, 403, "ForbiddenError"),
+        ({"name": "x", "images_path": "DIR\u0000"}, 400, "InvalidArgumentError"),
+        (
+            {"name": "x", "images_path": "DIR", "annotations_json": "/etc/passwd"},
+            403,
+            "ForbiddenError",
+        ),
         ({"name": "x", "images_path": "FILE"}, 400, "InvalidArgumentError"),
         (
-            {"name": "x", "images_path": "DIR", "annotations_json": "/no/such.json"},
+            {"name": "x", "images_path": "DIR", "annotations_json": "MISSING.json"},
             400,
             "PathNotFoundError",
         ),
@@ -186,8 +196,16 @@ def test_post_rejects_bad_requests(api: Api, body: dict[str, Any], status: int, 
     folder = api.tmp / "dir"
     folder.mkdir()
     (api.tmp / "file.txt").write_text("x")
-    subst = {"DIR": str(folder), "FILE": str(api.tmp / "file.txt")}
-    body = {k: subst.get(v, v) if isinstance(v, str) else v for k, v in body.items()}
+    subst = {
+        "DIR": str(folder),
+        "FILE": str(api.tmp / "file.txt"),
+        "MISSING": str(api.tmp / "no" / "such"),
+        "MISSING.json": str(api.tmp / "no.json"),
+    }
+    body = {
+        k: subst.get(v, v.replace("DIR", str(folder))) if isinstance(v, str) else v
+        for k, v in body.items()
+    }
     r = api.c.post("/api/datasets", json=body)
     api.error(r, status)
     assert r.json()["error"] == kind
@@ -525,6 +543,23 @@ def test_thumbnail_of_a_non_image_raises_image_error(tmp_path: Path) -> None:
         make_thumbnail(str(p))
 
 
+@pytest.mark.parametrize("fmt", ["PPM", "ICO", "TGA"])
+def test_thumbnails_only_of_formats_the_indexer_reads(tmp_path: Path, fmt: str) -> None:
+    """A file swapped for another format Pillow knows (EPS would run Ghostscript) is refused."""
+    p = tmp_path / "x.jpg"
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(p, fmt)
+    with pytest.raises(ImageError, match="cannot make a thumbnail"):
+        make_thumbnail(str(p))
+
+
+def test_thumbnail_over_the_pixel_budget_is_refused_from_its_header(tmp_path: Path) -> None:
+    p = tmp_path / "x.png"
+    Image.new("L", (400, 300)).save(p)
+    with pytest.raises(ImageError, match="400x300 is 120,000 pixels, more than the 100,000"):
+        make_thumbnail(str(p), max_pixels=100_000)
+    assert make_thumbnail(str(p), max_pixels=120_000)
+
+
 def test_status_names_match_the_core() -> None:
     """The page and the API's `status` parameter name the statuses the store uses."""
     import re
@@ -538,3 +573,31 @@ def test_status_names_match_the_core() -> None:
     assert m is not None
     assert json.loads(m.group(1)) == list(fastindex.STATUSES)
     assert list(typing.get_args(Status)) == list(fastindex.STATUSES)
+
+
+def test_decode_budget_bounds_pixels_and_jobs_at_once() -> None:
+    from fastindex.server.media import DecodeBudget
+
+    async def run(budget: DecodeBudget, jobs: list[tuple[str, int]]) -> list[tuple[str, str]]:
+        order: list[tuple[str, str]] = []
+
+        async def job(name: str, pixels: int) -> None:
+            async with budget.hold(pixels):
+                order.append(("start", name))
+                await asyncio.sleep(0.02)
+                order.append(("end", name))
+
+        await asyncio.gather(*(job(n, p) for n, p in jobs))
+        assert budget.busy == 0
+        return order
+
+    # b does not fit beside a; c does.
+    order = asyncio.run(run(DecodeBudget(pixels=100, jobs=3), [("a", 60), ("b", 60), ("c", 30)]))
+    assert order.index(("start", "b")) > order.index(("end", "a"))
+    assert order.index(("start", "c")) < order.index(("end", "a"))
+    # One larger than the whole budget runs, alone.
+    order = asyncio.run(run(DecodeBudget(pixels=100, jobs=3), [("a", 10), ("big", 500)]))
+    assert order.index(("start", "big")) > order.index(("end", "a"))
+    # At most `jobs` at once, however small.
+    order = asyncio.run(run(DecodeBudget(pixels=100, jobs=1), [("a", 1), ("b", 1)]))
+    assert order == [("start", "a"), ("end", "a"), ("start", "b"), ("end", "b")]

@@ -23,7 +23,12 @@ def model() -> Any:
 
 @pytest.fixture
 def client(tmp_path: Path, model: Any) -> Iterator[TestClient]:
-    app = create_app(str(tmp_path / "s.db"), embed_model=model, allowed_hosts=["testserver"])
+    app = create_app(
+        str(tmp_path / "s.db"),
+        embed_model=model,
+        allowed_hosts=["testserver"],
+        allowed_roots=[tmp_path],
+    )
     with TestClient(app) as c:
         yield c
         app.state.fastindex.close()

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from fastindex.server import ServerHandle, create_app, start_server
 from fastindex.server.streams import ProgressHub
 from server_support import make_images, probe_held, wait_until
+from starlette.testclient import WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 from websockets.exceptions import ConnectionClosed
 from websockets.sync import client as ws_client
@@ -24,7 +25,7 @@ from websockets.sync import client as ws_client
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
-    app = create_app(str(tmp_path / "s.db"), allowed_hosts=["testserver"])
+    app = create_app(str(tmp_path / "s.db"), allowed_hosts=["testserver"], allowed_roots=[tmp_path])
     with TestClient(app) as c:
         yield c
         app.state.fastindex.close()
@@ -32,7 +33,7 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerHandle]:
-    with start_server(str(tmp_path / "s.db"), port=0) as s:
+    with start_server(str(tmp_path / "s.db"), port=0, allowed_roots=[tmp_path]) as s:
         yield s
 
 
@@ -100,16 +101,25 @@ def test_websocket_of_a_complete_dataset_says_so_once(client: TestClient, tmp_pa
 
 
 def test_websocket_refusals(client: TestClient, tmp_path: Path) -> None:
-    with pytest.raises(WebSocketDisconnect) as e, client.websocket_connect("/ws/progress/77"):
+    """Refused handshakes answer with an HTTP status and the JSON error, as routes do."""
+    with pytest.raises(WebSocketDenialResponse) as e, client.websocket_connect("/ws/progress/77"):
         pass
-    assert e.value.code == 4404
+    assert e.value.status_code == 404
+    assert json.loads(e.value.content)["message"] == "no dataset with id 77"
     fastindex.Dataset.create("d", db=str(tmp_path / "s.db"))
     with (
-        pytest.raises(WebSocketDisconnect) as e,
+        pytest.raises(WebSocketDenialResponse) as e,
         client.websocket_connect("/ws/progress/1", headers={"origin": "https://evil.example"}),
     ):
         pass
-    assert e.value.code == 1008
+    assert e.value.status_code == 403
+    assert json.loads(e.value.content)["error"] == "OriginNotAllowed"
+    with (
+        pytest.raises(WebSocketDenialResponse) as e,
+        client.websocket_connect(f"/ws/progress/{2**63}"),
+    ):
+        pass
+    assert e.value.status_code == 422
     with client.websocket_connect("/ws/progress/1", headers={"origin": "http://testserver"}) as ws:
         assert ws.receive_json()["status"] == "complete"
 
@@ -146,7 +156,7 @@ def test_real_server_websocket_and_stop(tmp_path: Path) -> None:
     db = str(tmp_path / "s.db")
     make_images(tmp_path / "imgs", 10)
     ds = fastindex.Dataset.create("d", db=db)
-    server = start_server(db, port=0)
+    server = start_server(db, port=0, allowed_roots=[tmp_path])
     host, port = server.url.removeprefix("http://").rsplit(":", 1)
     assert host == "127.0.0.1" and int(port) > 0
     with probe_held(db, ds.id), httpx.Client(base_url=server.url) as c:

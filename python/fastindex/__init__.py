@@ -25,6 +25,7 @@ from .errors import (
     FastIndexError,
     ImageError,
     InvalidArgumentError,
+    LeaseLostError,
     NoEmbeddingsError,
     PathNotFoundError,
     SchemaVersionError,
@@ -36,7 +37,7 @@ from .sample import Annotation, Sample
 __version__: str = _core.__version__
 
 
-def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+def image_size(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> tuple[int, int]:
     """`(width, height)` read from the file's header, without decoding pixels.
 
     Equals `PIL.Image.open(path).size` for every JPEG, PNG, GIF, BMP, WebP and TIFF file
@@ -48,7 +49,7 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     return _core.image_size(os.fspath(path))
 
 
-def probe_image(path: str | os.PathLike[str]) -> dict[str, object]:
+def probe_image(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> dict[str, object]:
     """`{"width", "height", "format", "orientation"}` from the header (see `image_size`)."""
     return _core.probe_image(os.fspath(path))
 
@@ -79,6 +80,7 @@ __all__ = [
     "ImageError",
     "InvalidArgumentError",
     "Job",
+    "LeaseLostError",
     "NoEmbeddingsError",
     "PathNotFoundError",
     "Sample",

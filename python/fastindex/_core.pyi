@@ -24,10 +24,10 @@ SCHEMA_VERSION: Final[int]
 STATUSES: Final[list[str]]
 IMAGE_EXTENSIONS: Final[list[str]]
 
-def image_size(path: str | PathLike[str]) -> tuple[int, int]:
+def image_size(path: str | bytes | PathLike[str] | PathLike[bytes]) -> tuple[int, int]:
     """`(width, height)` from the header. Raises `ImageError`."""
 
-def probe_image(path: str | PathLike[str]) -> dict[str, Any]:
+def probe_image(path: str | bytes | PathLike[str] | PathLike[bytes]) -> dict[str, Any]:
     """`{"width", "height", "format", "orientation"}` from the header. Raises `ImageError`."""
 
 def probe_bytes(data: bytes) -> dict[str, Any]:
@@ -45,17 +45,28 @@ class StopFlag:
 
 @final
 class Store:
-    """One connection to a store (created on first open; the schema version is checked).
+    """One connection to a store, created on first open.
+
+    The file is recognised before anything is written to it; another application's file is
+    left exactly as it was. A store of an older schema version is migrated in place.
+    Concurrent first opens of one new store all succeed. Blocks on the file; releases the GIL.
 
     Raises:
-        StoreError: not a fastindex store, or SQLite failed.
-        SchemaVersionError: written by another schema version.
+        StoreError: a folder, not an SQLite file, another application's database, a damaged
+            (truncated) store, a read-only store, or SQLite failed; one line naming the file.
+        SchemaVersionError: written by a newer fastindex.
     """
 
     @property
     def path(self) -> str: ...
     def __new__(cls, path: str) -> Store: ...
-    def create_dataset(self, name: str) -> int: ...
+    def create_dataset(self, name: str) -> int:
+        """A new dataset's id, never one a deleted dataset had. Raises `DatasetExistsError`."""
+
+    def find_or_create_dataset(self, name: str) -> tuple[int, bool]:
+        """`(id, created)`: the dataset named `name`, created if absent, in one transaction
+        (of several processes asking at once, one creates it and the others find it)."""
+
     def delete_dataset(self, dataset_id: int) -> None: ...
     def find_dataset(self, name: str) -> tuple[int, str, float, str | None] | None: ...
     def dataset(self, dataset_id: int) -> tuple[int, str, float, str | None] | None: ...
@@ -63,14 +74,22 @@ class Store:
     def scan(
         self,
         dataset_id: int,
-        root: str,
+        root: str | bytes | PathLike[str] | PathLike[bytes],
         *,
         include_hidden: bool = False,
         follow_links: bool = False,
         stop: StopFlag | None = None,
     ) -> dict[str, Any]:
         """Phase 1: walk `root`, insert a `pending` row per new image file; blocks until
-        committed. Returns `{"job_id", "found", "added", "existing", "errors"}`."""
+        committed. Names are taken byte for byte (a `str` root is os.fsencode'd). What the
+        walk cannot take (a broken link, a link loop, an unreadable folder) becomes a
+        `failed` row with its reason. Returns `{"job_id", "found", "added", "existing",
+        "errors"}` (the counts include those rows).
+
+        The work runs on a worker thread; this thread waits with the GIL released, renews the
+        job's "still adding" mark, and checks for signals: Ctrl-C stops the walk and raises
+        `KeyboardInterrupt` within ~0.2 s (rows committed so far stay `pending`; a rerun adds
+        the rest). Raises `CancelledError` once `stop` is set."""
 
     def ingest_coco(
         self,
@@ -87,7 +106,8 @@ class Store:
         stored). Raises `CocoError` before writing anything when the file is malformed, not
         a regular file, or above the size limit (4 GiB, or `FASTINDEX_MAX_COCO_BYTES`).
         Writes in short transactions; on a store error or `stop` (`CancelledError`) the rows
-        committed stay and a rerun of the same file finishes the work."""
+        committed stay and a rerun of the same file finishes the work. Interruptible like
+        `scan` (Ctrl-C raises `KeyboardInterrupt`)."""
 
     def probe_pending(
         self,
@@ -96,8 +116,19 @@ class Store:
         stop: StopFlag | None = None,
         lease: tuple[str, float] | None = None,
     ) -> int:
-        """Phase 2 until no `pending` row is left; returns the rows probed. Raises
-        `CancelledError` when `stop` is set, `KeyboardInterrupt` on a signal."""
+        """Phase 2 until no `pending` row is left; returns the rows probed.
+
+        Runs on a worker thread while this thread waits with the GIL released and checks for
+        signals. With `lease=(owner, ttl)` the `probe` lease is taken first, and each batch is
+        committed only while no other owner holds it (the commit renews it, or takes it back
+        if it was let go meanwhile).
+
+        Raises:
+            CancelledError: `stop` was set.
+            KeyboardInterrupt: a signal (Ctrl-C) arrived; the work stopped within ~0.2 s.
+            LeaseLostError: `owner` does not hold (or lost) the lease; that batch is unwritten.
+            StoreError: the store failed (disk full...); the call ends at once.
+        """
 
     def progress(self, dataset_id: int, job_id: int | None = None) -> dict[str, Any]: ...
     def samples(
@@ -127,7 +158,15 @@ class Store:
     def job(self, job_id: int) -> tuple[int, str, str, int, int, str] | None: ...
     def coco_missing(self, job_id: int) -> list[tuple[int, str]]: ...
     def set_phase_error(self, dataset_id: int, phase: str, message: str | None = None) -> None: ...
-    def acquire_lease(self, dataset_id: int, phase: str, owner: str, ttl: float) -> bool: ...
+    def acquire_lease(self, dataset_id: int, phase: str, owner: str, ttl: float) -> bool:
+        """Take (or keep) `phase`'s lease; a holder silent for `ttl` seconds (or a process of
+        this host that is gone) is taken over. Taking over `embed` puts the old holder's
+        `embedding` rows back to `indexed` in the same transaction. True if `owner` holds it."""
+
+    def renew_lease(self, dataset_id: int, phase: str, owner: str, ttl: float) -> bool:
+        """Renew `owner`'s lease only if it still holds it (never takes one over): False
+        when another owner has it, or nobody. `ttl` must be positive."""
+
     def release_lease(self, dataset_id: int, phase: str, owner: str) -> None: ...
     def register_model(self, name: str, pretrained: str, dim: int) -> int: ...
     def models(self) -> list[tuple[int, str, str, int]]: ...
@@ -135,8 +174,12 @@ class Store:
         self, dataset_id: int, spec: str | None, model_id: int | None = None
     ) -> None: ...
     def claim_for_embedding(
-        self, dataset_id: int, limit: int, after: int = 0
-    ) -> list[tuple[int, Path]]: ...
+        self, dataset_id: int, limit: int, after: int = 0, *, owner: str | None = None
+    ) -> list[tuple[int, Path]]:
+        """Move up to `limit` `indexed` rows above `after` to `embedding`. With `owner`, only
+        while no other owner holds the `embed` lease (renewed, or taken if free): else
+        `LeaseLostError`, nothing claimed."""
+
     def finish_embeddings(
         self,
         dataset_id: int,
@@ -144,8 +187,20 @@ class Store:
         ids: list[int],
         vectors: bytes,
         failed: list[tuple[int, str]] = ...,
-    ) -> None: ...
-    def release_claims(self, dataset_id: int, ids: list[int] | None = None) -> int: ...
+        *,
+        owner: str | None = None,
+    ) -> None:
+        """Store float16 vectors and mark the rows `ready` (`failed`: `[(id, reason)]`).
+        With `owner`, only while no other owner holds the `embed` lease (renewed, or taken
+        if free): else `LeaseLostError` and nothing of the batch is written."""
+
+    def release_claims(
+        self, dataset_id: int, ids: list[int] | None = None, *, owner: str | None = None
+    ) -> int:
+        """Put `embedding` rows back to `indexed` (all of the dataset's, or `ids`); returns
+        how many. With `owner`, only unless another owner holds the `embed` lease: else
+        `LeaseLostError` and nothing changes (those claims are the new holder's)."""
+
     def load_embeddings(
         self, dataset_id: int, model_id: int, after: int = 0
     ) -> tuple[int, list[int], bytes]: ...

@@ -36,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     ix.add_argument("--include-hidden", action="store_true", help="take hidden files too")
     ix.add_argument("--follow-links", action="store_true", help="enter symlinked folders")
     ix.add_argument("--serve", action="store_true", help="serve the web page while indexing")
+    ix.add_argument(
+        "--allow-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="with --serve: a folder the page may index too (repeatable; PATH always is)",
+    )
     ix.add_argument("--host", default="127.0.0.1")
     ix.add_argument("--port", type=int, default=8000)
     ix.add_argument("--quiet", action="store_true", help="no progress bars, only the summary")
@@ -44,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--db", default="fastindex.db")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument(
+        "--allow-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder the page may index (repeatable; default: none)",
+    )
     return p
 
 
@@ -86,7 +100,12 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.serve:
         from .server import start_server
 
-        server = start_server(args.db, host=args.host, port=args.port)
+        server = start_server(
+            args.db,
+            host=args.host,
+            port=args.port,
+            allowed_roots=[args.path, *args.allow_root],
+        )
         console.print(f"[bold]fastindex[/] serving [link={server.url}]{server.url}[/link]")
     t0 = time.perf_counter()
     try:
@@ -107,6 +126,11 @@ def cmd_index(args: argparse.Namespace) -> int:
         if server is not None:
             server.stop()
         raise
+    except KeyboardInterrupt:  # the walk (or the COCO ingest) stopped; its rows stay
+        if server is not None:
+            server.stop()
+        console.print("[yellow]interrupted: the store keeps every row; run again to resume[/]")
+        return 130
     scan_s = time.perf_counter() - t0
     wants_embed = ds.embedding_model() is not None
     try:
@@ -203,7 +227,7 @@ def _summary(console: Any, ds: Any, job: Any, elapsed: float, scan_s: float) -> 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import run_server
 
-    run_server(args.db, host=args.host, port=args.port)
+    run_server(args.db, host=args.host, port=args.port, allowed_roots=args.allow_root)
     return 0
 
 

@@ -20,10 +20,12 @@ DEFAULT_DB = "fastindex.db"
 
 
 def _check_path_arg(name: str, value: object) -> str:
-    if not isinstance(value, str | os.PathLike):
+    # bytes are names as the file system has them; as str (os.fsdecode, surrogateescape) they
+    # reach the core unchanged, which encodes them back byte for byte
+    if not isinstance(value, str | bytes | os.PathLike):
         raise InvalidArgumentError(f"{name} must be a path, got {type(value).__name__}")
-    s = os.fspath(value)
-    if not isinstance(s, str) or not s:
+    s = os.fsdecode(os.fspath(value))
+    if not s:
         raise InvalidArgumentError(f"{name} must be a non-empty path")
     return s
 
@@ -97,11 +99,17 @@ class Dataset:
 
     @classmethod
     def load_or_create(cls, name: str, *, db: str | os.PathLike[str] = DEFAULT_DB) -> Dataset:
-        """`load` the dataset if it exists, else `create` it."""
+        """`load` the dataset if it exists, else `create` it (atomically: of several
+        processes asking at once, one creates it and the others load it)."""
         path = _check_path_arg("db", db)
-        if os.path.exists(path) and _core.Store(path).find_dataset(name) is not None:
-            return cls.load(name, db=path)
-        return cls.create(name, db=path)
+        if not isinstance(name, str):
+            raise InvalidArgumentError(f"name must be a string, got {type(name).__name__}")
+        store = _core.Store(path)
+        dataset_id, created = store.find_or_create_dataset(name)
+        ds = cls(store, dataset_id, name.strip())
+        if not created:
+            ds.resume()
+        return ds
 
     @property
     def _pipeline(self) -> Pipeline:
@@ -121,7 +129,7 @@ class Dataset:
     # -- adding -----------------------------------------------------------------------------
     def add_images_from_path(
         self,
-        path: str | os.PathLike[str],
+        path: str | bytes | os.PathLike[str] | os.PathLike[bytes],
         *,
         embed: EmbeddingModel | bool | None = None,
         include_hidden: bool = False,

@@ -35,7 +35,12 @@ class CocoError(InvalidArgumentError):
 
 
 class StoreError(FastIndexError):
-    """The store cannot be opened or written (not a fastindex database, locked, disk full)."""
+    """The store cannot be opened or written (not a fastindex database, a folder, damaged,
+    read-only, locked, disk full). The message names the file."""
+
+
+class LeaseLostError(StoreError):
+    """Another process took over this phase's lease; nothing of this batch was written."""
 
 
 class SchemaVersionError(StoreError):
@@ -64,6 +69,7 @@ __all__ = [
     "FastIndexError",
     "ImageError",
     "InvalidArgumentError",
+    "LeaseLostError",
     "NoEmbeddingsError",
     "PathNotFoundError",
     "SchemaVersionError",

@@ -12,9 +12,13 @@ from typing import Any
 class Sample:
     """One image file of a dataset.
 
-    `path` is relative to `root` (the folder it was added from); `width`, `height`, `format`
+    `path` is relative to `root` (the folder it was added from). Both are `str` as
+    `os.fsdecode` gives them: a name that is not UTF-8 holds surrogates, `os.fsencode(path)`
+    is its exact bytes, and `open(sample.abs_path)` reaches the file. `width`, `height`, `format`
     and `orientation` are known once the sample is `indexed`. `coco_width`/`coco_height` are
-    what a COCO file declared; `size_mismatch` is set when they differ from the header.
+    what a COCO file declared; `size_mismatch` is set when they differ from the header. A
+    `failed` sample without `size_bytes` is something the walk could not take (a broken link,
+    a link loop, an unreadable folder), with the reason in `error`.
     """
 
     id: int

@@ -1,13 +1,14 @@
 //! The store: one SQLite file that holds datasets, samples, annotations and embeddings, and is
-//! the work queue. This module owns the schema (its text is in `schema`, the leases in `leases`);
-//! every write goes through `Store`.
+//! the work queue. This module owns the schema (its text is in `schema`, opening and migrating
+//! in `open`, the leases in `leases`); every write goes through `Store`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
 use crate::error::{Error, Result, StoreContext};
-use crate::schema::SCHEMA;
+use crate::schema::JOB_TTL;
 
 pub use crate::leases::local_host;
 pub use crate::schema::SCHEMA_VERSION;
@@ -69,90 +70,29 @@ pub struct DatasetRow {
     pub embed_spec: Option<String>,
 }
 
+#[derive(Debug)]
 pub struct Store {
     pub path: String,
     pub(crate) conn: Connection,
+    job_owner: String,
 }
 
 impl Store {
-    /// Open (or create) the store at `path`. Fails if the file is not a fastindex store of
-    /// this schema version.
-    pub fn open(path: &str) -> Result<Store> {
-        if path.is_empty() {
-            return Err(Error::InvalidArgument("db: empty path".into()));
-        }
-        let conn = Connection::open(path).store(path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(60))
-            .store(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .store(path)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .store(path)?;
-        conn.pragma_update(None, "temp_store", "MEMORY")
-            .store(path)?;
-        conn.pragma_update(None, "cache_size", -65536).store(path)?;
-        let mut store = Store {
+    /// A store on an opened connection; `open` (in `open.rs`) recognises the file first.
+    pub(crate) fn from_connection(path: &str, conn: Connection) -> Store {
+        static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
+        let n = CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+        Store {
             path: path.to_string(),
             conn,
-        };
-        store.migrate()?;
-        Ok(store)
+            job_owner: format!("{}:{}:{n}", crate::leases::local_host(), std::process::id()),
+        }
     }
 
-    fn migrate(&mut self) -> Result<()> {
-        let path = self.path.clone();
-        let found: Option<String> = self
-            .conn
-            .query_row(
-                "SELECT value FROM meta WHERE key = 'schema_version'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()
-            .or_else(|e| match e {
-                rusqlite::Error::SqliteFailure(_, Some(ref m)) if m.contains("no such table") => {
-                    Ok(None)
-                }
-                e => Err(e),
-            })
-            .store(&path)?;
-        match found {
-            Some(v) => {
-                let found = v.parse::<i64>().unwrap_or(-1);
-                if found != SCHEMA_VERSION {
-                    return Err(Error::SchemaVersion {
-                        path,
-                        found,
-                        expected: SCHEMA_VERSION,
-                    });
-                }
-                Ok(())
-            }
-            None => {
-                let foreign: i64 = self
-                    .conn
-                    .query_row(
-                        "SELECT COUNT(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'",
-                        [],
-                        |r| r.get(0),
-                    )
-                    .store(&path)?;
-                if foreign > 0 {
-                    return Err(Error::NotAStore(path));
-                }
-                let tx = self
-                    .conn
-                    .transaction_with_behavior(TransactionBehavior::Immediate)
-                    .store(&path)?;
-                tx.execute_batch(SCHEMA).store(&path)?;
-                tx.execute(
-                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?1)",
-                    [SCHEMA_VERSION.to_string()],
-                )
-                .store(&path)?;
-                tx.commit().store(&path)
-            }
-        }
+    /// The name this connection writes into the jobs it is adding rows for (`host:pid:n`):
+    /// renew them with `renew_jobs`.
+    pub fn job_owner(&self) -> &str {
+        &self.job_owner
     }
 
     pub(crate) fn immediate(&mut self) -> Result<Transaction<'_>> {
@@ -165,23 +105,27 @@ impl Store {
         let name = checked_name(name)?;
         let path = self.path.clone();
         let tx = self.immediate()?;
-        let exists: Option<i64> = tx
-            .query_row("SELECT id FROM datasets WHERE name = ?1", [name], |r| {
-                r.get(0)
-            })
-            .optional()
-            .store(&path)?;
-        if exists.is_some() {
+        if dataset_id_of(&tx, name).store(&path)?.is_some() {
             return Err(Error::DatasetExists(name.to_string(), path));
         }
-        tx.execute(
-            "INSERT INTO datasets (name, created_at) VALUES (?1, ?2)",
-            params![name, now()],
-        )
-        .store(&path)?;
-        let id = tx.last_insert_rowid();
+        let id = insert_dataset(&tx, name).store(&path)?;
         tx.commit().store(&path)?;
         Ok(id)
+    }
+
+    /// The id of the dataset named `name`, created if there is none, in one transaction: of
+    /// several processes asking at once, one creates it and the others find it. Returns
+    /// `(id, created)`.
+    pub fn find_or_create_dataset(&mut self, name: &str) -> Result<(i64, bool)> {
+        let name = checked_name(name)?;
+        let path = self.path.clone();
+        let tx = self.immediate()?;
+        if let Some(id) = dataset_id_of(&tx, name).store(&path)? {
+            return Ok((id, false));
+        }
+        let id = insert_dataset(&tx, name).store(&path)?;
+        tx.commit().store(&path)?;
+        Ok((id, true))
     }
 
     pub fn find_dataset(&self, name: &str) -> Result<Option<DatasetRow>> {
@@ -239,18 +183,27 @@ impl Store {
         tx.commit().store(&path)
     }
 
-    /// A new job, marked as running in this process until `finish_job` (or `drop_job`), so
-    /// progress read elsewhere says `in_progress` while its rows are still being added.
+    /// A new job, marked as running on this connection until `finish_job` (or `drop_job`),
+    /// so progress read elsewhere says `in_progress` while its rows are still being added.
+    /// The mark lives `JOB_TTL` seconds unless renewed (`renew_jobs`).
     pub fn create_job(&mut self, dataset_id: i64, kind: &str, source: &str) -> Result<i64> {
-        let owner = format!("{}:{}", crate::leases::local_host(), std::process::id());
+        let t = now();
         self.conn
             .execute(
-                "INSERT INTO jobs (dataset_id, kind, source, created_at, running_owner)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![dataset_id, kind, source, now(), owner],
+                "INSERT INTO jobs (dataset_id, kind, source, created_at, running_owner, heartbeat)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?4)",
+                params![dataset_id, kind, source, t, self.job_owner],
             )
             .store(&self.path)?;
         Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Say that the jobs `owner` (a `job_owner()`) is adding rows for are still running.
+    /// Returns how many it renewed.
+    pub fn renew_jobs(&self, owner: &str) -> Result<usize> {
+        self.conn
+            .execute(RENEW_JOBS, params![owner, now()])
+            .store(&self.path)
     }
 
     /// Remove a job that wrote no rows (its add failed): nothing is left behind.
@@ -267,14 +220,20 @@ impl Store {
         Ok(())
     }
 
-    /// True while a job of the dataset is still adding rows in a live process.
+    /// True while a job of the dataset is still adding rows: its owner renewed the mark
+    /// within `JOB_TTL` seconds and is not a process of this host known to be gone. Time,
+    /// not the pid, decides: a pid can be reused (pid 1 in every container) and a crash on
+    /// another host leaves no process to ask about.
     fn adding(&self, dataset_id: i64) -> Result<bool> {
         let mut st = self
             .conn
-            .prepare_cached("SELECT running_owner FROM jobs WHERE dataset_id = ?1 AND running_owner IS NOT NULL")
+            .prepare_cached(
+                "SELECT running_owner FROM jobs WHERE dataset_id = ?1 AND running_owner IS NOT NULL
+                   AND COALESCE(heartbeat, created_at) >= ?2",
+            )
             .store(&self.path)?;
         let owners: Vec<String> = st
-            .query_map([dataset_id], |r| r.get(0))
+            .query_map(params![dataset_id, now() - JOB_TTL], |r| r.get(0))
             .store(&self.path)?
             .collect::<std::result::Result<_, _>>()
             .store(&self.path)?;
@@ -293,51 +252,14 @@ impl Store {
             .store(&self.path)
     }
 
-    /// The root row for folder `abs` in a dataset, and the prefix to put before paths found
-    /// under it. A folder inside a known root reuses that root (so nothing is added twice);
-    /// known roots inside the new folder are returned so the walk can skip them.
+    /// [`Store::root_for_path`] for a UTF-8 folder (COCO): the prefix and nested roots as text.
     pub fn root_for(&mut self, dataset_id: i64, abs: &str) -> Result<(i64, String, Vec<String>)> {
-        let roots = self.root_paths(dataset_id)?;
-        let inside = |outer: &str, inner: &str| -> Option<String> {
-            let rest = inner.strip_prefix(outer)?;
-            let rest = if outer.ends_with('/') {
-                rest
-            } else {
-                rest.strip_prefix('/')?
-            };
-            Some(rest.to_string())
-        };
-        let nested: Vec<String> = roots
+        let (id, prefix, nested) = self.root_for_path(dataset_id, std::path::Path::new(abs))?;
+        let nested = nested
             .iter()
-            .filter(|(_, p)| p.as_str() != abs && inside(abs, p).is_some())
-            .map(|(_, p)| p.clone())
+            .map(|p| p.to_string_lossy().into_owned())
             .collect();
-        if let Some((id, _)) = roots.iter().find(|(_, p)| p.as_str() == abs) {
-            return Ok((*id, String::new(), nested));
-        }
-        // Inside several known roots (a child root added before its parent): the deepest one
-        // holds the files there, since the parent's walk skipped it.
-        let deepest = roots
-            .iter()
-            .filter_map(|(id, p)| inside(p, abs).map(|rest| (p.len(), *id, rest)))
-            .max_by_key(|(len, _, _)| *len);
-        if let Some((_, id, prefix)) = deepest {
-            return Ok((id, prefix, nested));
-        }
-        self.conn
-            .execute(
-                "INSERT INTO roots (dataset_id, path) VALUES (?1, ?2)",
-                params![dataset_id, abs],
-            )
-            .store(&self.path)?;
-        Ok((self.conn.last_insert_rowid(), String::new(), nested))
-    }
-
-    pub fn root_paths(&self, dataset_id: i64) -> Result<std::collections::HashMap<i64, String>> {
-        self.pairs(
-            "SELECT id, path FROM roots WHERE dataset_id = ?1",
-            dataset_id,
-        )
+        Ok((id, String::from_utf8_lossy(&prefix).into_owned(), nested))
     }
 
     /// The two columns of every row a one-key query returns, collected.
@@ -421,6 +343,69 @@ impl Store {
     }
 }
 
+const RENEW_JOBS: &str = "UPDATE jobs SET heartbeat = ?2 WHERE running_owner = ?1";
+
+/// Renews, from a connection of its own, what a long call holds while that call's connection
+/// is busy on another thread: the "adding" mark of its jobs, or a lease it holds. A beat that
+/// fails (the store is busy) is simply missed: the time-to-lives span several beats.
+pub struct Heartbeat {
+    path: String,
+    conn: Option<Connection>,
+    what: Beat,
+}
+
+enum Beat {
+    Jobs(String),
+    Lease(i64, String, String),
+}
+
+impl Heartbeat {
+    /// Renew the jobs `owner` (a `Store::job_owner()`) is adding rows for.
+    pub fn jobs(path: &str, owner: &str) -> Heartbeat {
+        Heartbeat {
+            path: path.to_string(),
+            conn: None,
+            what: Beat::Jobs(owner.to_string()),
+        }
+    }
+
+    /// Renew `owner`'s lease on `phase` (never taking it over).
+    pub fn lease(path: &str, dataset_id: i64, phase: &str, owner: &str) -> Heartbeat {
+        Heartbeat {
+            path: path.to_string(),
+            conn: None,
+            what: Beat::Lease(dataset_id, phase.to_string(), owner.to_string()),
+        }
+    }
+
+    pub fn beat(&mut self) {
+        if self.conn.is_none() {
+            // The store was recognised and opened by the call this beats for: no checks.
+            let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+                | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+            let Ok(conn) = Connection::open_with_flags(&self.path, flags) else {
+                return;
+            };
+            // Never hold up the waiting caller's signal checks for long.
+            if conn
+                .busy_timeout(std::time::Duration::from_millis(100))
+                .is_err()
+            {
+                return;
+            }
+            self.conn = Some(conn);
+        }
+        let Some(conn) = &self.conn else { return };
+        let _ = match &self.what {
+            Beat::Jobs(owner) => conn.execute(RENEW_JOBS, params![owner, now()]),
+            Beat::Lease(dataset_id, phase, owner) => conn.execute(
+                crate::leases::RENEW_LEASE,
+                params![dataset_id, phase, owner, now()],
+            ),
+        };
+    }
+}
+
 /// `INSERT INTO {table} ({columns}) VALUES (?,..), (?,..) ... {tail}` for `rows` rows: many
 /// rows per statement, since at a million rows the per-statement cost dominates.
 pub(crate) fn multi_row_insert(table: &str, columns: &[&str], rows: usize, tail: &str) -> String {
@@ -478,6 +463,36 @@ pub(crate) fn bump_moves(
     Ok(())
 }
 
+fn dataset_id_of(tx: &Transaction<'_>, name: &str) -> rusqlite::Result<Option<i64>> {
+    tx.query_row("SELECT id FROM datasets WHERE name = ?1", [name], |r| {
+        r.get(0)
+    })
+    .optional()
+}
+
+/// Insert a dataset under an id never given before in this store (above the high-water mark
+/// in `meta`, which a delete leaves in place): anything keyed by a dataset id stays right
+/// after a delete.
+fn insert_dataset(tx: &Transaction<'_>, name: &str) -> rusqlite::Result<i64> {
+    let last: i64 = tx.query_row(
+        "SELECT MAX(COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'last_dataset_id'), 0),
+                    COALESCE((SELECT MAX(id) FROM datasets), 0))",
+        [],
+        |r| r.get(0),
+    )?;
+    let id = last + 1;
+    tx.execute(
+        "INSERT INTO datasets (id, name, created_at) VALUES (?1, ?2, ?3)",
+        params![id, name, now()],
+    )?;
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ('last_dataset_id', ?1)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [id.to_string()],
+    )?;
+    Ok(id)
+}
+
 fn dataset_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DatasetRow> {
     Ok(DatasetRow {
         id: r.get(0)?,
@@ -533,7 +548,7 @@ mod tests {
         std::fs::write(&p, vec![b'x'; 4096]).unwrap();
         assert!(matches!(
             Store::open(p.to_str().unwrap()),
-            Err(Error::Store { .. })
+            Err(Error::BadStore { .. })
         ));
     }
 

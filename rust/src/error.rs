@@ -29,8 +29,22 @@ pub enum Error {
         expected: i64,
     },
     /// The file is an SQLite database of another application.
-    #[error("{0}: not a fastindex store (it holds other tables); choose another file")]
+    #[error(
+        "{0}: not a fastindex store (another application's SQLite database); choose another file"
+    )]
     NotAStore(String),
+    /// The file cannot be a store: a folder, not SQLite, damaged, read-only.
+    #[error("{path}: {reason}")]
+    BadStore { path: String, reason: String },
+    /// A commit of phase work found that `owner` no longer holds the phase's lease (another
+    /// process took it over); nothing of the batch was written.
+    #[error("store {path}: another process took over the {phase} lease of dataset {dataset_id} from {owner}; nothing of this batch was written")]
+    LeaseLost {
+        path: String,
+        dataset_id: i64,
+        phase: String,
+        owner: String,
+    },
     /// SQLite failed.
     #[error("store {path}: {source}")]
     Store {

@@ -5,6 +5,7 @@ pub mod coco;
 pub mod db;
 pub mod error;
 pub mod header;
+pub mod paths;
 pub mod pools;
 pub mod query;
 pub mod scan;
@@ -12,6 +13,7 @@ pub mod vectors;
 pub mod walk;
 
 mod leases;
+mod open;
 mod py;
 mod schema;
 

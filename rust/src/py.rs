@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
@@ -26,7 +27,8 @@ fn to_py(e: Error) -> PyErr {
         Error::Image { .. } => "ImageError",
         Error::Coco { .. } => "CocoError",
         Error::SchemaVersion { .. } => "SchemaVersionError",
-        Error::Store { .. } | Error::NotAStore(_) => "StoreError",
+        Error::Store { .. } | Error::NotAStore(_) | Error::BadStore { .. } => "StoreError",
+        Error::LeaseLost { .. } => "LeaseLostError",
         Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
             "PathNotFoundError"
         }
@@ -49,6 +51,100 @@ type Res<T> = PyResult<T>;
 
 fn r<T>(v: crate::error::Result<T>) -> Res<T> {
     v.map_err(to_py)
+}
+
+/// The longest the calling thread waits, GIL released, between two signal checks.
+const WAIT_SLICE: Duration = Duration::from_millis(50);
+/// How often a waiting caller renews what its call holds (`db::Heartbeat`).
+const BEAT_EVERY: Duration = Duration::from_secs(5);
+
+/// Set when the worker's closure has returned (or panicked): the waiting caller wakes at once.
+#[derive(Default)]
+struct Finished {
+    done: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Finished {
+    fn set(&self) {
+        *self.done.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.cv.notify_all();
+    }
+    fn wait(&self, slice: Duration) -> bool {
+        let g = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        let (g, _) = self
+            .cv
+            .wait_timeout_while(g, slice, |d| !*d)
+            .unwrap_or_else(|p| p.into_inner());
+        *g
+    }
+}
+
+struct SetOnDrop<'a>(&'a Finished);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.set();
+    }
+}
+
+/// Run `work` on a worker thread and wait for it on the calling thread, interruptibly.
+///
+/// CPython delivers signals only to the main thread, and `py.check_signals()` anywhere else is
+/// a no-op, so the long work cannot check for Ctrl-C itself. The caller waits in slices of at
+/// most `WAIT_SLICE` with the GIL released and checks for signals between them; on a signal
+/// (a `KeyboardInterrupt` from the handler) it sets `stop`, joins the worker (whose loops
+/// check `stop` often enough to end within ~0.2 s) and returns the signal's exception. Every
+/// `BEAT_EVERY` it runs `beat` (GIL released) to renew what the call holds in the store.
+fn run_interruptibly<T: Send>(
+    py: Python<'_>,
+    stop: &AtomicBool,
+    mut beat: Option<db::Heartbeat>,
+    work: impl FnOnce() -> crate::error::Result<T> + Send,
+) -> Res<T> {
+    let finished = Finished::default();
+    std::thread::scope(|scope| {
+        let finished = &finished;
+        let worker = std::thread::Builder::new()
+            .name("fastindex-call".into())
+            .spawn_scoped(scope, move || {
+                let _done = SetOnDrop(finished);
+                work()
+            })
+            .map_err(|e| PyRuntimeError::new_err(format!("cannot start a thread: {e}")))?;
+        let mut last_beat = Instant::now();
+        loop {
+            if py.detach(|| finished.wait(WAIT_SLICE)) {
+                break;
+            }
+            if let Err(signal) = py.check_signals() {
+                stop.store(true, Ordering::Relaxed);
+                // What the worker did until it stopped is committed and consistent; its
+                // result (`Cancelled`, mostly) says nothing the signal does not.
+                let _ = py.detach(|| worker.join());
+                return Err(signal);
+            }
+            if let Some(b) = beat.as_mut() {
+                if last_beat.elapsed() >= BEAT_EVERY {
+                    py.detach(|| b.beat());
+                    last_beat = Instant::now();
+                }
+            }
+        }
+        match py.detach(|| worker.join()) {
+            Ok(result) => r(result),
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(PyRuntimeError::new_err(format!(
+                    "fastindex worker thread panicked (a bug): {msg}"
+                )))
+            }
+        }
+    })
 }
 
 /// A flag that long calls check between steps; set it to cancel them.
@@ -78,6 +174,25 @@ impl StopFlag {
     }
 }
 
+/// A path argument: `str` (with surrogates from os.fsdecode), `bytes` or any `os.PathLike`,
+/// taken byte for byte.
+pub struct FsPath(pub PathBuf);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for FsPath {
+    type Error = PyErr;
+
+    fn extract(ob: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        use std::os::unix::ffi::OsStrExt;
+        let fspath = ob.py().import("os")?.getattr("fspath")?.call1((ob,))?;
+        if let Ok(b) = fspath.cast::<PyBytes>() {
+            return Ok(FsPath(PathBuf::from(std::ffi::OsStr::from_bytes(
+                b.as_bytes(),
+            ))));
+        }
+        Ok(FsPath(fspath.extract::<PathBuf>()?))
+    }
+}
+
 fn info_dict<'py>(py: Python<'py>, i: &ImageInfo) -> Res<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("width", i.width)?;
@@ -89,7 +204,8 @@ fn info_dict<'py>(py: Python<'py>, i: &ImageInfo) -> Res<Bound<'py, PyDict>> {
 
 /// `(width, height)` from the header of the image at `path`.
 #[pyfunction]
-pub fn image_size(py: Python<'_>, path: PathBuf) -> Res<(u32, u32)> {
+pub fn image_size(py: Python<'_>, path: FsPath) -> Res<(u32, u32)> {
+    let path = path.0;
     let info = py.detach(|| {
         header::probe_path(&path).map_err(|reason| Error::image(&path, reason.to_string()))
     });
@@ -99,7 +215,8 @@ pub fn image_size(py: Python<'_>, path: PathBuf) -> Res<(u32, u32)> {
 
 /// Width, height, format and EXIF orientation from the header of the image at `path`.
 #[pyfunction]
-pub fn probe_image<'py>(py: Python<'py>, path: PathBuf) -> Res<Bound<'py, PyDict>> {
+pub fn probe_image<'py>(py: Python<'py>, path: FsPath) -> Res<Bound<'py, PyDict>> {
+    let path = path.0;
     let info = py.detach(|| {
         header::probe_path(&path).map_err(|reason| Error::image(&path, reason.to_string()))
     });
@@ -120,6 +237,8 @@ pub struct Store {
     inner: Mutex<db::Store>,
     #[pyo3(get)]
     path: String,
+    /// `inner.job_owner()`, readable while a long call holds `inner`.
+    job_owner: String,
 }
 
 impl Store {
@@ -133,8 +252,9 @@ fn sample_dict<'py>(py: Python<'py>, s: SampleRow) -> Res<Bound<'py, PyDict>> {
     d.set_item("id", s.id)?;
     d.set_item("dataset_id", s.dataset_id)?;
     d.set_item("job_id", s.job_id)?;
-    d.set_item("root", s.root)?;
-    d.set_item("path", s.path)?;
+    // str via os.fsdecode (surrogateescape): open() of root/path reaches the same bytes
+    d.set_item("root", s.root.into_os_string())?;
+    d.set_item("path", s.path.into_os_string())?;
     d.set_item("size_bytes", s.size_bytes)?;
     d.set_item("mtime_ns", s.mtime_ns)?;
     d.set_item("status", s.status)?;
@@ -213,14 +333,21 @@ impl Store {
     #[new]
     fn new(py: Python<'_>, path: String) -> Res<Self> {
         let inner = r(py.detach(|| db::Store::open(&path)))?;
+        let job_owner = inner.job_owner().to_string();
         Ok(Store {
             inner: Mutex::new(inner),
             path,
+            job_owner,
         })
     }
 
     fn create_dataset(&self, py: Python<'_>, name: String) -> Res<i64> {
         r(py.detach(|| self.lock().create_dataset(&name)))
+    }
+
+    /// `(id, created)`: the dataset named `name`, created in the same transaction if absent.
+    fn find_or_create_dataset(&self, py: Python<'_>, name: String) -> Res<(i64, bool)> {
+        r(py.detach(|| self.lock().find_or_create_dataset(&name)))
     }
 
     /// Remove a dataset and all its rows (never files on disk).
@@ -249,17 +376,18 @@ impl Store {
         &self,
         py: Python<'py>,
         dataset_id: i64,
-        root: String,
+        root: FsPath,
         include_hidden: bool,
         follow_links: bool,
         stop: Option<StopFlag>,
     ) -> Res<Bound<'py, PyDict>> {
         let stop = stop.unwrap_or_default();
-        let s: ScanSummary = r(py.detach(|| {
-            let root = scan::absolute_dir(&root)?;
+        let beat = db::Heartbeat::jobs(&self.path, &self.job_owner);
+        let s: ScanSummary = run_interruptibly(py, &stop.flag, Some(beat), || {
+            let root = scan::absolute_dir(&root.0)?;
             self.lock()
                 .scan(dataset_id, &root, include_hidden, follow_links, &stop.flag)
-        }))?;
+        })?;
         let d = PyDict::new(py);
         d.set_item("job_id", s.job_id)?;
         d.set_item("found", s.found)?;
@@ -280,13 +408,14 @@ impl Store {
         stop: Option<StopFlag>,
     ) -> Res<Bound<'py, PyDict>> {
         let stop = stop.unwrap_or_default();
-        let s: CocoSummary = r(py.detach(|| {
+        let beat = db::Heartbeat::jobs(&self.path, &self.job_owner);
+        let s: CocoSummary = run_interruptibly(py, &stop.flag, Some(beat), || {
             let root = scan::absolute_dir(&images_root)?;
             let json = std::path::absolute(&annotations_json)
                 .map_err(|e| Error::io(Path::new(&annotations_json), e))?;
             self.lock()
                 .ingest_coco(dataset_id, &json, &root, &stop.flag)
-        }))?;
+        })?;
         let d = PyDict::new(py);
         d.set_item("job_id", s.job_id)?;
         d.set_item("images", s.images)?;
@@ -300,12 +429,14 @@ impl Store {
         Ok(d)
     }
 
-    /// Phase 2: probe pending rows until none is left. Blocks; releases the GIL between
-    /// batches, checks for signals, and stops early (raising `CancelledError`) once `stop`
-    /// is set. Returns the number of rows probed.
+    /// Phase 2: probe pending rows until none is left. Blocks; the work runs on a worker
+    /// thread while this thread waits with the GIL released and checks for signals (Ctrl-C
+    /// raises `KeyboardInterrupt` within ~0.2 s); stops early (raising `CancelledError`) once
+    /// `stop` is set. Returns the number of rows probed.
     ///
-    /// With `lease=(owner, ttl)` the call renews that lease on the `probe` phase after each
-    /// batch, and stops if another process has taken it over.
+    /// With `lease=(owner, ttl)` the `probe` lease is taken first, renewed with every batch
+    /// (and every few seconds while a batch runs), and each batch is committed only while
+    /// no other owner holds it: `LeaseLostError` once another process took it over.
     #[pyo3(signature = (dataset_id, *, stop=None, lease=None))]
     fn probe_pending(
         &self,
@@ -315,30 +446,14 @@ impl Store {
         lease: Option<(String, f64)>,
     ) -> Res<u64> {
         let stop = stop.unwrap_or_default();
-        let signal: Mutex<Option<PyErr>> = Mutex::new(None);
-        let after_batch = |store: &mut db::Store| -> crate::error::Result<bool> {
-            if let Some((owner, ttl)) = &lease {
-                if !store.acquire_lease(dataset_id, "probe", owner, *ttl)? {
-                    return Ok(false); // another process took the work over
-                }
-            }
-            // Stay interruptible: a signal (Ctrl-C) stops the loop between batches.
-            match Python::attach(|py| py.check_signals()) {
-                Ok(()) => Ok(true),
-                Err(e) => {
-                    *signal.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                    Ok(false)
-                }
-            }
-        };
-        let total = py.detach(|| {
+        let beat = lease
+            .as_ref()
+            .map(|(owner, _)| db::Heartbeat::lease(&self.path, dataset_id, "probe", owner));
+        run_interruptibly(py, &stop.flag, beat, || {
+            let lease = lease.as_ref().map(|(o, ttl)| (o.as_str(), *ttl));
             self.lock()
-                .probe_pending(dataset_id, &stop.flag, &stop.done, after_batch)
-        });
-        if let Some(e) = signal.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            return Err(e);
-        }
-        r(total)
+                .probe_pending(dataset_id, &stop.flag, &stop.done, lease)
+        })
     }
 
     /// Counts by status for a dataset (or one job of it), with `status` and phase `errors`.
@@ -423,6 +538,18 @@ impl Store {
         r(py.detach(|| self.lock().acquire_lease(dataset_id, &phase, &owner, ttl)))
     }
 
+    /// Renew `owner`'s lease; False (and nothing changed) if another owner holds it or none.
+    fn renew_lease(
+        &self,
+        py: Python<'_>,
+        dataset_id: i64,
+        phase: String,
+        owner: String,
+        ttl: f64,
+    ) -> Res<bool> {
+        r(py.detach(|| self.lock().renew_lease(dataset_id, &phase, &owner, ttl)))
+    }
+
     fn release_lease(
         &self,
         py: Python<'_>,
@@ -464,20 +591,27 @@ impl Store {
 
     /// Move up to `limit` indexed rows with id above `after` to `embedding`; returns
     /// `[(id, absolute path)]` in id order. Keep the last id as the next `after`.
-    #[pyo3(signature = (dataset_id, limit, after=0))]
+    /// With `owner`, only while no other owner holds the `embed` lease (`LeaseLostError`).
+    #[pyo3(signature = (dataset_id, limit, after=0, *, owner=None))]
     fn claim_for_embedding(
         &self,
         py: Python<'_>,
         dataset_id: i64,
         limit: usize,
         after: i64,
+        owner: Option<String>,
     ) -> Res<Vec<(i64, PathBuf)>> {
-        r(py.detach(|| self.lock().claim_for_embedding(dataset_id, limit, after)))
+        r(py.detach(|| {
+            self.lock()
+                .claim_for_embedding(dataset_id, limit, after, owner.as_deref())
+        }))
     }
 
     /// Store float16 vectors (`ids.len() * dim * 2` bytes) and mark those rows `ready`;
-    /// `failed` is `[(id, reason)]`.
-    #[pyo3(signature = (dataset_id, model_id, ids, vectors, failed=Vec::new()))]
+    /// `failed` is `[(id, reason)]`. With `owner`, only while no other owner holds the
+    /// `embed` lease (`LeaseLostError` and nothing written otherwise).
+    #[pyo3(signature = (dataset_id, model_id, ids, vectors, failed=Vec::new(), *, owner=None))]
+    #[allow(clippy::too_many_arguments)]
     fn finish_embeddings(
         &self,
         py: Python<'_>,
@@ -486,16 +620,33 @@ impl Store {
         ids: Vec<i64>,
         vectors: &[u8],
         failed: Vec<(i64, String)>,
+        owner: Option<String>,
     ) -> Res<()> {
         r(py.detach(|| {
-            self.lock()
-                .finish_embeddings(dataset_id, model_id, &ids, vectors, &failed)
+            self.lock().finish_embeddings(
+                dataset_id,
+                model_id,
+                &ids,
+                vectors,
+                &failed,
+                owner.as_deref(),
+            )
         }))
     }
 
-    #[pyo3(signature = (dataset_id, ids=None))]
-    fn release_claims(&self, py: Python<'_>, dataset_id: i64, ids: Option<Vec<i64>>) -> Res<u64> {
-        r(py.detach(|| self.lock().release_claims(dataset_id, ids.as_deref())))
+    /// With `owner`, only unless another owner holds the `embed` lease (`LeaseLostError`).
+    #[pyo3(signature = (dataset_id, ids=None, *, owner=None))]
+    fn release_claims(
+        &self,
+        py: Python<'_>,
+        dataset_id: i64,
+        ids: Option<Vec<i64>>,
+        owner: Option<String>,
+    ) -> Res<u64> {
+        r(py.detach(|| {
+            self.lock()
+                .release_claims(dataset_id, ids.as_deref(), owner.as_deref())
+        }))
     }
 
     /// `(cursor, ids, float16 bytes)` of embeddings stored after `cursor`.

@@ -1,18 +1,21 @@
 //! Reads of samples and annotations.
 
+use std::path::PathBuf;
+
 use rusqlite::{params, Row};
 
 use crate::db::{Store, STATUSES};
 use crate::error::{Error, Result, StoreContext};
+use crate::paths::StoredPath;
 
-/// One sample as stored. `path` is relative to `root`.
+/// One sample as stored. `path` is relative to `root`; both are the file system's bytes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SampleRow {
     pub id: i64,
     pub dataset_id: i64,
     pub job_id: i64,
-    pub root: String,
-    pub path: String,
+    pub root: PathBuf,
+    pub path: PathBuf,
     pub size_bytes: Option<i64>,
     pub mtime_ns: Option<i64>,
     pub status: String,
@@ -46,8 +49,8 @@ fn sample_row(r: &Row<'_>) -> rusqlite::Result<SampleRow> {
         id: r.get(0)?,
         dataset_id: r.get(1)?,
         job_id: r.get(2)?,
-        root: r.get(3)?,
-        path: r.get(4)?,
+        root: r.get::<_, StoredPath>(3)?.0,
+        path: r.get::<_, StoredPath>(4)?.0,
         size_bytes: r.get(5)?,
         mtime_ns: r.get(6)?,
         status: r.get(7)?,

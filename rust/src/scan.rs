@@ -6,14 +6,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rayon::prelude::*;
 use rusqlite::params;
+use rusqlite::types::ToSqlOutput;
+use std::os::unix::ffi::OsStrExt;
 
 use crate::db::{bump, bump_moves, multi_row_insert, Store, FAILED, INDEXED, PENDING};
 use crate::error::{Error, Result, StoreContext};
 use crate::header::{self, ImageInfo};
-use crate::walk::{self, FileEntry, WalkOptions};
+use crate::leases::hold_lease;
+use crate::paths::{join_rel, path_bytes, SqlPath, StoredPath};
+use crate::walk::{self, FileEntry, Problem, WalkOptions};
 
-/// Rows per transaction when inserting scanned files.
-const INSERT_CHUNK: usize = 250_000;
+/// Rows per transaction when inserting scanned files: small enough that a stop (Ctrl-C) is
+/// seen within ~20 ms, and that other writers wait no longer than that.
+const INSERT_CHUNK: usize = 16_384;
 /// Sample rows bound into one INSERT statement (6 values each).
 const ROWS_PER_INSERT: usize = 128;
 
@@ -48,12 +53,13 @@ pub struct ScanSummary {
 
 pub use crate::pools::io_pool;
 
-/// Absolute, canonical form of a folder the caller named; fails if it is not a folder.
-pub fn absolute_dir(path: &str) -> Result<PathBuf> {
-    if path.is_empty() {
+/// Absolute, canonical form of a folder the caller named; fails if it is not a folder. Any
+/// bytes the file system allows are a name.
+pub fn absolute_dir(path: impl AsRef<Path>) -> Result<PathBuf> {
+    let p = path.as_ref();
+    if p.as_os_str().is_empty() {
         return Err(Error::InvalidArgument("images path: empty".into()));
     }
-    let p = Path::new(path);
     // The real path (links resolved) is the root's identity: the same folder reached through
     // a symlink is the same root, so nothing is added twice.
     let real = std::fs::canonicalize(p).map_err(|e| Error::io(p, e))?;
@@ -78,21 +84,11 @@ impl Store {
         follow_links: bool,
         stop: &AtomicBool,
     ) -> Result<ScanSummary> {
-        let root_str = root.to_str().ok_or_else(|| {
-            Error::InvalidArgument(format!("{}: path is not utf-8", root.display()))
-        })?;
         // The job is there (and `in_progress`) while the walk runs; a walk or insert that
-        // fails removes it again, so a bad root leaves nothing behind.
-        let job_id = self.create_job(dataset_id, "images", root_str)?;
-        let done = self.scan_job(
-            dataset_id,
-            job_id,
-            root,
-            root_str,
-            include_hidden,
-            follow_links,
-            stop,
-        );
+        // fails removes it again, so a bad root leaves nothing behind. Its `source` is a label
+        // (the root's own row keeps the exact bytes).
+        let job_id = self.create_job(dataset_id, "images", &root.to_string_lossy())?;
+        let done = self.scan_job(dataset_id, job_id, root, include_hidden, follow_links, stop);
         let (report, added, existing) = match done {
             Ok(v) => v,
             Err(e) => {
@@ -102,20 +98,18 @@ impl Store {
         };
         Ok(ScanSummary {
             job_id,
-            found: report.files.len() as u64,
+            found: (report.files.len() + report.problems.len()) as u64,
             added,
             existing,
             errors: report.errors,
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn scan_job(
         &mut self,
         dataset_id: i64,
         job_id: i64,
         root: &Path,
-        root_str: &str,
         include_hidden: bool,
         follow_links: bool,
         stop: &AtomicBool,
@@ -126,22 +120,24 @@ impl Store {
             skip_dirs: Vec::new(),
         };
         let mut report = walk::walk(root, &opts, stop)?;
-        let (root_id, prefix, nested) = self.root_for(dataset_id, root_str)?;
+        let (root_id, prefix, nested) = self.root_for_path(dataset_id, root)?;
         if !nested.is_empty() {
             // Files under other roots of this dataset are already there, under those roots.
-            let nested: Vec<String> = nested
+            let nested: Vec<Vec<u8>> = nested
                 .iter()
-                .filter_map(|n| {
-                    n.strip_prefix(root_str)
-                        .map(|r| format!("{}/", r.trim_start_matches('/')))
-                })
+                .filter_map(|n| n.strip_prefix(root).ok())
+                .map(|r| join_rel(r.as_os_str().as_bytes(), b""))
                 .collect();
-            report
-                .files
-                .retain(|f| !nested.iter().any(|n| f.rel_path.starts_with(n.as_str())));
+            let outside = |rel: &[u8]| !nested.iter().any(|n| rel.starts_with(n));
+            report.files.retain(|f| outside(&f.rel_path));
+            report.problems.retain(|p| outside(&p.rel_path));
         }
+        self.revive_walk_failures(dataset_id, root_id, &prefix, &report.files)?;
         let (added, existing) =
-            self.insert_files(dataset_id, job_id, root_id, &prefix, &report.files)?;
+            self.insert_files(dataset_id, job_id, root_id, &prefix, &report.files, stop)?;
+        let (failed, known) =
+            self.insert_problems(dataset_id, job_id, root_id, &prefix, &report.problems)?;
+        let (added, existing) = (added + failed, existing + known);
         self.finish_job(job_id, added, existing, &report.errors)?;
         Ok((report, added, existing))
     }
@@ -163,38 +159,50 @@ impl Store {
         Ok(())
     }
 
-    /// Insert files in large transactions; a path already in the root is left as it is.
+    /// Insert files in transactions of `INSERT_CHUNK` rows; a path already in the root is left
+    /// as it is. Paths are stored byte for byte (see [`crate::paths`]); `prefix` goes before
+    /// each. Stops (`Cancelled`) between chunks once `stop` is set; the chunks committed so
+    /// far stay (they are `pending` rows like any other, and a rerun adds the rest).
     pub fn insert_files(
         &mut self,
         dataset_id: i64,
         job_id: i64,
         root_id: i64,
-        prefix: &str,
+        prefix: &[u8],
         files: &[FileEntry],
+        stop: &AtomicBool,
     ) -> Result<(u64, u64)> {
         let path = self.path.clone();
         let mut added = 0u64;
+        let mut joined: Vec<Vec<u8>> = Vec::new();
         for chunk in files.chunks(INSERT_CHUNK) {
+            if stop.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
             let tx = self.immediate()?;
             let mut n = 0i64;
             // Many rows per INSERT: the per-statement cost dominates at a million rows.
             for rows in chunk.chunks(ROWS_PER_INSERT) {
                 let mut st = tx.prepare_cached(&sample_insert(rows.len())).store(&path)?;
-                let mut values: Vec<rusqlite::types::Value> = Vec::with_capacity(rows.len() * 6);
-                for f in rows {
-                    use rusqlite::types::Value::{Integer, Text};
+                if !prefix.is_empty() {
+                    joined.clear();
+                    joined.extend(rows.iter().map(|f| join_rel(prefix, &f.rel_path)));
+                }
+                // Bound by reference: no copy of the paths.
+                let mut values: Vec<ToSqlOutput<'_>> = Vec::with_capacity(rows.len() * 6);
+                for (i, f) in rows.iter().enumerate() {
                     let rel = if prefix.is_empty() {
-                        f.rel_path.clone()
+                        &f.rel_path
                     } else {
-                        format!("{prefix}/{}", f.rel_path)
+                        &joined[i]
                     };
                     values.extend([
-                        Integer(dataset_id),
-                        Integer(job_id),
-                        Integer(root_id),
-                        Text(rel),
-                        Integer(f.size as i64),
-                        Integer(f.mtime_ns),
+                        ToSqlOutput::from(dataset_id),
+                        ToSqlOutput::from(job_id),
+                        ToSqlOutput::from(root_id),
+                        ToSqlOutput::Borrowed(SqlPath(rel).value()),
+                        ToSqlOutput::from(f.size as i64),
+                        ToSqlOutput::from(f.mtime_ns),
                     ]);
                 }
                 // ON CONFLICT DO NOTHING: `changes` counts only the rows really added.
@@ -209,9 +217,119 @@ impl Store {
         Ok((added, files.len() as u64 - added))
     }
 
+    /// A path the walk could not take before (a broken link, a file of an unreadable folder)
+    /// and finds as a file now goes back to `pending`, so adding a folder again after fixing
+    /// it indexes what was fixed. Walk failures are the `failed` rows without a size (nothing
+    /// was read); they are few. Returns the number of rows queued again.
+    fn revive_walk_failures(
+        &mut self,
+        dataset_id: i64,
+        root_id: i64,
+        prefix: &[u8],
+        files: &[FileEntry],
+    ) -> Result<u64> {
+        let path = self.path.clone();
+        let stale: Vec<(i64, i64, StoredPath)> = {
+            let mut st = self
+                .conn
+                .prepare_cached(
+                    "SELECT id, job_id, path FROM samples WHERE dataset_id = ?1 AND status = 'failed'
+                     AND root_id = ?2 AND size_bytes IS NULL",
+                )
+                .store(&path)?;
+            let rows = st
+                .query_map(params![dataset_id, root_id], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .store(&path)?;
+            rows.collect::<rusqlite::Result<_>>().store(&path)?
+        };
+        let found: Vec<(i64, i64, &FileEntry)> = stale
+            .iter()
+            .filter_map(|(id, job, p)| {
+                let p = p.0.as_os_str().as_bytes();
+                let rel = if prefix.is_empty() {
+                    p
+                } else {
+                    p.strip_prefix(prefix)?.strip_prefix(b"/")?
+                };
+                let i = files
+                    .binary_search_by(|f| f.rel_path.as_slice().cmp(rel))
+                    .ok()?;
+                Some((*id, *job, &files[i]))
+            })
+            .collect();
+        if found.is_empty() {
+            return Ok(0);
+        }
+        let tx = self.immediate()?;
+        let mut moves: HashMap<i64, i64> = HashMap::new();
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "UPDATE samples SET status = 'pending', error = NULL, size_bytes = ?2, mtime_ns = ?3
+                     WHERE id = ?1 AND status = 'failed' AND size_bytes IS NULL",
+                )
+                .store(&path)?;
+            for (id, job, f) in &found {
+                if st
+                    .execute(params![id, f.size as i64, f.mtime_ns])
+                    .store(&path)?
+                    > 0
+                {
+                    *moves.entry(*job).or_default() += 1;
+                }
+            }
+        }
+        bump_moves(&tx, dataset_id, FAILED, PENDING, &moves).store(&path)?;
+        tx.commit().store(&path)?;
+        Ok(moves.values().sum::<i64>() as u64)
+    }
+
+    /// What the walk could not take becomes `failed` rows with the reason, in one
+    /// transaction; a path already in the root is left as it is. Returns `(added, existing)`.
+    pub fn insert_problems(
+        &mut self,
+        dataset_id: i64,
+        job_id: i64,
+        root_id: i64,
+        prefix: &[u8],
+        problems: &[Problem],
+    ) -> Result<(u64, u64)> {
+        if problems.is_empty() {
+            return Ok((0, 0));
+        }
+        let path = self.path.clone();
+        let tx = self.immediate()?;
+        let mut n = 0i64;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT INTO samples (dataset_id, job_id, root_id, path, status, error)
+                     VALUES (?1, ?2, ?3, ?4, 'failed', ?5) ON CONFLICT (root_id, path) DO NOTHING",
+                )
+                .store(&path)?;
+            for p in problems {
+                let rel = join_rel(prefix, &p.rel_path);
+                n += st
+                    .execute(params![
+                        dataset_id,
+                        job_id,
+                        root_id,
+                        SqlPath(&rel),
+                        p.reason
+                    ])
+                    .store(&path)? as i64;
+            }
+        }
+        bump(&tx, dataset_id, job_id, FAILED, n).store(&path)?;
+        tx.commit().store(&path)?;
+        Ok((n as u64, problems.len() as u64 - n as u64))
+    }
+
     /// Up to `limit` pending rows of a dataset with id above `after`, in id order.
     pub fn pending_batch(&self, dataset_id: i64, after: i64, limit: usize) -> Result<Vec<Pending>> {
-        let roots = self.root_paths(dataset_id)?;
+        let roots = self.root_dirs(dataset_id)?;
         let mut st = self
             .conn
             .prepare_cached(
@@ -225,27 +343,38 @@ impl Store {
         let mut out = Vec::with_capacity(limit.min(65_536));
         while let Some(r) = rows.next().store(&self.path)? {
             let root_id: i64 = r.get(2).store(&self.path)?;
-            let rel = r
-                .get_ref(3)
-                .store(&self.path)?
-                .as_str()
-                .map_err(rusqlite::Error::from)
+            let rel = r.get_ref(3).store(&self.path)?;
+            let rel = path_bytes(rel)
+                .map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(3, rel.data_type(), e.into())
+                })
                 .store(&self.path)?;
-            let root = roots.get(&root_id).map_or("", String::as_str);
+            let root = roots.get(&root_id).map_or(Path::new(""), PathBuf::as_path);
             out.push(Pending {
                 id: r.get(0).store(&self.path)?,
                 job_id: r.get(1).store(&self.path)?,
-                path: Path::new(root).join(rel),
+                path: root.join(walk::rel_as_path(rel)),
             });
         }
         Ok(out)
     }
 
     /// Write probe results in one transaction. Only rows still `pending` change, so two
-    /// probers racing on the same rows never count a row twice.
-    pub fn record_probes(&mut self, dataset_id: i64, results: &[Probed]) -> Result<()> {
+    /// probers racing on the same rows never count a row twice. With `lease_owner`, the
+    /// results are written only while no other owner holds the dataset's `probe` lease
+    /// (checked, and renewed or taken if free, in the same transaction), else `LeaseLost` and
+    /// nothing is written.
+    pub fn record_probes(
+        &mut self,
+        dataset_id: i64,
+        results: &[Probed],
+        lease_owner: Option<&str>,
+    ) -> Result<()> {
         let path = self.path.clone();
         let tx = self.immediate()?;
+        if let Some(owner) = lease_owner {
+            hold_lease(&tx, &path, dataset_id, "probe", owner)?;
+        }
         let mut indexed: HashMap<i64, i64> = HashMap::new();
         let mut failed: HashMap<i64, i64> = HashMap::new();
         {
@@ -292,34 +421,44 @@ impl Store {
     ///
     /// Reading the queue and probing happen on this thread and the I/O pool while a second
     /// connection writes the previous batch, so the store writes overlap the file reads.
-    /// `after_batch` runs on the writer after each commit (renew a lease, check for signals);
-    /// returning `Ok(false)` stops the loop. Returns the number of rows probed.
-    pub fn probe_pending<F>(
+    /// With `lease = Some((owner, ttl))` the `probe` lease is taken first and every batch is
+    /// committed only while no other owner holds it (`LeaseLost` otherwise). The first error
+    /// of either side (a full disk, a lost lease) ends the call promptly: the writer's failure
+    /// stops the probing within a file or so, and no side waits on the other's channel.
+    /// Returns the number of rows probed.
+    pub fn probe_pending(
         &mut self,
         dataset_id: i64,
         stop: &AtomicBool,
         done: &AtomicU64,
-        after_batch: F,
-    ) -> Result<u64>
-    where
-        F: FnMut(&mut Store) -> Result<bool> + Send,
-    {
+        lease: Option<(&str, f64)>,
+    ) -> Result<u64> {
+        if let Some((owner, ttl)) = lease {
+            if !self.acquire_lease(dataset_id, "probe", owner, ttl)? {
+                return Err(Error::LeaseLost {
+                    path: self.path.clone(),
+                    dataset_id,
+                    phase: "probe".into(),
+                    owner: owner.into(),
+                });
+            }
+        }
+        let owner = lease.map(|(o, _)| o);
         let mut writer = Store::open(&self.path)?;
-        let keep_going = AtomicBool::new(true);
+        // Set by the writer when it fails: the reader stops probing at once.
+        let halt = AtomicBool::new(false);
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Probed>>(1);
         std::thread::scope(|scope| {
-            let keep = &keep_going;
+            let halt = &halt;
             let write = scope.spawn(move || -> Result<u64> {
-                let mut after_batch = after_batch;
                 let mut total = 0u64;
                 for results in rx {
-                    writer.record_probes(dataset_id, &results)?;
+                    if let Err(e) = writer.record_probes(dataset_id, &results, owner) {
+                        halt.store(true, Ordering::Relaxed);
+                        return Err(e); // drops `rx`: a send on the other side fails at once
+                    }
                     total += results.len() as u64;
                     done.fetch_add(results.len() as u64, Ordering::Relaxed);
-                    if !after_batch(&mut writer)? {
-                        keep.store(false, Ordering::Relaxed);
-                        break;
-                    }
                 }
                 Ok(total)
             });
@@ -328,8 +467,8 @@ impl Store {
                 if stop.load(Ordering::Relaxed) {
                     break Err(Error::Cancelled);
                 }
-                if !keep.load(Ordering::Relaxed) {
-                    break Ok(());
+                if halt.load(Ordering::Relaxed) {
+                    break Ok(()); // the writer's result says why
                 }
                 let batch = match self.pending_batch(dataset_id, after, PROBE_BATCH) {
                     Ok(b) => b,
@@ -339,14 +478,19 @@ impl Store {
                     break Ok(());
                 };
                 after = last.id;
-                if tx.send(probe_files(&batch)).is_err() {
+                let Some(probed) = probe_files(&batch, &[stop, halt]) else {
+                    continue; // stopped inside the batch: the checks above say why
+                };
+                if tx.send(probed).is_err() {
                     break Ok(()); // the writer stopped; its result says why
                 }
             };
+            // Close the channel before joining: the writer ends when it has drained it.
             drop(tx);
             let written = write
                 .join()
                 .unwrap_or_else(|_| Err(Error::InvalidArgument("probe writer panicked".into())));
+            // A store error outranks the cancel that followed it.
             let total = written?;
             read.map(|()| total)
         })
@@ -370,15 +514,23 @@ pub struct Probed {
 }
 
 /// Probe files on the I/O pool; a file that is not a readable image gets its reason.
-pub fn probe_files(batch: &[Pending]) -> Vec<Probed> {
+/// Returns `None` as soon as one of `stops` is set (a cold batch can take seconds: each file
+/// checks first).
+pub fn probe_files(batch: &[Pending], stops: &[&AtomicBool]) -> Option<Vec<Probed>> {
+    let stopped = || stops.iter().any(|s| s.load(Ordering::Relaxed));
     io_pool().install(|| {
         batch
             .par_iter()
             .with_min_len(16)
-            .map(|p| Probed {
-                id: p.id,
-                job_id: p.job_id,
-                result: header::probe_path(&p.path).map_err(|r| r.to_string()),
+            .map(|p| {
+                if stopped() {
+                    return None;
+                }
+                Some(Probed {
+                    id: p.id,
+                    job_id: p.job_id,
+                    result: header::probe_path(&p.path).map_err(|r| r.to_string()),
+                })
             })
             .collect()
     })
@@ -449,7 +601,7 @@ mod tests {
         assert_eq!((sum.added, sum.existing), (3, 0));
         assert_eq!(s.progress(d, None).unwrap().count(PENDING), 3);
         let done = AtomicU64::new(0);
-        assert_eq!(s.probe_pending(d, &stop, &done, |_| Ok(true)).unwrap(), 3);
+        assert_eq!(s.probe_pending(d, &stop, &done, None).unwrap(), 3);
         let p = s.progress(d, None).unwrap();
         assert_eq!(
             (p.count(INDEXED), p.count(FAILED), p.count(PENDING)),
@@ -461,5 +613,69 @@ mod tests {
         let sub = s.scan(d, &root.join("sub"), false, false, &stop).unwrap();
         assert_eq!((sub.added, sub.existing), (0, 1));
         assert_eq!(s.progress(d, None).unwrap().total(), 3);
+    }
+    #[test]
+    fn byte_names_round_trip_and_problems_once() {
+        use std::ffi::OsStr;
+        let t = tempfile::tempdir().unwrap();
+        let raw = |b: &[u8]| PathBuf::from(OsStr::from_bytes(b));
+        let root = t.path().join(raw(b"r\xe9"));
+        let long = [b"x".repeat(251), b".png".to_vec()].concat();
+        let names: [&[u8]; 4] = [b"caf\xe9.png", b"new\nline.png", &long, b"\xff/in.png"];
+        for n in names {
+            let p = root.join(raw(n));
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, png(7, 9)).unwrap();
+        }
+        std::os::unix::fs::symlink(root.join("gone"), root.join(raw(b"gone\xe9.jpg"))).unwrap();
+        let mut s = Store::open(t.path().join("s.db").to_str().unwrap()).unwrap();
+        let d = s.create_dataset("d").unwrap();
+        let stop = AtomicBool::new(false);
+        let abs = absolute_dir(&root).unwrap();
+        let sum = s.scan(d, &abs, false, false, &stop).unwrap();
+        assert_eq!((sum.found, sum.added, sum.existing), (5, 5, 0));
+        let done = AtomicU64::new(0);
+        assert_eq!(s.probe_pending(d, &stop, &done, None).unwrap(), 4);
+        let rows = s.samples(d, None, 0, i64::MAX, 0).unwrap();
+        let mut got: Vec<(Vec<u8>, &str, Option<i64>)> = rows
+            .iter()
+            .map(|r| {
+                assert_eq!(r.root, abs);
+                (
+                    r.path.as_os_str().as_bytes().to_vec(),
+                    r.status.as_str(),
+                    r.width,
+                )
+            })
+            .collect();
+        got.sort();
+        let mut want: Vec<(Vec<u8>, &str, Option<i64>)> = names
+            .iter()
+            .map(|n| (n.to_vec(), INDEXED, Some(7)))
+            .collect();
+        want.push((b"gone\xe9.jpg".to_vec(), FAILED, None));
+        want.sort();
+        assert_eq!(got, want);
+        let failed = rows.iter().find(|r| r.status == FAILED).unwrap();
+        assert_eq!(failed.error.as_deref(), Some("broken symbolic link"));
+        // again, and from a folder inside the root (a prefix that is not UTF-8 either)
+        let again = s.scan(d, &abs, false, false, &stop).unwrap();
+        assert_eq!((again.added, again.existing), (0, 5));
+        let sub = s
+            .scan(d, &abs.join(raw(b"\xff")), false, false, &stop)
+            .unwrap();
+        assert_eq!((sub.added, sub.existing), (0, 1));
+        let p = s.progress(d, None).unwrap();
+        assert_eq!((p.total(), p.count(FAILED)), (5, 1));
+        // the link fixed, an add takes the file: the same row, queued again
+        let link = root.join(raw(b"gone\xe9.jpg"));
+        std::fs::remove_file(&link).unwrap();
+        std::fs::write(&link, png(2, 3)).unwrap();
+        let fixed = s.scan(d, &abs, false, false, &stop).unwrap();
+        assert_eq!((fixed.added, fixed.existing), (0, 5));
+        assert_eq!(s.progress(d, None).unwrap().count(PENDING), 1);
+        assert_eq!(s.probe_pending(d, &stop, &done, None).unwrap(), 1);
+        let p = s.progress(d, None).unwrap();
+        assert_eq!((p.total(), p.count(INDEXED), p.count(FAILED)), (5, 5, 0));
     }
 }

@@ -1,9 +1,31 @@
-//! The store's tables and indexes, created on first open (see `Store::open`).
+//! The store's tables and indexes, created on first open (see `Store::open`), and the
+//! in-place migrations of older stores.
 
-/// Bumped whenever the schema changes; a store of another version is refused on open.
-pub const SCHEMA_VERSION: i64 = 1;
+/// Bumped whenever the schema changes. An older store is migrated in place on open (additive
+/// changes only, see `MIGRATIONS`); a newer one is refused.
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// Written into the SQLite header of every store (`PRAGMA application_id`), so a store is
+/// known as one by its first 100 bytes ("FIDX").
+pub const APPLICATION_ID: i32 = 0x4649_4458;
+
+/// Seconds an "adding" job stays alive without a heartbeat (see `Store::renew_jobs`).
+pub const JOB_TTL: f64 = 30.0;
+
+/// `(version it upgrades from, SQL)`, applied in order inside the opening transaction. Each
+/// step only adds (columns, tables, meta keys), so an older fastindex reading the migrated
+/// store is refused by the version check rather than misled.
+pub(crate) const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "ALTER TABLE jobs ADD COLUMN heartbeat REAL;
+     UPDATE jobs SET heartbeat = created_at WHERE running_owner IS NOT NULL;
+     INSERT OR IGNORE INTO meta (key, value)
+         SELECT 'last_dataset_id', CAST(COALESCE(MAX(id), 0) AS TEXT) FROM datasets;",
+)];
 
 pub(crate) const SCHEMA: &str = "
+-- `schema_version`; `last_dataset_id` (the highest dataset id ever given, so an id is never
+-- reused after a delete); `next_annotation_id`.
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS datasets (
     id INTEGER PRIMARY KEY,
@@ -26,8 +48,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     added INTEGER NOT NULL DEFAULT 0,
     existing INTEGER NOT NULL DEFAULT 0,
     warnings TEXT NOT NULL DEFAULT '[]',
-    -- `host:pid` of the process adding this job's rows; NULL once they are all committed.
-    running_owner TEXT
+    -- `host:pid:n` of the connection adding this job's rows; NULL once they are all committed.
+    running_owner TEXT,
+    -- When that owner last said it is still adding (seconds since the epoch): the job counts
+    -- as running only while this is younger than JOB_TTL.
+    heartbeat REAL
 );
 CREATE TABLE IF NOT EXISTS samples (
     id INTEGER PRIMARY KEY,

@@ -8,6 +8,7 @@ use rusqlite::params;
 
 use crate::db::{bump_moves, tally, Store, EMBEDDING, FAILED, INDEXED, READY};
 use crate::error::{Error, Result, StoreContext};
+use crate::leases::{hold_lease, not_held_by_another, release_all_claims, EMBED_PHASE};
 
 impl Store {
     /// The id of a model, registered on first use. A second model's embeddings live beside
@@ -85,15 +86,23 @@ impl Store {
     /// Move up to `limit` `indexed` rows with id above `after` to `embedding` and return
     /// `(id, absolute path)` in id order. Callers keep the last id as a cursor, so a claim
     /// never rescans the rows already done (pass 0 for a final sweep).
+    ///
+    /// With `owner`, the claim is made only while no other owner holds the dataset's `embed`
+    /// lease (checked, and renewed or taken if free, in the same transaction), else
+    /// `LeaseLost` and nothing changes.
     pub fn claim_for_embedding(
         &mut self,
         dataset_id: i64,
         limit: usize,
         after: i64,
+        owner: Option<&str>,
     ) -> Result<Vec<(i64, PathBuf)>> {
-        let roots = self.root_paths(dataset_id)?;
+        let roots = self.root_dirs(dataset_id)?;
         let path = self.path.clone();
         let tx = self.immediate()?;
+        if let Some(owner) = owner {
+            hold_lease(&tx, &path, dataset_id, EMBED_PHASE, owner)?;
+        }
         let mut out = Vec::new();
         let mut moves: HashMap<i64, i64> = HashMap::new();
         {
@@ -109,7 +118,7 @@ impl Store {
                 .query(params![dataset_id, limit as i64, after])
                 .store(&path)?;
             while let Some(r) = rows.next().store(&path)? {
-                let (id, job, root, rel): (i64, i64, i64, String) = (
+                let (id, job, root, rel): (i64, i64, i64, crate::paths::StoredPath) = (
                     r.get(0).store(&path)?,
                     r.get(1).store(&path)?,
                     r.get(2).store(&path)?,
@@ -118,7 +127,10 @@ impl Store {
                 *moves.entry(job).or_default() += 1;
                 out.push((
                     id,
-                    PathBuf::from(roots.get(&root).map_or("", String::as_str)).join(rel),
+                    roots
+                        .get(&root)
+                        .map_or_else(PathBuf::new, PathBuf::clone)
+                        .join(rel.0),
                 ));
             }
         }
@@ -130,6 +142,11 @@ impl Store {
 
     /// Store a batch: `vectors` holds `ids.len() * dim` float16 values (little-endian); each
     /// row goes `embedding` -> `ready`. `failed` rows go to `failed` with their reason.
+    ///
+    /// With `owner`, the batch is written only while no other owner holds the dataset's
+    /// `embed` lease (checked, and renewed or taken if free, in the same transaction), else
+    /// `LeaseLost` and nothing is written: the rows were given back when another process took
+    /// the lease over.
     pub fn finish_embeddings(
         &mut self,
         dataset_id: i64,
@@ -137,6 +154,7 @@ impl Store {
         ids: &[i64],
         vectors: &[u8],
         failed: &[(i64, String)],
+        owner: Option<&str>,
     ) -> Result<()> {
         let dim: i64 = self
             .conn
@@ -155,6 +173,9 @@ impl Store {
         }
         let path = self.path.clone();
         let tx = self.immediate()?;
+        if let Some(owner) = owner {
+            hold_lease(&tx, &path, dataset_id, EMBED_PHASE, owner)?;
+        }
         let mut ready: HashMap<i64, i64> = HashMap::new();
         let mut bad: HashMap<i64, i64> = HashMap::new();
         {
@@ -186,20 +207,27 @@ impl Store {
     }
 
     /// Put `embedding` rows back to `indexed` (after a crash or a cancel): all of the
-    /// dataset's, or only `ids`.
-    pub fn release_claims(&mut self, dataset_id: i64, ids: Option<&[i64]>) -> Result<u64> {
+    /// dataset's, or only `ids`. With `owner`, only unless another owner holds the `embed`
+    /// lease (`LeaseLost` otherwise): the claims out then are the new holder's, and the
+    /// old holder's were given back when it took over.
+    pub fn release_claims(
+        &mut self,
+        dataset_id: i64,
+        ids: Option<&[i64]>,
+        owner: Option<&str>,
+    ) -> Result<u64> {
         let path = self.path.clone();
         let tx = self.immediate()?;
+        if let Some(owner) = owner {
+            not_held_by_another(&tx, &path, dataset_id, EMBED_PHASE, owner)?;
+        }
         let mut moves: HashMap<i64, i64> = HashMap::new();
         {
             match ids {
                 None => {
-                    let mut st = tx
-                        .prepare_cached(
-                            "UPDATE samples SET status = 'indexed' WHERE dataset_id = ?1 AND status = 'embedding' RETURNING job_id",
-                        )
-                        .store(&path)?;
-                    tally(&mut st.query([dataset_id]).store(&path)?, &mut moves).store(&path)?;
+                    let n = release_all_claims(&tx, dataset_id).store(&path)?;
+                    tx.commit().store(&path)?;
+                    return Ok(n);
                 }
                 Some(ids) => {
                     let mut st = tx

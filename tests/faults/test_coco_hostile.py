@@ -462,7 +462,7 @@ def test_kill_9_during_an_ingest_then_a_rerun_gives_the_clean_store(
     ann, images = many
     # a smaller file over the same images: a trial takes a fraction of a second
     doc = json.loads(ann.read_text())
-    keep = {im["id"] for im in doc["images"][:4000]} | {doc["images"][-1]["id"]}
+    keep = {im["id"] for im in doc["images"][:8000]} | {doc["images"][-1]["id"]}
     doc["images"] = [im for im in doc["images"] if im["id"] in keep]
     doc["annotations"] = [a for a in doc["annotations"] if a["image_id"] in keep]
     small = tmp_path / "small.json"
@@ -496,17 +496,18 @@ def test_kill_9_during_an_ingest_then_a_rerun_gives_the_clean_store(
         )
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0, duration * 1.5))
+        time.sleep(rng.uniform(0.1, 1.2) * duration)
         proc.kill()
         proc.wait(timeout=30)
         proc.stdout.close()
         store = _core.Store(str(db))
         found = store.find_dataset("d")
         assert found is not None
-        partial += 0 < store.progress(found[0])["total"] < len(clean[0])
+        before = store_view(db, found[0])
+        partial += before != clean and before != ([], [])
         store.ingest_coco(found[0], str(small), str(images))
         assert store_view(db, found[0]) == clean, f"trial {trial}"
         counters_match_rows(db, found[0])
         assert store.progress(found[0])["status"] == "complete"
-    print(f"{partial} of {KILL_TRIALS} kills landed while rows were being written")
+    print(f"{partial} of {KILL_TRIALS} kills left some rows or boxes but not all")
     assert partial >= 2

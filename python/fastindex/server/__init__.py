@@ -3,18 +3,19 @@ polling) and a web page that fills as samples arrive. Needs `pip install 'fastin
 
 ```python
 from fastindex.server import start_server
-with start_server("fastindex.db", port=0) as server:
-    print(server.url)
+with start_server("fastindex.db", port=0, allowed_roots=["photos"]) as server:
+    print(server.url)  # `POST /api/datasets` may index folders under photos/ only
 ```
 """
 
 from __future__ import annotations
 
 from .app import create_app
-from .errors import NotFoundError, NotReadyError, status_of
+from .errors import ForbiddenError, NotFoundError, NotReadyError, status_of
 from .run import ServerHandle, run_server, start_server
 
 __all__ = [
+    "ForbiddenError",
     "NotFoundError",
     "NotReadyError",
     "ServerHandle",

@@ -5,22 +5,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Annotated, Any, Literal
-from urllib.parse import urlsplit
 
-from fastapi import FastAPI, Query, Request, Response, WebSocket
-from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
-from fastapi.staticfiles import StaticFiles
+from fastapi import FastAPI, Path, Query, Request, Response, WebSocket
+from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.websockets import WebSocketDisconnect
 
 from .. import __version__
-from .errors import NotFoundError, install_error_handlers
-from .media import ThumbnailCache, cache_key, content_type, etag, make_thumbnail
+from ..errors import FastIndexError
+from ..sample import Sample
+from .errors import JSONResponse, install_error_handlers, refuse_websocket, status_of
+from .guard import LocalOnly, SafeStaticFiles
+from .media import (
+    THUMB_WORKERS,
+    DecodeBudget,
+    OpenFileResponse,
+    ThumbnailCache,
+    cache_key,
+    content_type,
+    decode_cost,
+    etag,
+    open_image,
+    open_sample_file,
+    render_thumbnail,
+)
+from .roots import allowed_path, real_roots
 from .state import ServerState
 from .streams import ProgressHub
 
@@ -30,10 +43,14 @@ if TYPE_CHECKING:
 #: Host names the server answers to by default. Anything else is refused, so that a web page
 #: elsewhere cannot reach a server on 127.0.0.1 through DNS rebinding.
 LOCAL_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost", "::1", "[::1]")
-#: How many thumbnails are made at once (each takes a core while it decodes).
-THUMB_WORKERS = max(2, (os.cpu_count() or 2) // 2)
+#: The largest id or offset (SQLite integers are signed 64-bit); larger ones are a 422.
+MAX_INT = 2**63 - 1
 
 Status = Literal["pending", "indexed", "embedding", "ready", "failed"]
+#: An id in a URL path: a 64-bit non-negative integer, else 422 before any lookup.
+Id = Annotated[int, Path(ge=0, le=MAX_INT)]
+
+__all__ = ["LOCAL_HOSTS", "THUMB_WORKERS", "create_app"]
 
 
 class NewDataset(BaseModel):
@@ -63,6 +80,7 @@ def create_app(
     *,
     embed_model: EmbeddingModel | None = None,
     allowed_hosts: Sequence[str] | None = None,
+    allowed_roots: Iterable[str | os.PathLike[str]] | None = None,
     thumbnail_cache_bytes: int = 64 << 20,
 ) -> FastAPI:
     """The server of one store.
@@ -73,6 +91,9 @@ def create_app(
             (default: the library's default model).
         allowed_hosts: `Host` header values to answer (default: the loopback names);
             `["*"]` answers any.
+        allowed_roots: folders a `POST /api/datasets` may index (with everything below
+            them); its `images_path` and `annotations_json` must lie inside one, after
+            links and `..` are resolved. Default: none (every such `POST` is a 403).
         thumbnail_cache_bytes: memory kept for thumbnails.
 
     Raises:
@@ -82,11 +103,13 @@ def create_app(
     hub = ProgressHub(state.progress)  # reads on the event loop, as `GET /api/progress` does
     thumbs = ThumbnailCache(thumbnail_cache_bytes)
     hosts = list(allowed_hosts) if allowed_hosts is not None else list(LOCAL_HOSTS)
-    thumb_slots: list[asyncio.Semaphore] = []
+    roots = real_roots(allowed_roots)
+    budget: list[DecodeBudget] = []  # made on the server's event loop
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        thumb_slots.append(asyncio.Semaphore(THUMB_WORKERS))
+        budget[:] = [DecodeBudget()]
+        app.state.decode_budget = budget[0]
         state.store()  # open the event loop thread's connection now, not on a first request
         yield
         hub.close()
@@ -96,18 +119,14 @@ def create_app(
         version=__version__,
         summary="Browse, watch and search image datasets as they are indexed.",
         lifespan=lifespan,
+        default_response_class=JSONResponse,
     )
     app.state.fastindex = state
     app.state.hub = hub
     app.state.thumbnails = thumbs
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
+    app.state.allowed_roots = roots
+    app.add_middleware(LocalOnly, allowed_hosts=hosts)
     install_error_handlers(app)
-
-    def origin_allowed(origin: str | None) -> bool:
-        if origin is None or "*" in hosts:
-            return True
-        host = urlsplit(origin).hostname
-        return host is not None and (host in hosts or f"[{host}]" in hosts)
 
     # -- datasets ---------------------------------------------------------------------------
     @app.post("/api/datasets", status_code=202, response_model=Started, tags=["datasets"])
@@ -115,12 +134,19 @@ def create_app(
         """Start indexing a folder (or a COCO file's images) into a dataset; answers at once.
 
         Phase 1 runs in the background; watch `/api/progress/{dataset_id}`. A dataset name that
-        exists gets the files it does not have yet.
+        exists gets the files it does not have yet. Both paths must lie inside a folder the
+        server was told to allow (`--allow-root`), else 403.
         """
+        images_path = allowed_path("images_path", body.images_path, roots)
+        annotations_json = (
+            allowed_path("annotations_json", body.annotations_json, roots)
+            if body.annotations_json is not None
+            else None
+        )
         task = state.start_indexing(
             name=body.name,
-            images_path=body.images_path,
-            annotations_json=body.annotations_json,
+            images_path=images_path,
+            annotations_json=annotations_json,
             embed=body.embed,
         )
         return {"dataset_id": task.dataset_id, "task_group_id": task.id}
@@ -131,17 +157,17 @@ def create_app(
         return state.datasets()
 
     @app.get("/api/datasets/{dataset_id}", tags=["datasets"])
-    def get_dataset(dataset_id: int) -> dict[str, Any]:
+    def get_dataset(dataset_id: Id) -> dict[str, Any]:
         return state.dataset_info(dataset_id)
 
     @app.get("/api/tasks/{task_group_id}", tags=["datasets"])
-    def get_task(task_group_id: int) -> dict[str, Any]:
+    def get_task(task_group_id: Id) -> dict[str, Any]:
         """What one `POST /api/datasets` started: phase 1's summary and its rows' progress."""
         return state.task(task_group_id)
 
     # -- progress ---------------------------------------------------------------------------
     @app.get("/api/progress/{dataset_id}", tags=["progress"])
-    async def get_progress(dataset_id: int) -> dict[str, Any]:
+    async def get_progress(dataset_id: Id) -> dict[str, Any]:
         """Counts by status: `{dataset_id, total, pending, indexed, embedding, ready, failed,
         status: in_progress | complete, error}`. O(1) in the number of samples."""
         # Read on the event loop itself: a few indexed point reads on this thread's own
@@ -150,16 +176,18 @@ def create_app(
         return state.progress(dataset_id)
 
     @app.websocket("/ws/progress/{dataset_id}")
-    async def ws_progress(ws: WebSocket, dataset_id: int) -> None:
+    async def ws_progress(ws: WebSocket, dataset_id: Id) -> None:
         """The progress object on every change (at most ~10 a second, at least every second
         while work runs); the last message says `complete`, then the socket closes."""
-        if not origin_allowed(ws.headers.get("origin")):
-            await ws.close(code=1008, reason="origin not allowed")
-            return
+        # (`LocalOnly` has refused foreign hosts and origins already.)
         try:
             await run_in_threadpool(state.require_dataset, dataset_id)
-        except LookupError as e:
-            await ws.close(code=4404, reason=str(e)[:120])
+        except Exception as e:  # no such dataset (404), or the store failed (500)
+            code = status_of(e) if isinstance(e, FastIndexError) else 500
+            close = 4404 if code == 404 else 1011
+            await refuse_websocket(
+                ws.scope, ws.receive, ws.send, code, type(e).__name__, str(e), close_code=close
+            )
             return
         await ws.accept()
         try:
@@ -171,7 +199,7 @@ def create_app(
             pass  # the watcher left
 
     @app.get("/sse/progress/{dataset_id}", tags=["progress"])
-    async def sse_progress(dataset_id: int) -> StreamingResponse:
+    async def sse_progress(dataset_id: Id) -> StreamingResponse:
         """The same messages as the WebSocket, as Server-Sent Events (`data: {...}`)."""
         await run_in_threadpool(state.require_dataset, dataset_id)
 
@@ -190,16 +218,16 @@ def create_app(
     # -- samples ----------------------------------------------------------------------------
     @app.get("/api/datasets/{dataset_id}/samples", tags=["samples"])
     def list_samples(
-        dataset_id: int,
+        dataset_id: Id,
         status: Status | None = None,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> dict[str, Any]:
         """A page of samples in id order (optionally of one status), each with its boxes."""
         return state.samples(dataset_id, status=status, offset=offset, limit=limit)
 
     @app.get("/api/samples/{sample_id}", tags=["samples"])
-    def get_sample(sample_id: int) -> dict[str, Any]:
+    def get_sample(sample_id: Id) -> dict[str, Any]:
         """One sample with its annotations (boxes in the frame the COCO file declared)."""
         return state.sample(sample_id)
 
@@ -209,48 +237,92 @@ def create_app(
         response_class=Response,
         responses={200: {"content": {"image/jpeg": {}}}},
     )
-    async def get_thumbnail(sample_id: int, request: Request) -> Response:
-        """A small JPEG of an indexed sample, upright, made on first request and cached."""
+    async def get_thumbnail(sample_id: Id, request: Request) -> Response:
+        """A small JPEG of an indexed sample, upright, made on first request and cached.
+
+        Decoded at reduced size, a bounded number at a time; an image with more pixels to
+        decode than `MAX_THUMB_PIXELS` is a 422 (its original is still served)."""
         sample = await run_in_threadpool(state.indexed_sample, sample_id)
         tag = etag(sample)
         headers = {"ETag": tag, "Cache-Control": "private, max-age=86400"}
         if request.headers.get("if-none-match") == tag:
             return Response(status_code=304, headers=headers)
-        key = cache_key(sample)
-        data = thumbs.get(key)
-        if data is None:
-            if not os.path.isfile(sample.abs_path):
-                raise NotFoundError(f"sample {sample_id}: {sample.path} is no longer on disk")
-            async with thumb_slots[0]:
-                data = await run_in_threadpool(make_thumbnail, sample.abs_path)
-            thumbs.put(key, data)
+        data = await _shared_thumbnail(sample)
         headers["X-Content-Type-Options"] = "nosniff"
         return Response(data, media_type="image/jpeg", headers=headers)
 
     @app.get(
         "/api/samples/{sample_id}/image",
         tags=["samples"],
-        response_class=FileResponse,
+        response_class=Response,
         responses={200: {"content": {"image/*": {}}}},
     )
-    async def get_image(sample_id: int) -> FileResponse:
-        """The original file of an indexed sample, with its content type."""
+    async def get_image(sample_id: Id) -> Response:
+        """The original file of an indexed sample, with its content type. 403 if its path
+        now leads outside its dataset's folder (a link swapped in after indexing)."""
         sample = await run_in_threadpool(state.indexed_sample, sample_id)
-        path = sample.abs_path
-        if not await run_in_threadpool(os.path.isfile, path):
-            raise NotFoundError(f"sample {sample_id}: {sample.path} is no longer on disk")
-        return FileResponse(
-            path,
-            media_type=content_type(sample),
-            filename=sample.file_name,
-            content_disposition_type="inline",
-            headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=3600"},
-        )
+        f = await run_in_threadpool(open_sample_file, sample)
+        try:
+            return OpenFileResponse(
+                f,
+                media_type=content_type(sample),
+                filename=sample.file_name,
+                headers={
+                    "X-Content-Type-Options": "nosniff",
+                    "Cache-Control": "private, max-age=3600",
+                },
+            )
+        except BaseException:
+            f.close()
+            raise
+
+    # Thumbnails being made: requests for the same one wait for it rather than decode it again.
+    making: dict[tuple[int, int | None, int | None], asyncio.Future[bytes]] = {}
+
+    async def _shared_thumbnail(sample: Sample) -> bytes:
+        key = cache_key(sample)
+        while True:
+            data = thumbs.get(key)
+            if data is not None:
+                return data
+            fut = making.get(key)
+            if fut is None:
+                break
+            await asyncio.wait([fut])  # never raises: a maker that gave up leaves it cancelled
+            if not fut.cancelled():
+                return fut.result()  # its thumbnail, or its ImageError
+        fut = making[key] = asyncio.get_running_loop().create_future()
+        try:
+            data = await _thumbnail(sample)
+            thumbs.put(key, data)
+            fut.set_result(data)
+            return data
+        except FastIndexError as e:  # the same answer for whoever waits
+            fut.set_exception(e)
+            fut.exception()  # retrieved: not logged when nobody else waited
+            raise
+        finally:
+            if not fut.done():
+                fut.cancel()  # the maker was cancelled: a waiter makes it instead
+            del making[key]
+
+    async def _thumbnail(sample: Sample) -> bytes:
+        f = await run_in_threadpool(open_sample_file, sample)
+        try:
+            name = f"sample {sample.id}: {sample.path}"
+            img = await run_in_threadpool(open_image, f, name=name)
+            try:
+                async with budget[0].hold(decode_cost(img)):
+                    return await run_in_threadpool(render_thumbnail, img, name=name)
+            finally:
+                img.close()
+        finally:
+            f.close()
 
     # -- search -----------------------------------------------------------------------------
     @app.get("/api/datasets/{dataset_id}/search", tags=["search"])
     def search(
-        dataset_id: int,
+        dataset_id: Id,
         q: Annotated[str, Query(min_length=1, max_length=1000)],
         k: Annotated[int, Query(ge=1, le=500)] = 48,
     ) -> dict[str, Any]:
@@ -260,7 +332,7 @@ def create_app(
 
     @app.get("/api/datasets/{dataset_id}/similar/{sample_id}", tags=["search"])
     def similar(
-        dataset_id: int, sample_id: int, k: Annotated[int, Query(ge=1, le=500)] = 48
+        dataset_id: Id, sample_id: Id, k: Annotated[int, Query(ge=1, le=500)] = 48
     ) -> dict[str, Any]:
         """The `k` samples most like `sample_id`, itself first (409 until it is embedded)."""
         items = state.similar(dataset_id, sample_id, k=k)
@@ -274,5 +346,5 @@ def create_app(
         with open(os.path.join(static, "index.html"), encoding="utf-8") as f:
             return HTMLResponse(f.read(), headers={"Cache-Control": "no-cache"})
 
-    app.mount("/static", StaticFiles(directory=static), name="static")
+    app.mount("/static", SafeStaticFiles(directory=static), name="static")
     return app

@@ -10,9 +10,19 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from ..errors import InvalidArgumentError
 from .app import LOCAL_HOSTS, create_app
+from .connections import (
+    BACKLOG,
+    KEEP_ALIVE_TIMEOUT,
+    MAX_CONNECTIONS,
+    REQUEST_TIMEOUT,
+    WRITE_TIMEOUT,
+    connection_cap,
+    guarded_protocol,
+)
 
 if TYPE_CHECKING:
     import os
@@ -33,7 +43,7 @@ def _bind(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host.strip("[]"), port))
-        sock.listen(2048)
+        sock.listen(BACKLOG)
         sock.set_inheritable(True)
     except OSError as e:
         sock.close()
@@ -68,13 +78,31 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets=sockets)
 
 
-def _config(app: FastAPI, log_level: str) -> uvicorn.Config:
+def _config(
+    app: FastAPI,
+    log_level: str,
+    *,
+    request_timeout: float,
+    write_timeout: float,
+    max_connections: int,
+) -> uvicorn.Config:
+    protocol = guarded_protocol(
+        AutoHTTPProtocol,
+        request_timeout=request_timeout,
+        write_timeout=write_timeout,
+        max_connections=connection_cap(max_connections),
+    )
     return uvicorn.Config(
         app,
+        http=protocol,
         log_level=log_level,
         access_log=False,
         timeout_graceful_shutdown=2,
+        timeout_keep_alive=KEEP_ALIVE_TIMEOUT,
+        backlog=BACKLOG,
+        # A WebSocket whose peer vanished without closing is found by its unanswered ping.
         ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
     )
 
 
@@ -84,16 +112,35 @@ def run_server(
     host: str = "127.0.0.1",
     port: int = 8000,
     log_level: str = "info",
+    request_timeout: float = REQUEST_TIMEOUT,
+    write_timeout: float = WRITE_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
     **app_options: Any,
 ) -> None:
     """Serve a store's datasets and the web page until Ctrl-C. Blocks.
 
-    Binds to 127.0.0.1 unless told otherwise; `app_options` go to `create_app`.
+    Binds to 127.0.0.1 unless told otherwise; `app_options` go to `create_app` (among them
+    `allowed_roots`, the folders a `POST /api/datasets` may index). A request must arrive
+    whole within `request_timeout` seconds, a client that leaves an answer unread for
+    `write_timeout` seconds is dropped, and at most `max_connections` are open at once (see
+    `fastindex.server.connections`).
     """
     app = create_app(db, allowed_hosts=_allowed_hosts(host), **app_options)
     sock = _bind(host, port)
     print(f"fastindex serving {db} at {_url(sock)}", flush=True)
-    server = _Server(app, _config(app, log_level))
+    roots = app.state.allowed_roots
+    if roots:
+        print(f"the page may index folders under: {', '.join(roots)}", flush=True)
+    else:
+        print("the page may not index folders (allow some with --allow-root DIR)", flush=True)
+    config = _config(
+        app,
+        log_level,
+        request_timeout=request_timeout,
+        write_timeout=write_timeout,
+        max_connections=max_connections,
+    )
+    server = _Server(app, config)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the signal once it has shut down
@@ -159,14 +206,25 @@ def start_server(
     host: str = "127.0.0.1",
     port: int = 8000,
     log_level: str = "warning",
+    request_timeout: float = REQUEST_TIMEOUT,
+    write_timeout: float = WRITE_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
     **app_options: Any,
 ) -> ServerHandle:
     """Start serving in a background thread and return once it listens.
 
-    Port 0 takes a free port (see `.url`). Stop it with `.stop()` or a `with` block.
+    Port 0 takes a free port (see `.url`). Stop it with `.stop()` or a `with` block. The
+    options are those of `run_server`.
     """
     app = create_app(db, allowed_hosts=_allowed_hosts(host), **app_options)
     sock = _bind(host, port)
-    handle = ServerHandle(app, _Server(app, _config(app, log_level)), sock)
+    config = _config(
+        app,
+        log_level,
+        request_timeout=request_timeout,
+        write_timeout=write_timeout,
+        max_connections=max_connections,
+    )
+    handle = ServerHandle(app, _Server(app, config), sock)
     handle._start(timeout=30.0)
     return handle
