@@ -101,9 +101,13 @@ class Store:
     ) -> dict[str, Any]:
         """Parse, check and ingest a COCO file; headers are read in the same pass. Returns
         `{"job_id", "images", "added", "existing", "annotations", "categories", "missing",
-        "annotations_skipped"}` (boxes of missing images, not stored).
-        Raises `CocoError` before writing anything when the file is malformed. Interruptible
-        like `scan` (Ctrl-C raises `KeyboardInterrupt`)."""
+        "rejected", "annotations_skipped"}`: `rejected` is `[(file_name, reason)]` of the
+        names that lead out of `images_root` (boxes of missing and rejected images are not
+        stored). Raises `CocoError` before writing anything when the file is malformed, not
+        a regular file, or above the size limit (4 GiB, or `FASTINDEX_MAX_COCO_BYTES`).
+        Writes in short transactions; on a store error or `stop` (`CancelledError`) the rows
+        committed stay and a rerun of the same file finishes the work. Interruptible like
+        `scan` (Ctrl-C raises `KeyboardInterrupt`)."""
 
     def probe_pending(
         self,

@@ -168,12 +168,25 @@ class Dataset:
     ) -> Job:
         """Add the images a COCO detection file lists, with their boxes and categories.
 
-        The file is parsed and checked in full before anything is written. Images listed but
-        missing on disk are reported in `job.summary["missing"]`. Blocks until the rows are
-        committed; the headers are read in the background.
+        The file is parsed and checked in full before anything is written. It must be a
+        regular file of at most 4 GiB (the environment variable `FASTINDEX_MAX_COCO_BYTES`
+        sets another limit, in bytes); it is held in memory while it is ingested.
+
+        Each `file_name` is taken relative to `images_path`: `./a.png` and `a.png` are one
+        sample, and a name that leads out of the folder (absolute, through `..`, or through a
+        symlink whose target is outside) is never opened nor indexed. Such entries are listed
+        with the reason in `job.summary["rejected"]` as `(file_name, reason)`, images missing
+        on disk in `job.summary["missing"]`; both are kept in the job's warnings, and their
+        boxes are counted in `job.summary["annotations_skipped"]`.
+
+        Blocks until the rows are committed, written in short transactions so that other
+        datasets of the store keep writing meanwhile; the headers are read in the same pass.
+        If the call fails or is cancelled part way, the rows already committed stay, and
+        adding the same file again finishes the work (nothing is added twice).
 
         Raises:
-            CocoError: the file is malformed (with the reason and where).
+            CocoError: the file is malformed (with the reason and where), is not a regular
+                file, or is larger than the limit.
             PathNotFoundError: the file or the folder does not exist.
         """
         ann = _check_path_arg("annotations_json", annotations_json)

@@ -424,6 +424,7 @@ impl Store {
         d.set_item("annotations", s.annotations)?;
         d.set_item("categories", s.categories)?;
         d.set_item("missing", PyList::new(py, s.missing)?)?;
+        d.set_item("rejected", PyList::new(py, s.rejected)?)?;
         d.set_item("annotations_skipped", s.annotations_skipped)?;
         Ok(d)
     }
