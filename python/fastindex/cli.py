@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Sequence
@@ -82,21 +83,60 @@ def _embed_arg(args: argparse.Namespace) -> Any:
     return EmbeddingModel(**kw)
 
 
+def safe_text(s: object) -> str:
+    """`s` as printable text: file names that are not valid UTF-8 reach Python as lone
+    surrogates (os.fsdecode), which no terminal encoding takes; they print as `\\xNN`."""
+    text = str(s)
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _m(s: object) -> str:
+    """User text (a path, a reason) for a rich markup string: safe and escaped."""
+    from rich.markup import escape
+
+    return escape(safe_text(s))
+
+
+def _not_utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _unfinished(p: dict[str, Any], embeds: bool) -> int:
+    """Rows still owed a phase: pending, claimed for phase 3, or waiting for it."""
+    return int(p["pending"] + p["embedding"] + (p["indexed"] if embeds else 0))
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     import os
 
     from rich.console import Console
 
     from .dataset import Dataset
+    from .errors import DatasetExistsError, DatasetNotFoundError, InvalidArgumentError
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, highlight=False)
+    if args.name is not None and _not_utf8(args.name):
+        raise InvalidArgumentError(f"--name {safe_text(args.name)!r} is not valid UTF-8")
     name = args.name or os.path.basename(os.path.abspath(args.path)) or "dataset"
+    # A folder whose name is not valid UTF-8 names its dataset as well as it can.
+    name = safe_text(name)
     embed = _embed_arg(args)
     server = None
-    from .dataset import list_datasets
-
-    existed = any(d["name"] == name for d in list_datasets(db=args.db))
-    ds = Dataset.load_or_create(name, db=args.db)
+    try:
+        ds = Dataset.load(name, db=args.db, resume=False)
+        existed = True
+    except DatasetNotFoundError:
+        try:
+            ds, existed = Dataset.create(name, db=args.db), False
+        except DatasetExistsError:  # another process created it just now
+            ds, existed = Dataset.load(name, db=args.db, resume=False), True
+    # What an earlier run left unfinished (a crash, Ctrl-C): this run finishes it too.
+    resumed = _unfinished(ds.get_loading_progress(), ds.has_embedding_model()) if existed else 0
+    ds.resume()
     if args.serve:
         from .server import start_server
 
@@ -132,18 +172,10 @@ def cmd_index(args: argparse.Namespace) -> int:
         console.print("[yellow]interrupted: the store keeps every row; run again to resume[/]")
         return 130
     scan_s = time.perf_counter() - t0
-    wants_embed = ds.embedding_model() is not None
-    try:
-        if args.quiet:
-            job.wait()
-        else:
-            _watch(console, job, scan_s, wants_embed)
-    except KeyboardInterrupt:
-        ds.cancel()
-        console.print("[yellow]interrupted: the store keeps every row; run again to resume[/]")
-        return 130
+    p = _settle(console, ds, job, scan_s, quiet=args.quiet)
     elapsed = time.perf_counter() - t0
-    _summary(console, ds, job, elapsed, scan_s)
+    _summary(console, ds, job, p, elapsed, scan_s, resumed)
+    ok = p["status"] == "complete" and not p.get("error")
     if server is not None:
         console.print(f"still serving {server.url} (Ctrl-C to stop)")
         try:
@@ -151,10 +183,42 @@ def cmd_index(args: argparse.Namespace) -> int:
                 time.sleep(3600)
         except KeyboardInterrupt:
             server.stop()
-    return 0 if not job.progress().get("error") else 1
+    return 0 if ok else 1
 
 
-def _watch(console: Any, job: Any, scan_s: float, wants_embed: bool) -> None:
+def _settle(console: Any, ds: Any, job: Any, scan_s: float, *, quiet: bool) -> dict[str, Any]:
+    """Wait until the whole dataset is complete (rows an earlier run left included), or a
+    phase stopped on an error; then return its progress. Sleeps between readings (woken by
+    each committed batch), so a stopped phase ends the wait within a fraction of a second."""
+    pipeline = ds._pipeline
+
+    def stopped(p: dict[str, Any]) -> bool:
+        # An error of a phase that no longer runs here: nothing more will happen in this
+        # run. (An error left by an earlier run is cleared when its phase starts again.)
+        return any(not pipeline.is_running(phase) for phase in p["errors"])
+
+    def loop(tick: Any) -> dict[str, Any]:
+        while True:
+            p: dict[str, Any] = ds.get_loading_progress()
+            tick(p)
+            if p["status"] == "complete" or stopped(p):
+                break
+            pipeline.wait_change(0.1)
+        if p["status"] == "complete":
+            # The runs end once nothing is left; their last step clears a stale error.
+            pipeline.wait_idle(2.0)
+        else:
+            pipeline.cancel(0.5)
+        p = ds.get_loading_progress()
+        tick(p)
+        return p
+
+    if quiet:
+        return loop(lambda p: None)
+    return _watch(console, ds, job, scan_s, loop)
+
+
+def _watch(console: Any, ds: Any, job: Any, scan_s: float, loop: Any) -> dict[str, Any]:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -176,14 +240,15 @@ def _watch(console: Any, job: Any, scan_s: float, wants_embed: bool) -> None:
     )
     summary = job.summary
     found = int(summary.get("found", summary.get("images", 0)))
+    wants_embed = ds.has_embedding_model()
     with Progress(*cols, console=console, transient=False) as bar:
         scan = bar.add_task("1 scan", total=max(found, 1), rate=f"{scan_s * 1000:.0f} ms")
         bar.update(scan, completed=max(found, 1))
         probe = bar.add_task("2 probe", total=None, rate="")
         embed = bar.add_task("3 embed", total=None, rate="", visible=wants_embed)
         start = time.perf_counter()
-        while True:
-            p = job.progress()
+
+        def tick(p: dict[str, Any]) -> None:
             total = p["total"]
             probed = total - p["pending"]
             embedded = p["ready"]
@@ -194,34 +259,44 @@ def _watch(console: Any, job: Any, scan_s: float, wants_embed: bool) -> None:
                 bar.update(
                     embed, total=max(todo, 1), completed=embedded, rate=f"{embedded / t:,.0f}/s"
                 )
-            if p["status"] == "complete" or job.wait(timeout=0.1):
-                p = job.progress()
-                bar.update(probe, total=p["total"], completed=p["total"] - p["pending"])
-                if wants_embed:
-                    bar.update(embed, completed=p["ready"])
-                break
+
+        result: dict[str, Any] = loop(tick)
+        return result
 
 
-def _summary(console: Any, ds: Any, job: Any, elapsed: float, scan_s: float) -> None:
-    p = job.progress()
+def _summary(
+    console: Any,
+    ds: Any,
+    job: Any,
+    p: dict[str, Any],
+    elapsed: float,
+    scan_s: float,
+    resumed: int,
+) -> None:
+    """What this run did, with the dataset's counts (rows an earlier run left included)."""
     s = job.summary
+    earlier = f"; finished {resumed:,} rows left by an earlier run" if resumed else ""
     console.print(
-        f"[bold]{ds.name}[/]: {s.get('added', 0):,} added, {s.get('existing', 0):,} already there; "
+        f"[bold]{_m(ds.name)}[/]: {s.get('added', 0):,} added, "
+        f"{s.get('existing', 0):,} already there{earlier}; "
         f"indexed {p['indexed'] + p['embedding'] + p['ready']:,}, ready {p['ready']:,}, "
         f"failed {p['failed']:,} in {elapsed:.2f} s (scan {scan_s * 1000:.0f} ms)"
     )
+    left = _unfinished(p, ds.has_embedding_model()) if p["status"] != "complete" else 0
+    if left:
+        console.print(f"  [yellow]{left:,} rows not finished[/]: run again to resume")
     for w in s.get("errors", [])[:10]:
-        console.print(f"  [yellow]skipped[/] {w}")
+        console.print(f"  [yellow]skipped[/] {_m(w)}")
     missing = s.get("missing", [])
     if missing:
         console.print(
-            f"  [yellow]{len(missing):,} COCO images not found on disk[/], e.g. {missing[0]}"
+            f"  [yellow]{len(missing):,} COCO images not found on disk[/], e.g. {_m(missing[0])}"
         )
     if p["failed"]:
         for smp in ds.samples(status="failed", limit=5):
-            console.print(f"  [red]failed[/] {smp.path}: {smp.error}")
+            console.print(f"  [red]failed[/] {_m(smp.path)}: {_m(smp.error)}")
     if p.get("error"):
-        console.print(f"[red]stopped:[/] {p['error']}")
+        console.print(f"[red]stopped:[/] {_m(p['error'])}")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -237,9 +312,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "index":
             return cmd_index(args)
         return cmd_serve(args)
+    except KeyboardInterrupt:
+        _interrupted()
     except FastIndexError as e:
-        print(f"fastindex: {e}", file=sys.stderr)
+        print(f"fastindex: {safe_text(e)}", file=sys.stderr)
         return 2
+    except UnicodeEncodeError as e:
+        # A path that is not valid UTF-8 where the store cannot take one.
+        what = safe_text(e.object[e.start : e.end] if isinstance(e.object, str) else e.object)
+        print(f"fastindex: a path or name is not valid UTF-8 (near {what!r})", file=sys.stderr)
+        return 2
+    return 0  # pragma: no cover - _interrupted does not return
+
+
+def _interrupted() -> None:
+    """Ctrl-C: stop the background work, and leave within half a second.
+
+    The workers get a short time to stop; one stuck in a long step (a forward pass on the
+    CPU, a store call) would otherwise hold the exit. The process then ends with `os._exit`,
+    after flushing: Python's finalisation must not run while a worker is still inside the
+    store (it would tear down objects that thread uses), and nothing needs it. The store is
+    safe: SQLite commits atomically (a transaction in flight is rolled back when the store is
+    next opened), a lease of this dead process is taken over at once on this host, and rows
+    it had claimed for phase 3 go back to `indexed` when the next run takes the embed lease.
+    """
+    import os
+
+    from .jobs import stop_all
+
+    stop_all(0.3)
+    print("fastindex: interrupted: the store keeps every row; run again to resume", file=sys.stderr)
+    for f in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            f.flush()
+    os._exit(130)
 
 
 if __name__ == "__main__":

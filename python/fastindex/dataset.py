@@ -229,9 +229,7 @@ class Dataset:
         summary = self._store.ingest_coco(self.id, ann, images)
         return self._started(summary, model)
 
-    def _started(
-        self, summary: dict[str, Any], model: EmbeddingModel | ModelSpec | None
-    ) -> Job:
+    def _started(self, summary: dict[str, Any], model: EmbeddingModel | ModelSpec | None) -> Job:
         if isinstance(model, ModelSpec):
             self._set_default_model(model)
         elif model is not None:
