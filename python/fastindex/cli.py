@@ -118,7 +118,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     from .dataset import Dataset
     from .errors import DatasetExistsError, DatasetNotFoundError, InvalidArgumentError
 
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     if args.name is not None and _not_utf8(args.name):
         raise InvalidArgumentError(f"--name {safe_text(args.name)!r} is not valid UTF-8")
     name = args.name or os.path.basename(os.path.abspath(args.path)) or "dataset"
@@ -275,14 +275,18 @@ def _summary(
 ) -> None:
     """What this run did, with the dataset's counts (rows an earlier run left included)."""
     s = job.summary
-    earlier = f"; finished {resumed:,} rows left by an earlier run" if resumed else ""
+    done = p["status"] == "complete"
+    earlier = ""
+    if resumed:
+        verb = "finished" if done else "resumed"
+        earlier = f"; {verb} {resumed:,} rows left by an earlier run"
     console.print(
         f"[bold]{_m(ds.name)}[/]: {s.get('added', 0):,} added, "
         f"{s.get('existing', 0):,} already there{earlier}; "
         f"indexed {p['indexed'] + p['embedding'] + p['ready']:,}, ready {p['ready']:,}, "
         f"failed {p['failed']:,} in {elapsed:.2f} s (scan {scan_s * 1000:.0f} ms)"
     )
-    left = _unfinished(p, ds.has_embedding_model()) if p["status"] != "complete" else 0
+    left = 0 if done else _unfinished(p, ds.has_embedding_model())
     if left:
         console.print(f"  [yellow]{left:,} rows not finished[/]: run again to resume")
     for w in s.get("errors", [])[:10]:
