@@ -24,7 +24,7 @@ from typing import Any
 
 import fastindex
 import pytest
-from fastindex import _core, testing
+from fastindex import _core
 from PIL import Image
 
 CLI = [sys.executable, "-m", "fastindex.cli"]
@@ -331,7 +331,7 @@ def test_ctrl_c_during_phase_2_exits_130_and_the_next_run_finishes(tmp_path: Pat
         env=env,
     )
     deadline = time.monotonic() + HANG
-    while not db.exists() or _pending_or_none(db) in (None, 0) and cli.poll() is None:
+    while cli.poll() is None and _pending_or_none(db) is None:  # until phase 1 is committed
         assert time.monotonic() < deadline
         time.sleep(0.005)
     cli.send_signal(signal.SIGINT)
@@ -344,6 +344,33 @@ def test_ctrl_c_during_phase_2_exits_130_and_the_next_run_finishes(tmp_path: Pat
     assert again.returncode == 0, again.stderr
     p = counts(db, "photos")
     assert p["status"] == "complete" and p["indexed"] == 20_000
+
+
+def test_ctrl_c_while_the_embed_thread_is_busy_exits_130_at_once(tmp_path: Path) -> None:
+    """The default model is imported and loaded in the embed thread (seconds, and not
+    interruptible): Ctrl-C then still ends the CLI at once with 130, and a rerun without
+    embeddings finishes."""
+    folder = make_tree(tmp_path / "photos", 50)
+    db = tmp_path / "s.db"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cli = subprocess.Popen(
+        [*CLI, "index", str(folder), "--db", str(db), "--quiet"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    deadline = time.monotonic() + HANG
+    while cli.poll() is None and _pending_or_none(db) != 0:  # phase 2 done, embed starting
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    cli.send_signal(signal.SIGINT)
+    _, err = cli.communicate(timeout=5)
+    if cli.returncode == 1 and "embed" in err:
+        pytest.skip("the embed thread failed before the signal (no torch import to wait on)")
+    assert cli.returncode == 130, err
+    assert "Traceback" not in err
+    p = counts(db, "photos")
+    assert p["embedding"] == 0 and p["indexed"] == 50
 
 
 def _pending_or_none(db: Path) -> int | None:
