@@ -1,6 +1,6 @@
 """The default path (embeddings on) against the fast path (embeddings off).
 
-    python benches/bench_default_path.py [--files 10000] [--repeat 3]
+    python benches/bench_default_path.py [--files 10000] [--repeat 5]
 
 Two measurements, each in a fresh subprocess on a fresh store, best of `--repeat`:
 
@@ -111,7 +111,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--files", type=int, default=10_000, help="mixed JPEG/PNG files")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per row (best is kept)")
+    ap.add_argument("--repeat", type=int, default=5, help="runs per row (best is kept)")
     a = ap.parse_args()
 
     folder = datagen.data_root() / f"mixed_{a.files}"

@@ -136,42 +136,41 @@ def cmd_index(args: argparse.Namespace) -> int:
             ds, existed = Dataset.load(name, db=args.db, resume=False), True
     # What an earlier run left unfinished (a crash, Ctrl-C): this run finishes it too.
     resumed = _unfinished(ds.get_loading_progress(), ds.has_embedding_model()) if existed else 0
-    ds.resume()
-    if args.serve:
-        from .server import start_server
-
-        server = start_server(
-            args.db,
-            host=args.host,
-            port=args.port,
-            allowed_roots=[args.path, *args.allow_root],
-        )
-        console.print(f"[bold]fastindex[/] serving [link={server.url}]{server.url}[/link]")
+    # The server (fastapi, uvicorn: half a second of imports) starts beside phase 1, which
+    # runs in Rust with the GIL released, so the first samples are served sooner. Phase 3 is
+    # started once it listens: building the model imports torch (seconds of work holding the
+    # GIL), which would slow the server's start down.
+    starting = _ServerStart(args, console) if args.serve else None
+    if starting is None:
+        ds.resume()
     t0 = time.perf_counter()
     try:
+        now_embed = False if starting is not None else embed
         if args.coco:
             job = ds.add_samples_from_coco(
-                annotations_json=args.coco, images_path=args.path, embed=embed
+                annotations_json=args.coco, images_path=args.path, embed=now_embed
             )
         else:
             job = ds.add_images_from_path(
                 args.path,
-                embed=embed,
+                embed=now_embed,
                 include_hidden=args.include_hidden,
                 follow_links=args.follow_links,
             )
+        scan_s = time.perf_counter() - t0
+        if starting is not None:
+            server = starting.result()
+            ds.resume()
+            _start_embedding(ds, embed)
     except FastIndexError:
+        if starting is not None:
+            with contextlib.suppress(FastIndexError):
+                server = starting.result()
+        if server is not None:
+            server.stop()
         if not existed:
             ds.delete()  # a bad argument leaves nothing behind, not even an empty dataset
-        if server is not None:
-            server.stop()
         raise
-    except KeyboardInterrupt:  # the walk (or the COCO ingest) stopped; its rows stay
-        if server is not None:
-            server.stop()
-        console.print("[yellow]interrupted: the store keeps every row; run again to resume[/]")
-        return 130
-    scan_s = time.perf_counter() - t0
     p = _settle(console, ds, job, scan_s, quiet=args.quiet)
     elapsed = time.perf_counter() - t0
     _summary(console, ds, job, p, elapsed, scan_s, resumed)
@@ -184,6 +183,49 @@ def cmd_index(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             server.stop()
     return 0 if ok else 1
+
+
+def _start_embedding(ds: Any, embed: Any) -> None:
+    """What `add_*(embed=embed)` would have started for phase 3."""
+    from .dataset import embed_installed
+
+    if embed is None:
+        if embed_installed():
+            ds.embed(True)
+    elif embed is not False:
+        ds.embed(embed)
+
+
+class _ServerStart:
+    """`start_server` in a thread of its own; `result()` waits for it (or raises its error)."""
+
+    def __init__(self, args: argparse.Namespace, console: Any) -> None:
+        import threading
+
+        self._args = args
+        self._console = console
+        self._server: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="fastindex-serve", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            from .server import start_server
+
+            a = self._args
+            self._server = server = start_server(a.db, host=a.host, port=a.port)
+            # Said as soon as it listens: the page shows phase 1 while the walk runs.
+            url = server.url
+            self._console.print(f"[bold]fastindex[/] serving [link={url}]{url}[/link]")
+        except BaseException as e:  # handed to the caller of result()
+            self._error = e
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._server
 
 
 def _settle(console: Any, ds: Any, job: Any, scan_s: float, *, quiet: bool) -> dict[str, Any]:

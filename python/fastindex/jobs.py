@@ -56,6 +56,14 @@ class ModelSpec:
     what: str = "cannot resume embeddings"
 
 
+def _same_model(have: EmbeddingModel | ModelSpec | None, new: EmbeddingModel | ModelSpec) -> bool:
+    """A spec of the model already here: keep the one that may be loaded already."""
+    if have is None or not isinstance(new, ModelSpec):
+        return False
+    spec = have.spec if isinstance(have, ModelSpec) else have.spec()
+    return bool(spec == new.spec)
+
+
 @dataclass(eq=False)
 class _Run:
     """One thread of one phase, with its own stop flag."""
@@ -95,7 +103,7 @@ class Pipeline:
         """Make sure pending rows get probed and, with a model, indexed rows get embedded.
         Returns at once (a `ModelSpec` is built in the embed thread)."""
         with self._lock:
-            if model is not None:
+            if model is not None and not _same_model(self._model, model):
                 self._model = model
             self._want("probe")
             if self._model is not None:
