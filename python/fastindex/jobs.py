@@ -237,7 +237,11 @@ class Pipeline:
             store.set_phase_error(self.dataset_id, phase, None)
 
     def _failed(self, store: _core.Store | None, phase: str, msg: str) -> None:
-        """A phase stopped on an error: record why, here and in the store's progress."""
+        """A phase stopped on an error: record why, here and in the store's progress. The
+        kicks it had not taken yet are dropped (the phase just tried and failed): it stands
+        stopped until the next kick, instead of retrying in a loop."""
+        with self._lock:
+            self._wanted[phase] = False
         self.errors[phase] = msg
         if store is not None:
             with contextlib.suppress(FastIndexError):
