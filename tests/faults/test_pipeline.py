@@ -261,6 +261,49 @@ def test_a_second_process_does_not_take_over_a_live_renewing_holder(tmp_path: Pa
     assert counts(db, "t")["ready"] == 12
 
 
+def test_a_lost_lease_stops_the_work_commits_nothing_and_is_not_an_error(tmp_path: Path) -> None:
+    """Another owner takes the embed lease over while a batch is in its forward pass: the
+    holder stops, writes nothing more while the other holds it, reports no error, and once
+    the lease is free again it takes the work back and finishes it."""
+    ttl = 1.0
+    make_tree(tmp_path / "imgs", 8)
+    db = tmp_path / "s.db"
+    child = spawn_embedder(db, "x", tmp_path / "imgs", ttl, forward_s=2.0, batch_size=4)
+    try:
+        store = _core.Store(str(db)) if db.exists() else None
+        deadline = time.monotonic() + HANG
+        ds_id = None
+        while True:  # until a batch is claimed and in its forward pass
+            assert child.poll() is None, child.communicate()
+            assert time.monotonic() < deadline
+            if db.exists():
+                store = store or _core.Store(str(db))
+                row = store.find_dataset("x")
+                if row is not None:
+                    ds_id = row[0]
+                    if store.progress(ds_id)["embedding"] > 0:
+                        break
+            time.sleep(0.01)
+        assert store is not None and ds_id is not None
+        intruder = "intruder:1:x"
+        assert store.acquire_lease(ds_id, "embed", intruder, -1.0)  # take it over now
+        ready = store.progress(ds_id)["ready"]
+        until = time.monotonic() + 3.0  # past the forward pass and several TTLs
+        while time.monotonic() < until:
+            assert store.acquire_lease(ds_id, "embed", intruder, ttl)  # still ours
+            assert store.progress(ds_id)["ready"] == ready, "the old holder committed"
+            time.sleep(0.1)
+        store.release_lease(ds_id, "embed", intruder)
+        out, err = child.communicate(timeout=HANG)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 0, err
+    assert out.startswith("done True"), out + err
+    p = json.loads(out.split(" ", 2)[2])
+    assert p["ready"] == 8 and p["errors"] == {}
+
+
 # -- the CLI: reruns, full disks, Ctrl-C ----------------------------------------------------
 
 
