@@ -240,11 +240,17 @@ def _settle(console: Any, ds: Any, job: Any, scan_s: float, *, quiet: bool) -> d
         return any(not pipeline.is_running(phase) for phase in p["errors"])
 
     def loop(tick: Any) -> dict[str, Any]:
+        kicked = time.monotonic()
         while True:
             p: dict[str, Any] = ds.get_loading_progress()
             tick(p)
             if p["status"] == "complete" or stopped(p):
                 break
+            if not pipeline.running and time.monotonic() - kicked > 1.0:
+                # Rows wait on another process (an add in flight there, or a lease it took
+                # over): look again now and then, and take the work over if it stops.
+                pipeline.kick()
+                kicked = time.monotonic()
             pipeline.wait_change(0.1)
         if p["status"] == "complete":
             # The runs end once nothing is left; their last step clears a stale error.

@@ -152,6 +152,9 @@ class Keeper:
             with self._lock:
                 self._lock.wait(LEASE_TTL / 3)
                 held = list(self._held)
+            # A connection per store with leases held now; the others are closed.
+            dbs = {h.db for h in held}
+            stores = {db: s for db, s in stores.items() if db in dbs}
             for h in held:
                 lost = False
                 # Under the lock: a block that ends waits for a renewal in flight, so a lease
