@@ -120,7 +120,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     if args.name is not None and _not_utf8(args.name):
-        raise InvalidArgumentError(f"--name {safe_text(args.name)!r} is not valid UTF-8")
+        raise InvalidArgumentError(f"--name {safe_text(args.name)} is not valid UTF-8")
     name = args.name or os.path.basename(os.path.abspath(args.path)) or "dataset"
     # A folder whose name is not valid UTF-8 names its dataset as well as it can.
     name = safe_text(name)
@@ -162,7 +162,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             server = starting.result()
             ds.resume()
             _start_embedding(ds, embed)
-    except FastIndexError:
+    except (FastIndexError, UnicodeEncodeError):
         if starting is not None:
             with contextlib.suppress(FastIndexError):
                 server = starting.result()
@@ -372,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UnicodeEncodeError as e:
         # A path that is not valid UTF-8 where the store cannot take one.
         what = safe_text(e.object[e.start : e.end] if isinstance(e.object, str) else e.object)
-        print(f"fastindex: a path or name is not valid UTF-8 (near {what!r})", file=sys.stderr)
+        print(f"fastindex: a path or name is not valid UTF-8 (near {what})", file=sys.stderr)
         return 2
     return 0  # pragma: no cover - _interrupted does not return
 
