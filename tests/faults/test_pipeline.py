@@ -80,7 +80,7 @@ def kill_after_phase_1(db: Path, name: str, folder: Path) -> None:
 # -- the state machine (in this process) ----------------------------------------------------
 
 SLOW_MODEL = """
-import time
+import threading, time
 from fastindex.embed import EmbeddingModel
 from fastindex import testing
 
@@ -91,6 +91,7 @@ class SlowModel(EmbeddingModel):
     def __init__(self, *, load_s=0.0, forward_s=0.0, log=None, marker=None, **kw):
         super().__init__(testing.register_tiny_model(), None, device="cpu", **kw)
         self.load_s, self.forward_s, self.log, self.marker = load_s, forward_s, log, marker
+        self.in_forward = threading.Event()
 
     def load(self):
         if not self.loaded:
@@ -100,6 +101,7 @@ class SlowModel(EmbeddingModel):
         return super().load()
 
     def _forward(self, x):
+        self.in_forward.set()
         time.sleep(self.forward_s)
         if self.log:
             with open(self.log, "a") as f:
@@ -133,10 +135,7 @@ def test_a_kick_during_a_cancel_is_not_lost(tmp_path: Path) -> None:
     log = tmp_path / "forward.log"
     model = slow_model(forward_s=1.0, batch_size=4, log=str(log))
     ds.add_images_from_path(tmp_path / "a", embed=model)
-    deadline = time.monotonic() + HANG
-    while ds.get_loading_progress()["embedding"] == 0:  # a batch is claimed, in flight
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    assert model.in_forward.wait(HANG)  # a claimed batch is in its forward pass
     # A forward pass does not stop midway: cancel gives up after its timeout.
     assert ds.cancel(timeout=0.05) is False
     make_tree(tmp_path / "b", 5)
