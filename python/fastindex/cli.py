@@ -113,6 +113,8 @@ def _unfinished(p: dict[str, Any], embeds: bool) -> int:
 def cmd_index(args: argparse.Namespace) -> int:
     import os
 
+    # The server's imports (fastapi: most of a second) run beside everything below.
+    starting = _ServerStart(args) if args.serve else None
     from rich.console import Console
 
     from .dataset import Dataset
@@ -136,12 +138,13 @@ def cmd_index(args: argparse.Namespace) -> int:
             ds, existed = Dataset.load(name, db=args.db, resume=False), True
     # What an earlier run left unfinished (a crash, Ctrl-C): this run finishes it too.
     resumed = _unfinished(ds.get_loading_progress(), ds.has_embedding_model()) if existed else 0
-    # The server (fastapi, uvicorn: half a second of imports) starts beside phase 1, which
-    # runs in Rust with the GIL released, so the first samples are served sooner. Phase 3 is
-    # started once it listens: building the model imports torch (seconds of work holding the
-    # GIL), which would slow the server's start down.
-    starting = _ServerStart(args, console) if args.serve else None
-    if starting is None:
+    # The server starts listening beside phase 1, which runs in Rust with the GIL released,
+    # so the first samples are served sooner. Phase 3 is started once it listens: building
+    # the model imports torch (seconds of work holding the GIL), which would slow the
+    # server's start down.
+    if starting is not None:
+        starting.go(console)
+    else:
         ds.resume()
     t0 = time.perf_counter()
     try:
@@ -197,22 +200,30 @@ def _start_embedding(ds: Any, embed: Any) -> None:
 
 
 class _ServerStart:
-    """`start_server` in a thread of its own; `result()` waits for it (or raises its error)."""
+    """`start_server` in a thread of its own: it imports the server at once, and starts it on
+    `go()` (once the store and the dataset exist); `result()` waits for it (or raises its
+    error)."""
 
-    def __init__(self, args: argparse.Namespace, console: Any) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
         import threading
 
         self._args = args
-        self._console = console
+        self._console: Any = None
+        self._go = threading.Event()
         self._server: Any = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="fastindex-serve", daemon=True)
         self._thread.start()
 
+    def go(self, console: Any) -> None:
+        self._console = console
+        self._go.set()
+
     def _run(self) -> None:
         try:
             from .server import start_server
 
+            self._go.wait()
             a = self._args
             self._server = server = start_server(a.db, host=a.host, port=a.port)
             # Said as soon as it listens: the page shows phase 1 while the walk runs.
