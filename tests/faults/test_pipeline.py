@@ -471,6 +471,21 @@ def test_serve_resumes_pending_rows_until_progress_is_complete(tmp_path: Path) -
             server.kill()
 
 
+def test_index_serve_on_a_port_in_use_says_so_and_leaves_no_dataset(tmp_path: Path) -> None:
+    """The server starts beside phase 1: a port it cannot listen on still ends the run with
+    a one-line error (exit 2) and no dataset left behind."""
+    folder = make_tree(tmp_path / "photos", 20)
+    db = tmp_path / "s.db"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        r = run_cli("index", str(folder), "--db", str(db), "--serve", "--port", str(port))
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "cannot listen" in r.stderr, r.stderr
+    assert fastindex.list_datasets(db=db) == []
+
+
 # -- hostile text on the command line -------------------------------------------------------
 
 
