@@ -373,7 +373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "index":
-            return cmd_index(args)
+            code = cmd_index(args)
+            _leave(code)
+            return code
         return cmd_serve(args)
     except KeyboardInterrupt:
         _interrupted()
@@ -386,6 +388,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fastindex: a path or name is not valid UTF-8 (near {what})", file=sys.stderr)
         return 2
     return 0  # pragma: no cover - _interrupted does not return
+
+
+def _leave(code: int) -> None:
+    """End the run now, even with a worker stuck in a long step (a stopped run whose embed
+    thread still imports torch or runs a forward pass): see `_interrupted` for why
+    `os._exit` is safe. Returns when every worker has already stopped."""
+    import os
+
+    from .jobs import stop_all
+
+    if stop_all(0.5):
+        return
+    for f in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            f.flush()
+    os._exit(code)
 
 
 def _interrupted() -> None:
