@@ -179,7 +179,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     _summary(console, ds, job, p, elapsed, scan_s, resumed)
     ok = p["status"] == "complete" and not p.get("error")
     if server is not None:
-        console.print(f"still serving {server.url} (Ctrl-C to stop)")
+        console.print(f"still serving {_m(server.url)} (Ctrl-C to stop)")
         try:
             while True:
                 time.sleep(3600)
@@ -228,7 +228,8 @@ class _ServerStart:
             self._server = server = start_server(a.db, host=a.host, port=a.port)
             # Said as soon as it listens: the page shows phase 1 while the walk runs.
             url = server.url
-            self._console.print(f"[bold]fastindex[/] serving [link={url}]{url}[/link]")
+            # No [link=...] markup: an IPv6 URL's brackets would break it.
+            self._console.print(f"[bold]fastindex[/] serving {_m(url)}")
         except BaseException as e:  # handed to the caller of result()
             self._error = e
 
