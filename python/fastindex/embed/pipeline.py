@@ -172,7 +172,8 @@ class _Pipeline:
 
     def _put(self, q: queue.Queue[Any], item: Any) -> None:
         while True:
-            if self.abort.is_set():
+            # A stop too: the writer ends on one, and would never drain a full queue.
+            if self.abort.is_set() or self.stop.is_set():
                 raise _Abort
             try:
                 q.put(item, timeout=0.1)
