@@ -196,12 +196,12 @@ def spawn_embedder(
 def test_the_lease_is_renewed_while_the_model_loads(tmp_path: Path) -> None:
     """A model that loads for several TTLs keeps its process's embed lease: another owner
     trying to take it over all that time never gets it."""
-    ttl = 1.0
+    ttl = 1.5  # renewed every 0.5 s: a wide margin on a loaded machine
     make_tree(tmp_path / "imgs", 6)
     db = tmp_path / "s.db"
     marker = tmp_path / "loading"
     child = spawn_embedder(
-        db, "l", tmp_path / "imgs", ttl, load_s=5 * ttl, batch_size=4, marker=str(marker)
+        db, "l", tmp_path / "imgs", ttl, load_s=4 * ttl, batch_size=4, marker=str(marker)
     )
     try:
         deadline = time.monotonic() + HANG
@@ -232,7 +232,7 @@ def test_the_lease_is_renewed_while_the_model_loads(tmp_path: Path) -> None:
 def test_a_second_process_does_not_take_over_a_live_renewing_holder(tmp_path: Path) -> None:
     """Batches that each take longer than the TTL: a second process that wants the same
     dataset embedded waits; every row is forwarded once, by the first."""
-    ttl = 1.0
+    ttl = 1.5
     make_tree(tmp_path / "imgs", 12)
     db = tmp_path / "s.db"
     a_log, b_log = tmp_path / "a.log", tmp_path / "b.log"
