@@ -191,7 +191,9 @@ class Dataset:
         Args:
             path: the folder to walk.
             embed: an `EmbeddingModel`, True for the default model, False for none, None
-                for the default model when torch and open_clip are installed.
+                for the default model when torch and open_clip are installed. The default
+                model is imported, built and loaded in the embed thread: the call returns
+                as fast as with False.
             include_hidden: also take names starting with `.` (skipped by default).
             follow_links: enter symlinked folders (symlinked files are always followed).
 
