@@ -225,7 +225,9 @@ class _ServerStart:
 
             self._go.wait()
             a = self._args
-            self._server = server = start_server(a.db, host=a.host, port=a.port)
+            self._server = server = start_server(
+                a.db, host=a.host, port=a.port, allowed_roots=[a.path, *a.allow_root]
+            )
             # Said as soon as it listens: the page shows phase 1 while the walk runs.
             url = server.url
             # No [link=...] markup: an IPv6 URL's brackets would break it.
