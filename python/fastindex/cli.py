@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Sequence
@@ -82,79 +83,204 @@ def _embed_arg(args: argparse.Namespace) -> Any:
     return EmbeddingModel(**kw)
 
 
+def safe_text(s: object) -> str:
+    """`s` as printable text: file names that are not valid UTF-8 reach Python as lone
+    surrogates (os.fsdecode), which no terminal encoding takes; they print as `\\xNN`."""
+    text = str(s)
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _m(s: object) -> str:
+    """User text (a path, a reason) for a rich markup string: safe and escaped."""
+    from rich.markup import escape
+
+    return escape(safe_text(s))
+
+
+def _not_utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _unfinished(p: dict[str, Any], embeds: bool) -> int:
+    """Rows still owed a phase: pending, claimed for phase 3, or waiting for it."""
+    return int(p["pending"] + p["embedding"] + (p["indexed"] if embeds else 0))
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     import os
 
+    # The server's imports (fastapi: most of a second) run beside everything below.
+    starting = _ServerStart(args) if args.serve else None
     from rich.console import Console
 
     from .dataset import Dataset
+    from .errors import DatasetExistsError, DatasetNotFoundError, InvalidArgumentError
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    if args.name is not None and _not_utf8(args.name):
+        raise InvalidArgumentError(f"--name {safe_text(args.name)} is not valid UTF-8")
     name = args.name or os.path.basename(os.path.abspath(args.path)) or "dataset"
+    # A folder whose name is not valid UTF-8 names its dataset as well as it can.
+    name = safe_text(name)
     embed = _embed_arg(args)
     server = None
-    from .dataset import list_datasets
-
-    existed = any(d["name"] == name for d in list_datasets(db=args.db))
-    ds = Dataset.load_or_create(name, db=args.db)
-    if args.serve:
-        from .server import start_server
-
-        server = start_server(
-            args.db,
-            host=args.host,
-            port=args.port,
-            allowed_roots=[args.path, *args.allow_root],
-        )
-        console.print(f"[bold]fastindex[/] serving [link={server.url}]{server.url}[/link]")
+    try:
+        ds = Dataset.load(name, db=args.db, resume=False)
+        existed = True
+    except DatasetNotFoundError:
+        try:
+            ds, existed = Dataset.create(name, db=args.db), False
+        except DatasetExistsError:  # another process created it just now
+            ds, existed = Dataset.load(name, db=args.db, resume=False), True
+    # What an earlier run left unfinished (a crash, Ctrl-C): this run finishes it too.
+    resumed = _unfinished(ds.get_loading_progress(), ds.has_embedding_model()) if existed else 0
+    # The server starts listening beside phase 1, which runs in Rust with the GIL released,
+    # so the first samples are served sooner. Phase 3 is started once it listens: building
+    # the model imports torch (seconds of work holding the GIL), which would slow the
+    # server's start down.
+    if starting is not None:
+        starting.go(console)
+    else:
+        ds.resume()
     t0 = time.perf_counter()
     try:
+        now_embed = False if starting is not None else embed
         if args.coco:
             job = ds.add_samples_from_coco(
-                annotations_json=args.coco, images_path=args.path, embed=embed
+                annotations_json=args.coco, images_path=args.path, embed=now_embed
             )
         else:
             job = ds.add_images_from_path(
                 args.path,
-                embed=embed,
+                embed=now_embed,
                 include_hidden=args.include_hidden,
                 follow_links=args.follow_links,
             )
-    except FastIndexError:
+        scan_s = time.perf_counter() - t0
+        if starting is not None:
+            server = starting.result()
+            ds.resume()
+            _start_embedding(ds, embed)
+    except (FastIndexError, UnicodeEncodeError):
+        if starting is not None:
+            with contextlib.suppress(FastIndexError):
+                server = starting.result()
+        if server is not None:
+            server.stop()
         if not existed:
             ds.delete()  # a bad argument leaves nothing behind, not even an empty dataset
-        if server is not None:
-            server.stop()
         raise
-    except KeyboardInterrupt:  # the walk (or the COCO ingest) stopped; its rows stay
-        if server is not None:
-            server.stop()
-        console.print("[yellow]interrupted: the store keeps every row; run again to resume[/]")
-        return 130
-    scan_s = time.perf_counter() - t0
-    wants_embed = ds.embedding_model() is not None
-    try:
-        if args.quiet:
-            job.wait()
-        else:
-            _watch(console, job, scan_s, wants_embed)
-    except KeyboardInterrupt:
-        ds.cancel()
-        console.print("[yellow]interrupted: the store keeps every row; run again to resume[/]")
-        return 130
+    p = _settle(console, ds, job, scan_s, quiet=args.quiet)
     elapsed = time.perf_counter() - t0
-    _summary(console, ds, job, elapsed, scan_s)
+    _summary(console, ds, job, p, elapsed, scan_s, resumed)
+    ok = p["status"] == "complete" and not p.get("error")
     if server is not None:
-        console.print(f"still serving {server.url} (Ctrl-C to stop)")
+        console.print(f"still serving {_m(server.url)} (Ctrl-C to stop)")
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             server.stop()
-    return 0 if not job.progress().get("error") else 1
+    return 0 if ok else 1
 
 
-def _watch(console: Any, job: Any, scan_s: float, wants_embed: bool) -> None:
+def _start_embedding(ds: Any, embed: Any) -> None:
+    """What `add_*(embed=embed)` would have started for phase 3."""
+    from .dataset import embed_installed
+
+    if embed is None:
+        if embed_installed():
+            ds.embed(True)
+    elif embed is not False:
+        ds.embed(embed)
+
+
+class _ServerStart:
+    """`start_server` in a thread of its own: it imports the server at once, and starts it on
+    `go()` (once the store and the dataset exist); `result()` waits for it (or raises its
+    error)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import threading
+
+        self._args = args
+        self._console: Any = None
+        self._go = threading.Event()
+        self._server: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="fastindex-serve", daemon=True)
+        self._thread.start()
+
+    def go(self, console: Any) -> None:
+        self._console = console
+        self._go.set()
+
+    def _run(self) -> None:
+        try:
+            from .server import start_server
+
+            self._go.wait()
+            a = self._args
+            self._server = server = start_server(
+                a.db, host=a.host, port=a.port, allowed_roots=[a.path, *a.allow_root]
+            )
+            # Said as soon as it listens: the page shows phase 1 while the walk runs.
+            url = server.url
+            # No [link=...] markup: an IPv6 URL's brackets would break it.
+            self._console.print(f"[bold]fastindex[/] serving {_m(url)}")
+        except BaseException as e:  # handed to the caller of result()
+            self._error = e
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._server
+
+
+def _settle(console: Any, ds: Any, job: Any, scan_s: float, *, quiet: bool) -> dict[str, Any]:
+    """Wait until the whole dataset is complete (rows an earlier run left included), or a
+    phase stopped on an error; then return its progress. Sleeps between readings (woken by
+    each committed batch), so a stopped phase ends the wait within a fraction of a second."""
+    pipeline = ds._pipeline
+
+    def stopped(p: dict[str, Any]) -> bool:
+        # An error of a phase that no longer runs here: nothing more will happen in this
+        # run. (An error left by an earlier run is cleared when its phase starts again.)
+        return any(not pipeline.is_running(phase) for phase in p["errors"])
+
+    def loop(tick: Any) -> dict[str, Any]:
+        kicked = time.monotonic()
+        while True:
+            p: dict[str, Any] = ds.get_loading_progress()
+            tick(p)
+            if p["status"] == "complete" or stopped(p):
+                break
+            if not pipeline.running and time.monotonic() - kicked > 1.0:
+                # Rows wait on another process (an add in flight there, or a lease it took
+                # over): look again now and then, and take the work over if it stops.
+                pipeline.kick()
+                kicked = time.monotonic()
+            pipeline.wait_change(0.1)
+        if p["status"] == "complete":
+            # The runs end once nothing is left; their last step clears a stale error.
+            pipeline.wait_idle(2.0)
+        else:
+            pipeline.cancel(0.5)
+        p = ds.get_loading_progress()
+        tick(p)
+        return p
+
+    if quiet:
+        return loop(lambda p: None)
+    return _watch(console, ds, job, scan_s, loop)
+
+
+def _watch(console: Any, ds: Any, job: Any, scan_s: float, loop: Any) -> dict[str, Any]:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -176,14 +302,15 @@ def _watch(console: Any, job: Any, scan_s: float, wants_embed: bool) -> None:
     )
     summary = job.summary
     found = int(summary.get("found", summary.get("images", 0)))
+    wants_embed = ds.has_embedding_model()
     with Progress(*cols, console=console, transient=False) as bar:
         scan = bar.add_task("1 scan", total=max(found, 1), rate=f"{scan_s * 1000:.0f} ms")
         bar.update(scan, completed=max(found, 1))
         probe = bar.add_task("2 probe", total=None, rate="")
         embed = bar.add_task("3 embed", total=None, rate="", visible=wants_embed)
         start = time.perf_counter()
-        while True:
-            p = job.progress()
+
+        def tick(p: dict[str, Any]) -> None:
             total = p["total"]
             probed = total - p["pending"]
             embedded = p["ready"]
@@ -194,34 +321,48 @@ def _watch(console: Any, job: Any, scan_s: float, wants_embed: bool) -> None:
                 bar.update(
                     embed, total=max(todo, 1), completed=embedded, rate=f"{embedded / t:,.0f}/s"
                 )
-            if p["status"] == "complete" or job.wait(timeout=0.1):
-                p = job.progress()
-                bar.update(probe, total=p["total"], completed=p["total"] - p["pending"])
-                if wants_embed:
-                    bar.update(embed, completed=p["ready"])
-                break
+
+        result: dict[str, Any] = loop(tick)
+        return result
 
 
-def _summary(console: Any, ds: Any, job: Any, elapsed: float, scan_s: float) -> None:
-    p = job.progress()
+def _summary(
+    console: Any,
+    ds: Any,
+    job: Any,
+    p: dict[str, Any],
+    elapsed: float,
+    scan_s: float,
+    resumed: int,
+) -> None:
+    """What this run did, with the dataset's counts (rows an earlier run left included)."""
     s = job.summary
+    done = p["status"] == "complete"
+    earlier = ""
+    if resumed:
+        verb = "finished" if done else "resumed"
+        earlier = f"; {verb} {resumed:,} rows left by an earlier run"
     console.print(
-        f"[bold]{ds.name}[/]: {s.get('added', 0):,} added, {s.get('existing', 0):,} already there; "
+        f"[bold]{_m(ds.name)}[/]: {s.get('added', 0):,} added, "
+        f"{s.get('existing', 0):,} already there{earlier}; "
         f"indexed {p['indexed'] + p['embedding'] + p['ready']:,}, ready {p['ready']:,}, "
         f"failed {p['failed']:,} in {elapsed:.2f} s (scan {scan_s * 1000:.0f} ms)"
     )
+    left = 0 if done else _unfinished(p, ds.has_embedding_model())
+    if left:
+        console.print(f"  [yellow]{left:,} rows not finished[/]: run again to resume")
     for w in s.get("errors", [])[:10]:
-        console.print(f"  [yellow]skipped[/] {w}")
+        console.print(f"  [yellow]skipped[/] {_m(w)}")
     missing = s.get("missing", [])
     if missing:
         console.print(
-            f"  [yellow]{len(missing):,} COCO images not found on disk[/], e.g. {missing[0]}"
+            f"  [yellow]{len(missing):,} COCO images not found on disk[/], e.g. {_m(missing[0])}"
         )
     if p["failed"]:
         for smp in ds.samples(status="failed", limit=5):
-            console.print(f"  [red]failed[/] {smp.path}: {smp.error}")
+            console.print(f"  [red]failed[/] {_m(smp.path)}: {_m(smp.error)}")
     if p.get("error"):
-        console.print(f"[red]stopped:[/] {p['error']}")
+        console.print(f"[red]stopped:[/] {_m(p['error'])}")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -235,11 +376,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "index":
-            return cmd_index(args)
+            code = cmd_index(args)
+            _leave(code)
+            return code
         return cmd_serve(args)
+    except KeyboardInterrupt:
+        _interrupted()
     except FastIndexError as e:
-        print(f"fastindex: {e}", file=sys.stderr)
+        print(f"fastindex: {safe_text(e)}", file=sys.stderr)
         return 2
+    except UnicodeEncodeError as e:
+        # A path that is not valid UTF-8 where the store cannot take one.
+        what = safe_text(e.object[e.start : e.end] if isinstance(e.object, str) else e.object)
+        print(f"fastindex: a path or name is not valid UTF-8 (near {what})", file=sys.stderr)
+        return 2
+    return 0  # pragma: no cover - _interrupted does not return
+
+
+def _leave(code: int) -> None:
+    """End the run now, even with a worker stuck in a long step (a stopped run whose embed
+    thread still imports torch or runs a forward pass): see `_interrupted` for why
+    `os._exit` is safe. Returns when every worker has already stopped."""
+    import os
+
+    from .jobs import stop_all
+
+    if stop_all(0.5):
+        return
+    for f in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            f.flush()
+    os._exit(code)
+
+
+def _interrupted() -> None:
+    """Ctrl-C: stop the background work, and leave within half a second.
+
+    The workers get a short time to stop; one stuck in a long step (a forward pass on the
+    CPU, a store call) would otherwise hold the exit. The process then ends with `os._exit`,
+    after flushing: Python's finalisation must not run while a worker is still inside the
+    store (it would tear down objects that thread uses), and nothing needs it. The store is
+    safe: SQLite commits atomically (a transaction in flight is rolled back when the store is
+    next opened), a lease of this dead process is taken over at once on this host, and rows
+    it had claimed for phase 3 go back to `indexed` when the next run takes the embed lease.
+    """
+    import os
+
+    from .jobs import stop_all
+
+    stop_all(0.3)
+    print("fastindex: interrupted: the store keeps every row; run again to resume", file=sys.stderr)
+    for f in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            f.flush()
+    os._exit(130)
 
 
 if __name__ == "__main__":

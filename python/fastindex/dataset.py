@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from typing import TYPE_CHECKING, Any
 
 from . import _core
-from .errors import DatasetNotFoundError, FastIndexError, InvalidArgumentError
-from .jobs import Job, Pipeline, pipeline_for, progress_of, wait_for
+from .errors import DatasetNotFoundError, InvalidArgumentError
+from .jobs import Job, ModelSpec, Pipeline, pipeline_for, progress_of, wait_for
 from .sample import Annotation, Sample
 
 if TYPE_CHECKING:
@@ -30,24 +31,56 @@ def _check_path_arg(name: str, value: object) -> str:
     return s
 
 
-def _resolve_embed(embed: EmbeddingModel | bool | None) -> EmbeddingModel | None:
+#: `EmbeddingModel().spec()` and its `dim`, known without importing open_clip and torch (a
+#: second or more), so that the default call returns at once: must match `EmbeddingModel()`
+#: (tests/faults/test_pipeline.py checks it).
+DEFAULT_EMBED_SPEC: dict[str, Any] = {
+    "name": "ViT-B-32",
+    "pretrained": "laion2b_s34b_b79k",
+    "checkpoint": None,
+    "device": None,
+    "batch_size": 256,
+    "precision": None,
+    "workers": None,
+}
+DEFAULT_EMBED_DIM = 512
+
+
+def embed_installed() -> bool:
+    """True when torch and open_clip_torch are installed (found, not imported: importing
+    them takes seconds, and happens in the embed thread)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "open_clip"))
+
+
+def _resolve_embed(embed: EmbeddingModel | bool | None) -> EmbeddingModel | ModelSpec | None:
     if embed is False:
         return None
-    from . import embed as embed_mod
+    if embed is None or embed is True:
+        if embed_installed():
+            return ModelSpec(dict(DEFAULT_EMBED_SPEC), "cannot load the default embedding model")
+        if embed is None:
+            return None
+        raise InvalidArgumentError(
+            "embed=True needs torch and open_clip_torch: pip install 'fastindex[embed]'"
+        )
+    from .embed import EmbeddingModel
 
-    if embed is None:
-        return embed_mod.EmbeddingModel() if embed_mod.available() else None
-    if embed is True:
-        if not embed_mod.available():
-            raise InvalidArgumentError(
-                "embed=True needs torch and open_clip_torch: pip install 'fastindex[embed]'"
-            )
-        return embed_mod.EmbeddingModel()
-    if isinstance(embed, embed_mod.EmbeddingModel):
+    if isinstance(embed, EmbeddingModel):
         return embed
     raise InvalidArgumentError(
         f"embed must be an EmbeddingModel, True, False or None, got {type(embed).__name__}"
     )
+
+
+def _readable_spec(text: str) -> dict[str, Any] | None:
+    """A stored model spec this fastindex can read, checked without importing open_clip."""
+    try:
+        spec = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(spec, dict) and isinstance(spec.get("name"), str):
+        return spec
+    return None
 
 
 class Dataset:
@@ -116,15 +149,29 @@ class Dataset:
         return pipeline_for(self.db, self.id)
 
     def resume(self) -> None:
-        """Start background work for whatever the store says is unfinished."""
-        try:
-            model = self.embedding_model()
-        except (ImportError, FastIndexError) as e:
-            # The dataset was embedded where torch/open_clip are installed and they are not
-            # here: everything else still opens and works; progress says why phase 3 waits.
-            model = None
-            self._store.set_phase_error(self.id, "embed", f"cannot resume embeddings: {e}")
+        """Start background work for whatever the store says is unfinished. Returns at once
+        (the embedding model, if any, is built and loaded in the embed thread)."""
+        spec = self._embed_spec()
+        model: ModelSpec | None = None
+        if spec is not None:
+            readable = _readable_spec(spec)
+            if readable is None:
+                # The dataset was embedded by another fastindex: everything else still opens
+                # and works; progress says why phase 3 waits.
+                self._store.set_phase_error(
+                    self.id, "embed", f"cannot resume embeddings: not a model spec: {spec}"
+                )
+            else:
+                model = ModelSpec(readable)
         self._pipeline.kick(model)
+
+    def _embed_spec(self) -> str | None:
+        row = self._store.dataset(self.id)
+        return None if row is None else row[3]
+
+    def has_embedding_model(self) -> bool:
+        """Whether the dataset has an embedding model (without building it: no torch)."""
+        return self._embed_spec() is not None
 
     # -- adding -----------------------------------------------------------------------------
     def add_images_from_path(
@@ -144,7 +191,9 @@ class Dataset:
         Args:
             path: the folder to walk.
             embed: an `EmbeddingModel`, True for the default model, False for none, None
-                for the default model when torch and open_clip are installed.
+                for the default model when torch and open_clip are installed. The default
+                model is imported, built and loaded in the embed thread: the call returns
+                as fast as with False.
             include_hidden: also take names starting with `.` (skipped by default).
             follow_links: enter symlinked folders (symlinked files are always followed).
 
@@ -195,11 +244,25 @@ class Dataset:
         summary = self._store.ingest_coco(self.id, ann, images)
         return self._started(summary, model)
 
-    def _started(self, summary: dict[str, Any], model: EmbeddingModel | None) -> Job:
-        if model is not None:
+    def _started(self, summary: dict[str, Any], model: EmbeddingModel | ModelSpec | None) -> Job:
+        if isinstance(model, ModelSpec):
+            self._set_default_model(model)
+        elif model is not None:
             self.set_embedding_model(model)
         self._pipeline.kick(model)
         return Job(self._store, self._pipeline, summary["job_id"], summary)
+
+    def _set_default_model(self, model: ModelSpec) -> None:
+        """`set_embedding_model(EmbeddingModel())` without building it (no torch import)."""
+        spec = model.spec
+        if self._stored_spec() == spec:
+            return
+        model_id = self._store.register_model(spec["name"], spec["pretrained"], DEFAULT_EMBED_DIM)
+        self._store.set_embed_spec(self.id, json.dumps(spec), model_id)
+
+    def _stored_spec(self) -> dict[str, Any] | None:
+        text = self._embed_spec()
+        return None if text is None else _readable_spec(text)
 
     # -- embeddings (phase 3) ---------------------------------------------------------------
     def embedding_model(self) -> EmbeddingModel | None:
@@ -214,8 +277,7 @@ class Dataset:
     def set_embedding_model(self, model: EmbeddingModel) -> None:
         """Make `model` the dataset's embedding model. Samples already `ready` with another
         model go back to `indexed` until this one has embedded them too."""
-        current = self.embedding_model()
-        if current is not None and current.spec() == model.spec():
+        if self._stored_spec() == model.spec():
             return
         model_id = self._store.register_model(model.key_name, model.key_pretrained, model.dim)
         self._store.set_embed_spec(self.id, json.dumps(model.spec()), model_id)
@@ -225,7 +287,10 @@ class Dataset:
         resolved = _resolve_embed(model)
         if resolved is None:
             raise InvalidArgumentError("embed() needs a model")
-        self.set_embedding_model(resolved)
+        if isinstance(resolved, ModelSpec):
+            self._set_default_model(resolved)
+        else:
+            self.set_embedding_model(resolved)
         self._pipeline.kick(resolved)
 
     def embeddings(self, model: EmbeddingModel | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -269,9 +334,11 @@ class Dataset:
         """Block until the whole dataset is complete (True) or `timeout` passes (False)."""
         return wait_for(self.get_loading_progress, self._pipeline, timeout)
 
-    def cancel(self) -> None:
-        """Stop background work; rows keep their status and resume on the next `load`."""
-        self._pipeline.cancel()
+    def cancel(self, timeout: float | None = None) -> bool:
+        """Stop background work; rows keep their status and resume on the next `load`.
+        Waits at most `timeout` seconds; returns whether every worker has stopped (one
+        stuck in a forward pass stops after it, committing nothing)."""
+        return self._pipeline.cancel(timeout)
 
     def delete(self) -> None:
         """Stop background work and remove the dataset and all its rows from the store.

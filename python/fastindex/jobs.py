@@ -1,10 +1,23 @@
 """Background work: one pipeline per dataset and process, running phase 2 and phase 3.
 
 The store is the queue. A pipeline's threads take rows by status (`pending` for the probe,
-`indexed` for the embedder), so a restart resumes where the last run stopped. A lease row in
-the store keeps two processes from working on the same dataset's phase at once; a lease whose
-holder stopped renewing it (a crash) is taken over, and rows the crashed embedder had claimed
-are put back to `indexed`.
+`indexed` for the embedder), so a restart resumes where the last run stopped. A lease in the
+store keeps two processes from working on the same dataset's phase at once (see `leases`): a
+phase waits while another live process holds it, takes over a lease whose holder stopped
+renewing it (a crash; rows the crashed embedder had claimed go back to `indexed`), and stops
+at once, committing nothing more, when it finds its own lease taken over.
+
+Each phase of a pipeline is a small state machine, under one lock:
+
+    idle --kick--> running --(no more rounds wanted)--> idle
+                   running --cancel--> stopping --(thread ends)--> idle, or running again
+                                                                   when kicked meanwhile
+
+A *run* is one thread with its own stop flag. `kick` asks for another round; a run takes
+the request before each round, and only a run that has ended (its lease released, its claims
+given back) leaves the phase idle, in the same step in which it looks for a kick that came
+too late for it: then it starts the next run itself. So no kick is lost, and two runs of a
+phase never overlap in one process.
 """
 
 from __future__ import annotations
@@ -13,33 +26,61 @@ import atexit
 import contextlib
 import logging
 import os
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import _core
+from . import _core, leases
 from .errors import CancelledError, FastIndexError
+from .leases import LeaseLostError
 
 if TYPE_CHECKING:
     from .embed import EmbeddingModel
 
 log = logging.getLogger("fastindex")
 
-#: A lease not renewed for this long (seconds) is taken over by another process.
-LEASE_TTL = 15.0
-#: How often a waiting worker looks for new rows (seconds).
-POLL = 0.05
-
-_NONCE = uuid.uuid4().hex[:8]
+#: Kept for callers that read it here; see `leases.LEASE_TTL`.
+LEASE_TTL = leases.LEASE_TTL
+PHASES = ("probe", "embed")
 
 
-def _owner() -> str:
-    """This process's name on leases, `host:pid:nonce`: the store takes over at once a lease
-    whose process on this host is gone (computed per call: a forked child is another owner)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_NONCE}"
+@dataclass(eq=False)
+class ModelSpec:
+    """An embedding model that is not built yet: building it imports torch and open_clip
+    (seconds), so the embed thread does it, never the caller of `kick`."""
+
+    spec: dict[str, Any]
+    #: What an error building it says first.
+    what: str = "cannot resume embeddings"
+
+
+def _same_model(have: EmbeddingModel | ModelSpec | None, new: EmbeddingModel | ModelSpec) -> bool:
+    """A spec of the model already here: keep the one that may be loaded already."""
+    if have is None or not isinstance(new, ModelSpec):
+        return False
+    spec = have.spec if isinstance(have, ModelSpec) else have.spec()
+    return bool(spec == new.spec)
+
+
+@dataclass(eq=False)
+class _Run:
+    """One thread of one phase, with its own stop flag."""
+
+    phase: str
+    stop: _core.StopFlag = field(default_factory=_core.StopFlag)
+    stopped: threading.Event = field(default_factory=threading.Event)
+    ended: threading.Event = field(default_factory=threading.Event)
+    #: Another process took the phase's lease over: not an error of the dataset.
+    lost: bool = False
+    #: `cancel` stopped it: a lost lease is then not waited for again.
+    cancelled: bool = False
+    thread: threading.Thread | None = None
+
+    def halt(self) -> None:
+        self.stop.set()
+        self.stopped.set()
 
 
 class Pipeline:
@@ -49,180 +90,291 @@ class Pipeline:
         self.db = db
         self.dataset_id = dataset_id
         self._lock = threading.Condition()
-        self._threads: dict[str, threading.Thread] = {}
-        # Under `_lock`: a phase is `active` from the moment its thread is started until the
-        # thread has decided to exit, and `wanted` when new rows may wait for it. Deciding to
-        # exit and marking inactive happen in one step, so a `kick` is never lost to a thread
-        # that is on its way out.
-        self._active = {"probe": False, "embed": False}
-        self._wanted = {"probe": False, "embed": False}
-        self._model: EmbeddingModel | None = None
-        self.stop = _core.StopFlag()
+        # Under `_lock`: the live run of each phase (None: idle) and whether another round
+        # is asked for.
+        self._runs: dict[str, _Run | None] = dict.fromkeys(PHASES)
+        self._wanted = dict.fromkeys(PHASES, False)
+        self._model: EmbeddingModel | ModelSpec | None = None
+        #: Why a phase stopped, in this process (also written to the store when it can be).
         self.errors: dict[str, str] = {}
 
-    # -- starting ---------------------------------------------------------------------------
-    def kick(self, model: EmbeddingModel | None = None) -> None:
-        """Make sure pending rows get probed and, with a model, indexed rows get embedded."""
+    # -- the state machine ------------------------------------------------------------------
+    def kick(self, model: EmbeddingModel | ModelSpec | None = None) -> None:
+        """Make sure pending rows get probed and, with a model, indexed rows get embedded.
+        Returns at once (a `ModelSpec` is built in the embed thread)."""
         with self._lock:
-            if self.stop.is_set():
-                self.stop = _core.StopFlag()
-            if model is not None:
+            if model is not None and not _same_model(self._model, model):
                 self._model = model
-            self._want("probe", self._run_probe)
+            self._want("probe")
             if self._model is not None:
-                self._want("embed", self._run_embed)
+                self._want("embed")
             self._lock.notify_all()
 
-    def _want(self, phase: str, target: Callable[[], None]) -> None:
+    def _want(self, phase: str) -> None:  # under _lock
         self._wanted[phase] = True
-        if not self._active[phase]:
-            self._active[phase] = True
-            t = threading.Thread(
-                target=target, name=f"fastindex-{phase}-{self.dataset_id}", daemon=True
-            )
-            self._threads[phase] = t
-            t.start()
+        if self._runs[phase] is None:
+            self._start(phase)
 
-    def _next_round(self, phase: str) -> bool:
-        """For a worker: True to run another round, else the worker is marked inactive."""
+    def _start(self, phase: str) -> None:  # under _lock
+        run = _Run(phase)
+        target = self._probe_run if phase == "probe" else self._embed_run
+        run.thread = threading.Thread(
+            target=self._work,
+            args=(run, target),
+            name=f"fastindex-{phase}-{self.dataset_id}",
+            daemon=True,
+        )
+        self._runs[phase] = run
+        run.thread.start()
+
+    def _work(self, run: _Run, target: Callable[[_Run], None]) -> None:
+        try:
+            target(run)
+        except BaseException:  # pragma: no cover - the targets catch what they expect
+            log.exception("%s of dataset %s failed", run.phase, self.dataset_id)
+        finally:
+            with self._lock:
+                self._runs[run.phase] = None
+                if run.lost and not run.cancelled:
+                    # Wait for the lease again: the other process finishes the work, and if
+                    # it dies this one takes over after the lease's TTL.
+                    self._wanted[run.phase] = True
+                if self._wanted[run.phase]:
+                    self._start(run.phase)  # a kick that came while this run ended
+                self._lock.notify_all()
+            run.ended.set()
+
+    def _next_round(self, run: _Run) -> bool:
+        """For a run: True to go through the phase's rows once more."""
         with self._lock:
-            if self._wanted[phase] and not self.stop.is_set():
+            if run.stop.is_set() or not self._wanted[run.phase]:
+                return False
+            self._wanted[run.phase] = False
+            return True
+
+    def cancel(self, timeout: float | None = None) -> bool:
+        """Stop the runs now live and forget the kicks they had not taken; a kick from now on
+        starts the phase again once its run has ended. Waits for the runs to end, at most
+        `timeout` seconds; returns whether they did. A run stuck in one long step (a forward
+        pass) ends after it, committing nothing."""
+        with self._lock:
+            runs = [r for r in self._runs.values() if r is not None]
+            for phase in PHASES:
                 self._wanted[phase] = False
-                return True
-            self._active[phase] = False
+            for r in runs:
+                r.cancelled = True
+                r.halt()
             self._lock.notify_all()
-            return False
-
-    def _retire(self, phase: str) -> None:
-        with self._lock:
-            self._active[phase] = False
-            self._lock.notify_all()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for r in runs:
+            if r.thread is threading.current_thread():
+                continue
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not r.ended.wait(left):
+                return False
+        return True
 
     # -- state ------------------------------------------------------------------------------
     @property
     def probing(self) -> bool:
-        return self._active["probe"]
+        return self._runs["probe"] is not None
 
     @property
     def running(self) -> bool:
-        return self._active["probe"] or self._active["embed"]
+        return any(r is not None for r in self._runs.values())
+
+    def is_running(self, phase: str) -> bool:
+        return self._runs.get(phase) is not None
 
     def wait_change(self, timeout: float) -> None:
         """Sleep until a worker commits a batch or stops, or `timeout` passes."""
         with self._lock:
             self._lock.wait(timeout)
 
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no run is live here (True), or `timeout` passes (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self.running:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._lock.wait(0.25 if left is None else min(0.25, left))
+        return True
+
     def _notify(self) -> None:
         with self._lock:
             self._lock.notify_all()
 
-    def cancel(self) -> None:
-        self.stop.set()
-        for t in list(self._threads.values()):
-            if t is not threading.current_thread():
-                t.join()
+    # -- leases -----------------------------------------------------------------------------
+    def _acquire(self, store: _core.Store, run: _Run) -> bool:
+        """Take the phase's lease, waiting while another live process holds it. False if the
+        run was stopped first."""
+        while not store.acquire_lease(self.dataset_id, run.phase, leases.owner(), LEASE_TTL):
+            if run.stopped.wait(min(1.0, LEASE_TTL / 4)):
+                return False
+        return True
 
-    # -- phase 2 ----------------------------------------------------------------------------
-    def _run_probe(self) -> None:
-        store: _core.Store | None = None
-        try:
-            store = _core.Store(self.db)
-            while self._next_round("probe"):
-                if not self._hold_lease(store, "probe"):
-                    continue  # stopped: the next round says so
-                try:
-                    store.probe_pending(
-                        self.dataset_id, stop=self.stop, lease=(_owner(), LEASE_TTL)
-                    )
-                finally:
-                    self._notify()
-        except CancelledError:
-            self._retire("probe")
-        except FastIndexError as e:  # the store failed: say so in the progress
-            self._failed(store, "probe", str(e))
-        finally:
-            self._let_go(store, "probe")
+    def _hold(self, run: _Run) -> contextlib.AbstractContextManager[leases.Held]:
+        def lost() -> None:
+            run.lost = True
+            run.halt()
+            self._notify()
+
+        return leases.keeper().holding(self.db, self.dataset_id, run.phase, lost)
+
+    def _let_go(self, store: _core.Store | None, run: _Run) -> None:
+        if store is not None and not run.lost:
+            with contextlib.suppress(FastIndexError):
+                store.release_lease(self.dataset_id, run.phase, leases.owner())
+        self._notify()
+
+    # -- errors -----------------------------------------------------------------------------
+    def _clear_error(self, store: _core.Store, phase: str) -> None:
+        """A phase that runs again no longer stands stopped on its last error."""
+        self.errors.pop(phase, None)
+        with contextlib.suppress(FastIndexError):  # a full disk: cleared when it succeeds
+            store.set_phase_error(self.dataset_id, phase, None)
 
     def _failed(self, store: _core.Store | None, phase: str, msg: str) -> None:
-        """A phase stopped on an error: record why, on the job and in the store's progress."""
+        """A phase stopped on an error: record why, here and in the store's progress. The
+        kicks it had not taken yet are dropped (the phase just tried and failed): it stands
+        stopped until the next kick, instead of retrying in a loop."""
+        with self._lock:
+            self._wanted[phase] = False
         self.errors[phase] = msg
         if store is not None:
             with contextlib.suppress(FastIndexError):
                 store.set_phase_error(self.dataset_id, phase, msg)
         log.error("%s of dataset %s stopped: %s", phase, self.dataset_id, msg)
-        self._retire(phase)
 
-    def _let_go(self, store: _core.Store | None, phase: str) -> None:
-        if store is not None:
-            with contextlib.suppress(FastIndexError):
-                store.release_lease(self.dataset_id, phase, _owner())
-        self._notify()
-
-    def _hold_lease(self, store: _core.Store, phase: str) -> bool:
-        """Take the phase's lease, waiting while another live process holds it."""
-        while not store.acquire_lease(self.dataset_id, phase, _owner(), LEASE_TTL):
-            if self.stop.is_set():
-                return False
-            time.sleep(min(1.0, LEASE_TTL / 4))
-        return True
-
-    # -- phase 3 ----------------------------------------------------------------------------
-    def _run_embed(self) -> None:
+    # -- phase 2 ----------------------------------------------------------------------------
+    def _probe_run(self, run: _Run) -> None:
         store: _core.Store | None = None
         try:
-            from .embed import embed_pending  # torch is imported only when embeddings are wanted
-
-            store = opened = _core.Store(self.db)
-            if not self._hold_lease(store, "embed"):
-                self._retire("embed")
+            store = _core.Store(self.db)
+            if not self._acquire(store, run):
                 return
-            # Rows a crashed run had claimed go back to the queue.
-            store.release_claims(self.dataset_id)
-            while self._next_round("embed"):
-                model = self._model
-                assert model is not None
-                store.set_phase_error(self.dataset_id, "embed", None)
-                self.errors.pop("embed", None)
-                embed_pending(
-                    store,
-                    self.dataset_id,
-                    model,
-                    stop=self.stop,
-                    producer_alive=lambda: self.probing,
-                    on_batch=lambda: self._heartbeat(opened, "embed"),
-                )
-        except CancelledError:
-            if store is not None:
-                with contextlib.suppress(FastIndexError):
-                    store.release_claims(self.dataset_id)
-            self._retire("embed")
+            with self._hold(run):
+                while self._next_round(run):
+                    self._clear_error(store, "probe")
+                    try:
+                        leases.probe(store, self.dataset_id, run.stop, leases.owner(), LEASE_TTL)
+                    finally:
+                        self._notify()
+                    self._clear_error(store, "probe")
+        except (CancelledError, LeaseLostError) as e:
+            run.lost = run.lost or isinstance(e, LeaseLostError)
+        except FastIndexError as e:  # the store failed: say so in the progress
+            self._failed(store, "probe", str(e))
+        finally:
+            self._let_go(store, run)
+
+    # -- phase 3 ----------------------------------------------------------------------------
+    def _embed_run(self, run: _Run) -> None:
+        store: _core.Store | None = None
+        holding = False
+        try:
+            store = _core.Store(self.db)
+            if not self._acquire(store, run):
+                return
+            with self._hold(run):
+                holding = True
+                # Rows a crashed run had claimed go back to the queue.
+                store.release_claims(self.dataset_id)
+                while self._next_round(run):
+                    self._clear_error(store, "embed")
+                    model = self._built_model()
+                    from .embed.pipeline import embed_pending
+
+                    embed_pending(
+                        store,
+                        self.dataset_id,
+                        model,
+                        stop=run.stop,
+                        producer_alive=lambda: self.probing,
+                        on_batch=self._notify,
+                        owner=leases.owner(),
+                    )
+        except (CancelledError, LeaseLostError) as e:
+            run.lost = run.lost or isinstance(e, LeaseLostError)
+            if holding and not run.lost:
+                self._give_back(store)
         except Exception as e:  # a phase that stops says why, on the job and in the progress
             msg = str(e) if isinstance(e, FastIndexError) else f"{type(e).__name__}: {e}"
-            if store is not None:
-                with contextlib.suppress(FastIndexError):
-                    store.release_claims(self.dataset_id)
+            if run.lost:
+                return  # stopped because the lease was lost: the other process goes on
+            if holding:
+                self._give_back(store)
             self._failed(store, "embed", msg)
         finally:
-            self._let_go(store, "embed")
+            self._let_go(store, run)
 
-    def _heartbeat(self, store: _core.Store, phase: str) -> None:
-        """Called after each committed batch: renew the lease, wake the waiters."""
-        store.acquire_lease(self.dataset_id, phase, _owner(), LEASE_TTL)
-        self._notify()
+    def _give_back(self, store: _core.Store | None) -> None:
+        """Put the rows this process claimed back to `indexed` (it holds the lease, so the
+        dataset's claims are its own)."""
+        if store is not None:
+            with contextlib.suppress(FastIndexError):
+                store.release_claims(self.dataset_id)
+
+    def _built_model(self) -> EmbeddingModel:
+        """The model to embed with; a `ModelSpec` is built here, in the embed thread."""
+        with self._lock:
+            src = self._model
+        assert src is not None
+        if not isinstance(src, ModelSpec):
+            return src
+        from .embed import EmbeddingModel
+
+        try:
+            model = EmbeddingModel.from_spec(src.spec)
+        except (ImportError, FastIndexError) as e:
+            raise _CannotBuild(f"{src.what}: {e}") from e
+        with self._lock:
+            if self._model is src:
+                self._model = model
+        return model
+
+
+class _CannotBuild(FastIndexError):
+    """The dataset's embedding model cannot be built in this process."""
 
 
 _pipelines: dict[tuple[str, int], Pipeline] = {}
 _pipelines_lock = threading.Lock()
 
 
+#: How long the interpreter's exit waits for a worker to leave the store.
+EXIT_TIMEOUT = 30.0
+
+
 @atexit.register
 def _stop_all() -> None:
     """Stop background work before the interpreter goes away: a worker must not be inside the
     store when Python finalises. Rows keep their status; the next `load` resumes them."""
+    stop_all(EXIT_TIMEOUT)
+
+
+def stop_all(timeout: float | None = None) -> bool:
+    """Cancel every pipeline of this process; True when all their runs ended in `timeout`."""
     with _pipelines_lock:
         pipelines = list(_pipelines.values())
+    deadline = None if timeout is None else time.monotonic() + timeout
+    ok = True
     for p in pipelines:
-        p.cancel()
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ok = p.cancel(left) and ok
+    return ok
+
+
+def _after_fork_in_child() -> None:
+    # The parent's threads do not exist in a forked child: its pipelines start afresh.
+    global _pipelines_lock
+    _pipelines.clear()
+    _pipelines_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def pipeline_for(db: str, dataset_id: int) -> Pipeline:
@@ -272,9 +424,10 @@ class Job:
         """
         return wait_for(lambda: self.progress(), self._pipeline, timeout)
 
-    def cancel(self) -> None:
-        """Stop the dataset's background work (rows stay in the store; nothing is lost)."""
-        self._pipeline.cancel()
+    def cancel(self, timeout: float | None = None) -> bool:
+        """Stop the dataset's background work (rows stay in the store; nothing is lost).
+        Waits at most `timeout` seconds; returns whether every worker has stopped."""
+        return self._pipeline.cancel(timeout)
 
 
 def progress_of(

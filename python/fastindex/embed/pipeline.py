@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import _core
+from .. import _core, leases
 from ..errors import CancelledError
 from .decode_cpu import _decode_into
 from .decode_gpu import _TorchJpegDecoder
@@ -79,6 +79,7 @@ class _Pipeline:
         on_batch: Callable[[], None],
         stats: _Stats,
         gpu_decode: bool | None,
+        owner: str | None,
     ) -> None:
         self.store = store
         self.dataset_id = dataset_id
@@ -87,6 +88,7 @@ class _Pipeline:
         self.stop = stop
         self.producer_alive = producer_alive
         self.on_batch = on_batch
+        self.owner = owner
         self.stats = stats
         self.pre = model.preprocess
         self.n = model.batch_size
@@ -170,7 +172,8 @@ class _Pipeline:
 
     def _put(self, q: queue.Queue[Any], item: Any) -> None:
         while True:
-            if self.abort.is_set():
+            # A stop too: the writer ends on one, and would never drain a full queue.
+            if self.abort.is_set() or self.stop.is_set():
                 raise _Abort
             try:
                 q.put(item, timeout=0.1)
@@ -196,7 +199,7 @@ class _Pipeline:
                 # Ask whether phase 2 runs *before* claiming: if it had stopped, every row
                 # it made is visible to this claim.
                 alive = self.producer_alive()
-                rows = self.store.claim_for_embedding(self.dataset_id, self.n, after)
+                rows = leases.claim(self.store, self.dataset_id, self.n, after, self.owner)
                 if not rows:
                     self.slots.release()
                     if alive:
@@ -375,9 +378,15 @@ class _Pipeline:
             if item is None:
                 return
             b, vecs = item
+            if self.stop.is_set() or self.abort.is_set():
+                # Stopped (cancelled, or the lease was lost): a batch in flight is not
+                # committed; its rows are given back, or taken over by the lease's new holder.
+                raise _Abort
             ids = [b.ids[i] for i in np.flatnonzero(b.ok)]
             blob = np.ascontiguousarray(vecs, dtype="<f2").tobytes()
-            self.store.finish_embeddings(self.dataset_id, self.model_id, ids, blob, b.failed)
+            leases.finish(
+                self.store, self.dataset_id, self.model_id, ids, blob, b.failed, self.owner
+            )
             self.stats.embedded += len(ids)
             self.stats.failed += len(b.failed)
             self.stats.batches += 1
@@ -394,6 +403,7 @@ def embed_pending(
     on_batch: Callable[[], None],
     gpu_decode: bool | None = None,
     stats: dict[str, int] | None = None,
+    owner: str | None = None,
 ) -> int:
     """Phase 3: embed the dataset's `indexed` samples until none is left. Blocks.
 
@@ -408,6 +418,8 @@ def embed_pending(
         gpu_decode: decode JPEGs with torchvision too (default: on CUDA devices).
         stats: filled with counts (`embedded`, `failed`, `batches`, `decoded_cpu`,
             `decoded_gpu`, `decoded_pil`) for benchmarks.
+        owner: the holder of the dataset's embed lease (`leases.owner()`): claims and
+            commits are then refused (`LeaseLostError`) once another process holds it.
 
     Returns:
         The number of samples embedded.
@@ -416,13 +428,25 @@ def embed_pending(
         EmbeddingError: the model cannot be loaded (nothing was claimed).
         CancelledError: `stop` was set; rows claimed and not written stay `embedding`, for
             the caller to release.
+        LeaseLostError: another process holds the embed lease now (nothing more written).
     """
     model.load()
+    if stop.is_set():  # stopped (or the lease lost) while the weights loaded
+        raise CancelledError("embedding cancelled")
     model_id = store.register_model(model.key_name, model.key_pretrained, model.dim)
     st = _Stats()
     try:
         _Pipeline(
-            store, dataset_id, model, int(model_id), stop, producer_alive, on_batch, st, gpu_decode
+            store,
+            dataset_id,
+            model,
+            int(model_id),
+            stop,
+            producer_alive,
+            on_batch,
+            st,
+            gpu_decode,
+            owner,
         ).run()
     except _Abort:  # pragma: no cover - an abort always carries an error or a stop
         raise CancelledError("embedding stopped") from None

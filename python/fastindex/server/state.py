@@ -106,7 +106,29 @@ class ServerState:
         self._task_ids = itertools.count(1)
         self.tasks: dict[int, IndexTask] = {}
         self._threads: list[threading.Thread] = []
+        self._resumed: set[int] = set()
         self.store()  # fail now (StoreError) if the file is not a fastindex store
+        self.resume_unfinished()
+
+    def resume_unfinished(self) -> list[int]:
+        """Start the background work of every dataset in the store that has unfinished rows
+        (left by a run that crashed or was stopped), so that its progress and its streams
+        reach `complete`. Returns their ids. Returns at once."""
+        started = []
+        for dataset_id, name, _, _ in self.store().list_datasets():
+            p = progress_of(self.store(), dataset_id, None, None)
+            if p["status"] == "complete":
+                continue
+            try:
+                ds = self.dataset(dataset_id)
+                ds.resume()
+            except FastIndexError as e:  # that dataset stays as it is; the others go on
+                log.warning("cannot resume dataset %s (%s): %s", dataset_id, name, e)
+                continue
+            started.append(dataset_id)
+        with self._lock:
+            self._resumed.update(started)
+        return started
 
     # -- store access -----------------------------------------------------------------------
     def store(self) -> _core.Store:
@@ -379,5 +401,8 @@ class ServerState:
         for t in list(self._threads):
             t.join(max(0.0, deadline - time.monotonic()))
         if cancel:
-            for dataset_id in {task.dataset_id for task in self.tasks.values()}:
-                self.pipeline(dataset_id).cancel()
+            with self._lock:
+                ids = {task.dataset_id for task in self.tasks.values()} | self._resumed
+            for dataset_id in ids:
+                left = max(0.0, deadline - time.monotonic())
+                self.pipeline(dataset_id).cancel(left)
