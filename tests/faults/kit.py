@@ -8,6 +8,7 @@ two SQLite libraries in one process undo each other's locks (see the README).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -107,7 +108,8 @@ def make_coco(path: Path, tree: Tree, *, every: int = 2, missing: int = 10, seed
         {"id": 9, "name": "tree", "supercategory": None},
     ]
     listed = tree.files[::every] + [f"gone/missing{i:03d}.jpg" for i in range(missing)]
-    images, anns = [], []
+    images: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
     for k, rel in enumerate(listed):
         w, h = tree.sizes.get(rel, (32, 24))
         if k % 97 == 5:
@@ -232,10 +234,8 @@ class Child:
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.code is None and self.zygote.exit_code(self.pid) is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
 
     def wait(self, timeout: float) -> int:
         """The exit code (negative: the signal); kills the child and fails on a hang."""
@@ -257,13 +257,15 @@ class Child:
 
     def marks(self) -> dict[str, float]:
         """`mark("x")` calls of the child, as seconds since `t0`."""
-        out = {}
+        out: dict[str, float] = {}
         for m in re.finditer(r"^@(\S+) ([0-9.]+)$", self.output(), re.M):
             out.setdefault(m.group(1), float(m.group(2)) - self.t0)
         return out
 
     def json_lines(self) -> list[Any]:
-        return [json.loads(line[5:]) for line in self.output().splitlines() if line.startswith("JSON ")]
+        return [
+            json.loads(line[5:]) for line in self.output().splitlines() if line.startswith("JSON ")
+        ]
 
 
 @dataclass
@@ -343,10 +345,8 @@ class Zygote:
         with self._cond:
             live = list(self._live)
         for pid in live:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         if self.proc.stdin is not None:
             self.proc.stdin.close()
         try:
@@ -376,7 +376,12 @@ TINY_ARGS = ["--model", TINY_MODEL, "--pretrained", "random", "--device", "cpu",
 def cli(*args: object, **env: str) -> subprocess.Popen[str]:
     """Start `fastindex ARGS` (the real CLI, in a new process); stdout and stderr piped."""
     return subprocess.Popen(
-        [sys.executable, "-c", CLI, *[os.fspath(a) if isinstance(a, Path) else str(a) for a in args]],
+        [
+            sys.executable,
+            "-c",
+            CLI,
+            *[os.fspath(a) if isinstance(a, Path) else str(a) for a in args],
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -391,7 +396,9 @@ def finish_cli(proc: subprocess.Popen[str], timeout: float) -> tuple[int, str, s
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-        raise AssertionError(f"`fastindex` still running after {timeout} s:\n{err[-3000:]}") from None
+        raise AssertionError(
+            f"`fastindex` still running after {timeout} s:\n{err[-3000:]}"
+        ) from None
     return proc.returncode, out, err
 
 
@@ -445,7 +452,8 @@ out["count_star"] = rows(
 out["count_star_by_job"] = rows(
     "SELECT dataset_id, job_id, status, COUNT(*) FROM samples GROUP BY 1, 2, 3"
 )
-out["counts"] = rows("SELECT dataset_id, job_id, status, n FROM counts") if "counts" in tables else None
+out["counts"] = (
+    rows("SELECT dataset_id, job_id, status, n FROM counts") if "counts" in tables else None)
 out["phase_errors"] = (
     rows("SELECT d.name, e.phase, e.message FROM phase_errors e"
          " LEFT JOIN datasets d ON d.id = e.dataset_id") if "phase_errors" in tables else [])
@@ -486,6 +494,20 @@ class Dump:
             self.duplicates,
         )
 
+    def renamed(self, name: str) -> Dump:
+        """This dump (of one dataset) as if its dataset were called `name`."""
+        return Dump(
+            [name for _ in self.datasets],
+            {(name, *k[1:]): v for k, v in self.samples.items()},
+            sorted(((name, *a[1:]) for a in self.annotations), key=_sort_key),
+            sorted(((name, *c[1:]) for c in self.categories), key=_sort_key),
+            {(name, *k[1:]): v for k, v in self.embeddings.items()},
+            dict(zip([name], self.count_star.values(), strict=False)),
+            self.counts_ok,
+            [(name, *e[1:]) for e in self.phase_errors],
+            self.duplicates,
+        )
+
 
 def _sort_key(row: Sequence[Any]) -> tuple[str, ...]:
     return tuple(json.dumps(v) for v in row)
@@ -511,10 +533,10 @@ def dump_store(db: Path | str) -> Dump:
         samples[key] = tuple(rest)
     embeddings: dict[tuple[str, str, str, str], str] = {}
     for name, path, model, pre, vec in raw["embeddings"]:
-        key = (name, path, model, pre)
-        if key in embeddings:
-            dups.append(f"embedding {key} twice")
-        embeddings[key] = vec
+        vkey = (name, path, model, pre)
+        if vkey in embeddings:
+            dups.append(f"embedding {vkey} twice")
+        embeddings[vkey] = vec
     names = [n for _, n in raw["datasets"]]
     if len(set(names)) != len(names):
         dups.append(f"dataset names {names}")
@@ -613,7 +635,7 @@ SMALL_FILES = 240  # thirty batches of 8 for the tiny model: phase 3 has a middl
 _ADD_AND_WAIT = """
 db = sys.argv[1]
 mark("start")
-ds = fastindex.Dataset.load_or_create("{name}", db=db)
+ds = fastindex.Dataset.load_or_create(os.environ.get("FAULTS_DATASET", "{name}"), db=db)
 mark("created")
 job = {add}
 mark("scanned")
@@ -632,12 +654,13 @@ SCRIPTS = {
         " embed=False)",
     ),
     "embed": _ADD_AND_WAIT.format(
-        name=NAME, add="ds.add_images_from_path(sys.argv[2], embed=testing.tiny_model(batch_size=8))"
+        name=NAME,
+        add="ds.add_images_from_path(sys.argv[2], embed=testing.tiny_model(batch_size=8))",
     ),
 }
 # Reopen and finish: what a user does after a crash in phase 2 or 3.
 RESUME = f"""
-ds = fastindex.Dataset.load("{NAME}", db=sys.argv[1])
+ds = fastindex.Dataset.load(os.environ.get("FAULTS_DATASET", "{NAME}"), db=sys.argv[1])
 ok = ds.wait(timeout=150)
 print("JSON " + json.dumps(ds.get_loading_progress()), flush=True)
 sys.exit(0 if ok else 3)

@@ -10,6 +10,7 @@ the middle of phase 3. The rerun is the real CLI in a new process.
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import kit
 import pytest
@@ -46,7 +47,7 @@ BOUNDARIES = {
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("boundary", list(BOUNDARIES))
 def test_rerun_after_a_crash_finishes_every_row_and_says_so(
-    boundary: str, zygote: kit.Zygote, trees: Trees, clean_runs: CleanRuns, tmp_path: kit.Path
+    boundary: str, zygote: kit.Zygote, trees: Trees, clean_runs: CleanRuns, tmp_path: Path
 ) -> None:
     kind, embed, cond, flags = BOUNDARIES[boundary]
     clean, _ = clean_runs.get(kind)

@@ -28,7 +28,7 @@ PHASES: dict[str, tuple[str, list[str], Cond]] = {
     # phase 1 commits its rows at the end of the walk (or in chunks): fewer than all are in
     "walk": ("images", ["--no-embed"], lambda p, n: p["total"] < n),
     "coco": ("coco", ["--no-embed"], lambda p, n: p["total"] < n),
-    "probe": ("images", ["--no-embed"], lambda p, n: p["total"] == n and 0 < p["pending"]),
+    "probe": ("images", ["--no-embed"], lambda p, n: p["total"] == n and p["pending"] > 0),
     # phase 3 waiting for torch and the model to load: rows indexed, none embedded yet
     "embed-load": ("embed", kit.TINY_ARGS,
                    lambda p, n: p["total"] == n and p["indexed"] > 0 and p["ready"] == 0),
@@ -112,6 +112,6 @@ def test_sigint_exits_promptly_and_the_next_run_resumes(
     assert took < HANG_GUARD, f"{took:.2f} s from SIGINT to exit"
     assert "Traceback" not in err, err[-3000:]
 
-    rc, out, err = kit.finish_cli(kit.cli(*_args(kind, trees, db, flags)), timeout=180)
+    rc, _, err = kit.finish_cli(kit.cli(*_args(kind, trees, db, flags)), timeout=180)
     assert rc == 0, f"the run after SIGINT exited {rc}:\n{err[-3000:]}"
     kit.assert_same_store(kit.dump_store(db), clean)
