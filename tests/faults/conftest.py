@@ -4,8 +4,6 @@ zygote that forks the short runs, and clean runs to compare every faulted run wi
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import kit
 import pytest
@@ -29,46 +27,19 @@ def zygote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kit.Zygote]:
         z.close()
 
 
-@dataclass
-class Trees:
-    big: kit.Tree  # enough files for three probe batches
-    coco: Path  # a COCO file over half of `big`, a polygon on every box
-    small: kit.Tree  # for phase 3 with the tiny model
-
-
 @pytest.fixture(scope="session")
-def trees(tmp_path_factory: pytest.TempPathFactory, zygote: kit.Zygote) -> Trees:
+def trees(tmp_path_factory: pytest.TempPathFactory, zygote: kit.Zygote) -> kit.Trees:
+    # (after `zygote`: it imports torch while the files are written)
     base = tmp_path_factory.mktemp("trees")
     big = kit.make_tree(base / "big", kit.BIG_FILES, seed=1)
     coco = base / "instances.json"
     kit.make_coco(coco, big, seed=2)
     small = kit.make_tree(base / "small", kit.SMALL_FILES, seed=3, distinct=96, per_dir=60)
-    return Trees(big, coco, small)
-
-
-class CleanRuns:
-    """Runs without faults, made once per session and kept as dumps: the reference."""
-
-    def __init__(self, zygote: kit.Zygote, trees: Trees, base: Path) -> None:
-        self.zygote, self.trees, self.base = zygote, trees, base
-        self._done: dict[str, tuple[kit.Dump, dict[str, float]]] = {}
-
-    def get(self, kind: str) -> tuple[kit.Dump, dict[str, float]]:
-        """`(dump, marks)` of a clean run of `kind` ("images", "coco" or "embed")."""
-        if kind not in self._done:
-            db = self.base / f"clean-{kind}.db"
-            child = self.zygote.run(kit.SCRIPTS[kind], kit.script_args(kind, db, self.trees))
-            assert child.wait(180) == 0, child.output()[-3000:]
-            dump = kit.dump_store(db)
-            (progress,) = child.json_lines()
-            kit.assert_progress_matches(progress, dump)
-            assert not dump.counts_ok and not dump.duplicates and not dump.phase_errors
-            self._done[kind] = (dump, child.marks())
-        return self._done[kind]
+    return kit.Trees(big, coco, small)
 
 
 @pytest.fixture(scope="session")
 def clean_runs(
-    zygote: kit.Zygote, trees: Trees, tmp_path_factory: pytest.TempPathFactory
-) -> CleanRuns:
-    return CleanRuns(zygote, trees, tmp_path_factory.mktemp("clean"))
+    zygote: kit.Zygote, trees: kit.Trees, tmp_path_factory: pytest.TempPathFactory
+) -> kit.CleanRuns:
+    return kit.CleanRuns(zygote, trees, tmp_path_factory.mktemp("clean"))

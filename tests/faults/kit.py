@@ -667,9 +667,37 @@ sys.exit(0 if ok else 3)
 """
 
 
-def script_args(kind: str, db: Path, trees: Any) -> list[object]:
+def script_args(kind: str, db: Path, trees: Trees) -> list[object]:
     if kind == "images":
         return [db, trees.big.root]
     if kind == "coco":
         return [db, trees.big.root, trees.coco]
     return [db, trees.small.root]
+
+
+@dataclass
+class Trees:
+    big: Tree  # enough files for three probe batches
+    coco: Path  # a COCO file over half of `big`, a polygon on every box
+    small: Tree  # for phase 3 with the tiny model
+
+
+class CleanRuns:
+    """Runs without faults, made once per session and kept as dumps: the reference."""
+
+    def __init__(self, zygote: Zygote, trees: Trees, base: Path) -> None:
+        self.zygote, self.trees, self.base = zygote, trees, base
+        self._done: dict[str, tuple[Dump, dict[str, float]]] = {}
+
+    def get(self, kind: str) -> tuple[Dump, dict[str, float]]:
+        """`(dump, marks)` of a clean run of `kind` ("images", "coco" or "embed")."""
+        if kind not in self._done:
+            db = self.base / f"clean-{kind}.db"
+            child = self.zygote.run(SCRIPTS[kind], script_args(kind, db, self.trees))
+            assert child.wait(180) == 0, child.output()[-3000:]
+            dump = dump_store(db)
+            (progress,) = child.json_lines()
+            assert_progress_matches(progress, dump)
+            assert not dump.counts_ok and not dump.duplicates and not dump.phase_errors
+            self._done[kind] = (dump, child.marks())
+        return self._done[kind]

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import kit
 import pytest
-from conftest import CleanRuns, Trees
 
 ROUNDS = 4  # fresh stores per case: the races are in the first open and the first create
 
@@ -32,7 +31,7 @@ def _wait_mark(child: kit.Child, mark: str, timeout: float = 60) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_same_folder_into_the_same_dataset_from_two_clis(
-    trees: Trees, clean_runs: CleanRuns, tmp_path: Path
+    trees: kit.Trees, clean_runs: kit.CleanRuns, tmp_path: Path
 ) -> None:
     clean, _ = clean_runs.get("images")
     for r in range(ROUNDS):
@@ -48,7 +47,7 @@ def test_same_folder_into_the_same_dataset_from_two_clis(
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_same_folder_into_the_same_dataset_with_embeddings(
-    zygote: kit.Zygote, trees: Trees, clean_runs: CleanRuns, tmp_path: Path
+    zygote: kit.Zygote, trees: kit.Trees, clean_runs: kit.CleanRuns, tmp_path: Path
 ) -> None:
     clean, _ = clean_runs.get("embed")
     for r in range(ROUNDS):
@@ -67,7 +66,7 @@ def test_same_folder_into_the_same_dataset_with_embeddings(
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_datasets_at_once(
-    zygote: kit.Zygote, trees: Trees, clean_runs: CleanRuns, tmp_path: Path
+    zygote: kit.Zygote, trees: kit.Trees, clean_runs: kit.CleanRuns, tmp_path: Path
 ) -> None:
     images, _ = clean_runs.get("images")
     embedded, _ = clean_runs.get("embed")
@@ -88,7 +87,7 @@ def test_two_datasets_at_once(
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_coco_ingest_beside_another_datasets_probe(
-    zygote: kit.Zygote, trees: Trees, clean_runs: CleanRuns, tmp_path: Path
+    zygote: kit.Zygote, trees: kit.Trees, clean_runs: kit.CleanRuns, tmp_path: Path
 ) -> None:
     images, _ = clean_runs.get("images")
     coco, _ = clean_runs.get("coco")

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import kit
 import pytest
-from conftest import CleanRuns, Trees
 
 HANG_GUARD = 5.0  # seconds for the failing run, process start included: it must stop, not spin
 LEFT_FREE = 192 * 1024  # room for the rerun's phase 1 (a job row), not for a probe batch
@@ -72,7 +71,7 @@ def _free(path: Path) -> int:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_disk_full_in_phase_2_fails_fast_then_the_next_run_recovers(
-    tmpfs: Path, zygote: kit.Zygote, trees: Trees, clean_runs: CleanRuns
+    tmpfs: Path, zygote: kit.Zygote, trees: kit.Trees, clean_runs: kit.CleanRuns
 ) -> None:
     clean, _ = clean_runs.get("images")
     db = tmpfs / "store.db"

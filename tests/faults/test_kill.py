@@ -16,7 +16,6 @@ from pathlib import Path
 
 import kit
 import pytest
-from conftest import CleanRuns, Trees
 
 SEED = 7
 TRIALS = 20
@@ -45,7 +44,12 @@ def _where(marks: dict[str, float], code: int) -> str:
 @pytest.mark.parametrize("trial", range(TRIALS))
 @pytest.mark.parametrize("phase", list(PHASES))
 def test_kill_9_then_finish_matches_a_clean_run(
-    phase: str, trial: int, zygote: kit.Zygote, trees: Trees, clean_runs: CleanRuns, tmp_path: Path
+    phase: str,
+    trial: int,
+    zygote: kit.Zygote,
+    trees: kit.Trees,
+    clean_runs: kit.CleanRuns,
+    tmp_path: Path,
 ) -> None:
     kind, opens, closes, inside_marks = PHASES[phase]
     clean, marks = clean_runs.get(kind)

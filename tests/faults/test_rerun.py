@@ -14,7 +14,6 @@ from pathlib import Path
 
 import kit
 import pytest
-from conftest import CleanRuns, Trees
 
 # The child's add has returned (the `scanned` mark); then it waits for the boundary and dies.
 _CRASH = """
@@ -47,7 +46,7 @@ BOUNDARIES = {
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("boundary", list(BOUNDARIES))
 def test_rerun_after_a_crash_finishes_every_row_and_says_so(
-    boundary: str, zygote: kit.Zygote, trees: Trees, clean_runs: CleanRuns, tmp_path: Path
+    boundary: str, zygote: kit.Zygote, trees: kit.Trees, clean_runs: kit.CleanRuns, tmp_path: Path
 ) -> None:
     kind, embed, cond, flags = BOUNDARIES[boundary]
     clean, _ = clean_runs.get(kind)

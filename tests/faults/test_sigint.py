@@ -18,7 +18,6 @@ from typing import Any
 import fastindex
 import kit
 import pytest
-from conftest import CleanRuns, Trees
 
 HANG_GUARD = 2.0  # seconds from SIGINT to exit that count as a hang (the goal is 0.5 s)
 
@@ -37,7 +36,7 @@ PHASES: dict[str, tuple[str, list[str], Cond]] = {
 }  # fmt: skip
 
 
-def _args(kind: str, trees: Trees, db: Path, flags: list[str]) -> list[object]:
+def _args(kind: str, trees: kit.Trees, db: Path, flags: list[str]) -> list[object]:
     root = trees.small.root if kind == "embed" else trees.big.root
     coco = ["--coco", trees.coco] if kind == "coco" else []
     return ["index", root, *coco, "--db", db, "--name", kit.NAME, *flags]
@@ -85,7 +84,7 @@ def interrupt_when(
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("phase", list(PHASES))
 def test_sigint_exits_promptly_and_the_next_run_resumes(
-    phase: str, trees: Trees, clean_runs: CleanRuns, tmp_path: Path
+    phase: str, trees: kit.Trees, clean_runs: kit.CleanRuns, tmp_path: Path
 ) -> None:
     kind, flags, cond = PHASES[phase]
     clean, _ = clean_runs.get(kind)
