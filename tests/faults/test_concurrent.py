@@ -37,8 +37,16 @@ def test_same_folder_into_the_same_dataset_from_two_clis(
     for r in range(ROUNDS):
         db = tmp_path / f"store{r}.db"
         args = ["index", trees.big.root, "--db", db, "--name", kit.NAME, "--no-embed", "--quiet"]
+        t0 = time.monotonic()
         procs = [kit.cli(*args), kit.cli(*args)]
-        results = [kit.finish_cli(p, timeout=180) for p in procs]
+        try:
+            results = [kit.finish_cli(p, timeout=180) for p in procs]
+            kit.record(f"two CLIs, same folder, round {r}: {time.monotonic() - t0:.1f} s")
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.communicate()
         for rc, _, err in results:
             assert rc == 0, f"round {r}: a CLI exited {rc}:\n{err[-3000:]}"
         kit.assert_same_store(kit.dump_store(db), clean)

@@ -1,7 +1,7 @@
 """kill -9 at random moments in each phase, then reopen, finish, and compare the whole store
 with a clean run: every sample row, annotation and vector, exactly once.
 
-Each phase's window (where its run spends its time) is measured once, from the clean run's
+Each phase's window (where its run spends its time) is measured once, from the clean runs'
 timeline; every trial then kills a fresh run after a delay drawn from that window with a
 seeded RNG. The runs are forked from a zygote (torch is imported once), so a trial costs the
 work it does, not an interpreter start.
@@ -52,7 +52,8 @@ def test_kill_9_then_finish_matches_a_clean_run(
     tmp_path: Path,
 ) -> None:
     kind, opens, closes, inside_marks = PHASES[phase]
-    clean, marks = clean_runs.get(kind)
+    clean, _ = clean_runs.get(kind)
+    marks = clean_runs.timeline(kind)
     start = marks.get(opens, 0.0) if opens != "start" else 0.0
     window = (start, marks[closes])
     delay = random.Random(f"{SEED}-{phase}-{trial}").uniform(*window)
