@@ -15,7 +15,6 @@ import queue
 import random
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import textwrap
@@ -691,7 +690,7 @@ class CleanRuns:
     def __init__(self, zygote: Zygote, trees: Trees, base: Path) -> None:
         self.zygote, self.trees, self.base = zygote, trees, base
         self._done: dict[str, tuple[Dump, dict[str, float]]] = {}
-        self._timelines: dict[str, dict[str, float]] = {}
+        self._timelines: dict[str, list[dict[str, float]]] = {}
 
     def get(self, kind: str) -> tuple[Dump, dict[str, float]]:
         """`(dump, marks)` of a clean run of `kind` ("images", "coco" or "embed")."""
@@ -706,9 +705,10 @@ class CleanRuns:
             self._done[kind] = (dump, child.marks())
         return self._done[kind]
 
-    def timeline(self, kind: str, runs: int = 3) -> dict[str, float]:
-        """The median time of each mark over the clean run and `runs - 1` more like it (one
-        run's timeline is noisy on a busy machine)."""
+    def phase_length(self, kind: str, opens: str, closes: str, runs: int = 3) -> float:
+        """How long runs of `kind` spend from mark `opens` to mark `closes`: the shortest of
+        the clean run and `runs - 1` more like it (so a random moment in it is inside the
+        phase on a run that goes faster, too)."""
         if kind not in self._timelines:
             seen = [self.get(kind)[1]]
             for i in range(runs - 1):
@@ -716,9 +716,7 @@ class CleanRuns:
                 child = self.zygote.run(SCRIPTS[kind], script_args(kind, db, self.trees))
                 assert child.wait(180) == 0, child.output()[-3000:]
                 seen.append(child.marks())
-            self._timelines[kind] = {
-                m: statistics.median(t[m] for t in seen)
-                for m in seen[0]
-                if all(m in t for t in seen)
-            }
-        return self._timelines[kind]
+            self._timelines[kind] = seen
+        return min(
+            t[closes] - (t[opens] if opens != "start" else 0.0) for t in self._timelines[kind]
+        )

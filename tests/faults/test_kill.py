@@ -1,9 +1,9 @@
 """kill -9 at random moments in each phase, then reopen, finish, and compare the whole store
 with a clean run: every sample row, annotation and vector, exactly once.
 
-Each phase's window (where its run spends its time) is measured once, from the clean runs'
-timeline; every trial then kills a fresh run after a delay drawn from that window with a
-seeded RNG. The runs are forked from a zygote (torch is imported once), so a trial costs the
+Each phase's length is measured once, from the clean runs' timeline; every trial then kills a
+fresh run a delay after it enters the phase (its mark), drawn over that length with a seeded
+RNG. The runs are forked from a zygote (torch is imported once), so a trial costs the
 work it does, not an interpreter start.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 
 import kit
@@ -28,6 +29,16 @@ PHASES = {
     "embed": ("embed", "scanned", "done", {"after scanned"}),
 }
 _landed: dict[str, list[str]] = {}
+
+
+def _wait_for_mark(child: kit.Child, mark: str) -> float:
+    """When (monotonic) this process saw `mark` from the child."""
+    deadline = time.monotonic() + 60
+    while mark not in child.marks():
+        if child.zygote.exit_code(child.pid) is not None or time.monotonic() > deadline:
+            raise AssertionError(f"no {mark!r} from the run:\n{child.output()[-3000:]}")
+        time.sleep(0.0005)
+    return time.monotonic()
 
 
 def _where(marks: dict[str, float], code: int) -> str:
@@ -53,15 +64,16 @@ def test_kill_9_then_finish_matches_a_clean_run(
 ) -> None:
     kind, opens, closes, inside_marks = PHASES[phase]
     clean, _ = clean_runs.get(kind)
-    marks = clean_runs.timeline(kind)
-    start = marks.get(opens, 0.0) if opens != "start" else 0.0
-    window = (start, marks[closes])
-    delay = random.Random(f"{SEED}-{phase}-{trial}").uniform(*window)
+    # The kill comes a random time after the run enters the phase (seen from its mark), drawn
+    # over the phase's length in the clean runs: a slow start does not push it past the phase.
+    length = clean_runs.phase_length(kind, opens, closes)
+    delay = random.Random(f"{SEED}-{phase}-{trial}").uniform(0.0, length)
 
     db = tmp_path / "store.db"
     args = kit.script_args(kind, db, trees)
     child = zygote.run(kit.SCRIPTS[kind], args)
-    time.sleep(max(0.0, delay - (time.monotonic() - child.t0)))
+    entered = child.t0 if opens == "start" else _wait_for_mark(child, opens)
+    time.sleep(max(0.0, delay - (time.monotonic() - entered)))
     child.kill(signal.SIGKILL)
     code = child.wait(60)
     assert code in (0, -signal.SIGKILL), child.output()[-3000:]
@@ -69,9 +81,10 @@ def test_kill_9_then_finish_matches_a_clean_run(
     _landed.setdefault(phase, []).append(where)
     if len(_landed[phase]) == TRIALS:
         inside = sum(w in inside_marks for w in _landed[phase])
+        outside = Counter(w for w in _landed[phase] if w not in inside_marks)
         kit.record(
-            f"kill -9 in {phase}: window {window[0]:.3f}-{window[1]:.3f} s, "
-            f"{inside}/{TRIALS} kills inside it"
+            f"kill -9 in {phase}: {length:.3f} s long, {inside}/{TRIALS} kills inside it"
+            + (f" (others: {dict(outside)})" if outside else "")
         )
 
     # Reopen and finish. Once the killed run's add had returned, `Dataset.load` alone must
