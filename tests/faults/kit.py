@@ -387,7 +387,8 @@ def cli(*args: object, **env: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=child_env(**env),
+        # wide enough that rich never wraps a path or the summary line
+        env=child_env(COLUMNS="1000", **env),
     )
 
 

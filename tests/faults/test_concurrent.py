@@ -15,9 +15,13 @@ ROUNDS = 4  # fresh stores per case: the races are in the first open and the fir
 
 
 def _both_exit_0(*children: kit.Child) -> None:
-    for c in children:
-        rc = c.wait(180)
-        assert rc == 0, f"a run exited {rc}:\n{c.output()[-3000:]}"
+    try:
+        for c in children:
+            rc = c.wait(180)
+            assert rc == 0, f"a run exited {rc}:\n{c.output()[-3000:]}"
+    finally:
+        for c in children:
+            c.kill()
 
 
 def _wait_mark(child: kit.Child, mark: str, timeout: float = 60) -> None:
