@@ -11,7 +11,7 @@ from pathlib import Path
 import kit
 import pytest
 
-ROUNDS = 4  # fresh stores per case: the races are in the first open and the first create
+ROUNDS = 5  # fresh stores per case: the races are in the first open and the first create
 
 
 def _both_exit_0(*children: kit.Child) -> None:
