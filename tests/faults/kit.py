@@ -162,9 +162,15 @@ def die():
 _ZYGOTE = r"""
 import atexit, json, os, select, signal, sys, traceback
 for mod in sys.argv[1:]:
-    __import__(mod)
-from fastindex import testing
-testing.register_tiny_model()
+    try:
+        __import__(mod)
+    except ImportError:  # no torch here: the runs that embed fail and say so
+        pass
+try:
+    from fastindex import testing
+    testing.register_tiny_model()
+except ImportError:
+    pass
 alive = set()
 def reap():
     while alive:
@@ -387,8 +393,9 @@ def cli(*args: object, **env: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        # wide enough that rich never wraps a path or the summary line
-        env=child_env(COLUMNS="1000", **env),
+        # Wide enough that rich never wraps a path or the summary line; one I/O thread, as in
+        # the zygote's runs, so that phase 2 has a middle to interrupt.
+        env=child_env(COLUMNS="1000", FASTINDEX_IO_THREADS="1", **env),
     )
 
 

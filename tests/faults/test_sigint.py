@@ -28,7 +28,8 @@ PHASES: dict[str, tuple[str, list[str], Cond]] = {
     # phase 1 commits its rows at the end of the walk (or in chunks): fewer than all are in
     "walk": ("images", ["--no-embed"], lambda p, n: p["total"] < n),
     "coco": ("coco", ["--no-embed"], lambda p, n: p["total"] < n),
-    "probe": ("images", ["--no-embed"], lambda p, n: p["total"] == n and p["pending"] > 0),
+    # a first batch is committed: phase 1 has returned and phase 2 is under way
+    "probe": ("images", ["--no-embed"], lambda p, n: p["total"] == n and 0 < p["pending"] < n),
     # phase 3 waiting for torch and the model to load: rows indexed, none embedded yet
     "embed-load": ("embed", kit.TINY_ARGS,
                    lambda p, n: p["total"] == n and p["indexed"] > 0 and p["ready"] == 0),
