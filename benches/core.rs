@@ -67,9 +67,8 @@ fn with_jwalk(root: &Path) -> Vec<FileEntry> {
                 if (kind.is_file() || kind.is_symlink())
                     && is_image_name(child.file_name.as_bytes())
                 {
-                    child.client_state = std::fs::metadata(child.path())
-                        .ok()
-                        .filter(|m| m.is_file());
+                    child.client_state =
+                        std::fs::metadata(child.path()).ok().filter(|m| m.is_file());
                 }
             }
         });

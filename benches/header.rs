@@ -96,7 +96,10 @@ fn main() {
     compare_with_pillow(&dir, &cases);
 
     let mut c: Criterion = common::criterion();
-    let typical: Vec<&Case> = cases.iter().filter(|c| c.file.starts_with("typical/")).collect();
+    let typical: Vec<&Case> = cases
+        .iter()
+        .filter(|c| c.file.starts_with("typical/"))
+        .collect();
 
     let mut g = c.benchmark_group("probe_file");
     for case in &typical {
