@@ -3,7 +3,7 @@
 //! them back, the header probe, recording its results, and phase 2 end to end.
 //!
 //! `cargo bench --bench core` walks a generated tree of 100,000 small images (see
-//! `common/mod.rs`); `FASTINDEX_BENCH_DATA=bench-data/mixed_100000 cargo bench --bench core`
+//! `common/mod.rs`); `FASTINDEX_BENCH_DIR=bench-data/mixed_100000 cargo bench --bench core`
 //! measures another folder. Filter as criterion does: `cargo bench --bench core -- walk`.
 
 mod common;

@@ -101,35 +101,29 @@ def _webp_vp8_scale_bits() -> bytes:
     return bytes(data)
 
 
-def _tiff_repeated_width() -> bytes:
-    """A TIFF whose IFD gives ImageWidth twice (999, then the real 24): Pillow keeps one."""
+def _tiff_with_entry_first(entry: bytes) -> bytes:
+    """A little-endian TIFF whose IFD is rewritten at the end with `entry` put first."""
     data = bytearray(_save(_noise(24, 16), "TIFF"))
     assert data[:2] == b"II"
     (ifd,) = struct.unpack_from("<I", data, 4)
     (n,) = struct.unpack_from("<H", data, ifd)
-    entries = [bytes(data[ifd + 2 + 12 * i : ifd + 14 + 12 * i]) for i in range(n)]
-    first = struct.pack("<HHII", 256, 4, 1, 999)  # a wrong width, overridden by the real one
-    table = struct.pack("<H", n + 1) + first + b"".join(entries) + data[ifd + 2 + 12 * n : ifd + 6 + 12 * n]
-    # The new IFD goes at the end; the header points at it.
+    entries = data[ifd + 2 : ifd + 2 + 12 * n]
+    next_ifd = data[ifd + 2 + 12 * n : ifd + 6 + 12 * n]
     at = len(data) + (len(data) & 1)
-    out = data + b"\0" * (at - len(data)) + table
+    out = data + b"\0" * (at - len(data))
+    out += struct.pack("<H", n + 1) + entry + entries + next_ifd
     struct.pack_into("<I", out, 4, at)
     return bytes(out)
+
+
+def _tiff_width_given_twice() -> bytes:
+    """ImageWidth twice: 999 first, then the real 24 (Pillow keeps the first)."""
+    return _tiff_with_entry_first(struct.pack("<HHII", 256, 4, 1, 999))
 
 
 def _tiff_unknown_type_entry() -> bytes:
-    """An IFD entry of a type TIFF 6 does not define (Pillow warns and skips it)."""
-    data = bytearray(_save(_noise(24, 16), "TIFF"))
-    (ifd,) = struct.unpack_from("<I", data, 4)
-    (n,) = struct.unpack_from("<H", data, ifd)
-    entries = [bytes(data[ifd + 2 + 12 * i : ifd + 14 + 12 * i]) for i in range(n)]
-    odd = struct.pack("<HHII", 0x8001, 99, 1, 0)  # private tag, sorted after the size tags
-    rest = data[ifd + 2 + 12 * n : ifd + 6 + 12 * n]
-    table = struct.pack("<H", n + 1) + odd + b"".join(entries) + rest
-    at = len(data) + (len(data) & 1)
-    out = data + b"\0" * (at - len(data)) + table
-    struct.pack_into("<I", out, 4, at)
-    return bytes(out)
+    """An entry of a type TIFF 6 does not define, before the others (Pillow skips it)."""
+    return _tiff_with_entry_first(struct.pack("<HHII", 0x8001, 99, 1, 0))
 
 
 def edge() -> dict[str, Callable[[], bytes]]:
@@ -154,7 +148,7 @@ def edge() -> dict[str, Callable[[], bytes]]:
         # Pillow writes big-endian ("MM") TIFF for 16-bit big-endian pixels.
         "tiff_big_endian.tif": lambda: _save(Image.new("I;16B", (24, 16)), "TIFF"),
         "tiff_bigtiff.tif": lambda: _save(_noise(24, 16), "TIFF", big_tiff=True),
-        "tiff_repeated_width.tif": _tiff_repeated_width,
+        "tiff_width_given_twice.tif": _tiff_width_given_twice,
         "tiff_unknown_type_entry.tif": _tiff_unknown_type_entry,
     }
 
@@ -163,7 +157,7 @@ def pillow_answer(path: Path) -> dict[str, object]:
     try:
         with Image.open(path) as im:
             return {"format": im.format, "size": list(im.size)}
-    except Exception as e:  # noqa: BLE001 - any refusal is Pillow's answer
+    except Exception as e:  # any refusal is Pillow's answer
         return {"format": None, "size": None, "error": f"{type(e).__name__}: {e}"}
 
 

@@ -2,8 +2,10 @@
 //!
 //! Settings come from the environment, because criterion reads the command line itself
 //! (a bare argument there is a benchmark name filter):
-//! - `FASTINDEX_BENCH_DATA`: a folder to walk and probe instead of the generated tree
-//!   (`make bench` passes `bench-data/mixed_100000`, made by `benches/bench_scan.py`);
+//! - `FASTINDEX_BENCH_DATA`: where generated data goes (default `bench-data/`), as for the
+//!   Python benchmarks (`benches/datagen.py`);
+//! - `FASTINDEX_BENCH_DIR`: a folder to walk and probe instead of the generated tree
+//!   (`make bench` passes `mixed_100000`, the real JPEG/PNG files `benches/bench_scan.py` makes);
 //! - `FASTINDEX_BENCH_FILES`: how many files the generated tree holds (default 100,000);
 //! - `PYTHON`: the interpreter with Pillow that writes the header cases (default `python3`).
 
@@ -14,7 +16,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub fn data_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("bench-data")
+    match std::env::var_os("FASTINDEX_BENCH_DATA") {
+        Some(dir) => std::path::absolute(dir).expect("FASTINDEX_BENCH_DATA: a path"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("bench-data"),
+    }
 }
 
 /// The folder `benches/header_cases.py` fills: `typical/`, `small/`, `edge/`, `cases.json`.
@@ -38,12 +43,12 @@ pub fn header_cases() -> PathBuf {
     dir
 }
 
-/// The folder the walk and store benchmarks use: `FASTINDEX_BENCH_DATA`, or a generated tree
+/// The folder the walk and store benchmarks use: `FASTINDEX_BENCH_DIR`, or a generated tree
 /// of `FASTINDEX_BENCH_FILES` small images of the six formats, 1,000 per folder.
 pub fn tree() -> PathBuf {
-    if let Ok(given) = std::env::var("FASTINDEX_BENCH_DATA") {
-        let path = std::path::absolute(&given).expect("FASTINDEX_BENCH_DATA: a path");
-        assert!(path.is_dir(), "FASTINDEX_BENCH_DATA={given}: not a folder");
+    if let Ok(given) = std::env::var("FASTINDEX_BENCH_DIR") {
+        let path = std::path::absolute(&given).expect("FASTINDEX_BENCH_DIR: a path");
+        assert!(path.is_dir(), "FASTINDEX_BENCH_DIR={given}: not a folder");
         return path;
     }
     let n: usize = std::env::var("FASTINDEX_BENCH_FILES")
