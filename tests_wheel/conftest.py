@@ -14,12 +14,11 @@ without `PYTHONPATH` and outside the source tree, so it can only find the instal
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from wheelkit import Venv, stop
+from wheelkit import Running, Venv
 
 KINDS = ("full", "bare")
 
@@ -67,12 +66,9 @@ def images(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[str]]]:
+def processes() -> Iterator[list[Running]]:
     """Processes a test started; any still running at its end are stopped."""
-    started: list[subprocess.Popen[str]] = []
+    started: list[Running] = []
     yield started
     for p in started:
-        stop(p)
-        for f in (p.stdout, p.stderr):
-            if f is not None:
-                f.close()
+        p.stop()

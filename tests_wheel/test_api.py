@@ -92,14 +92,15 @@ def test_embed_without_the_extra(bare: Venv, images: Path, tmp_path: Path, call:
 def test_search_without_the_extra(full: Venv, bare: Venv, images: Path, tmp_path: Path) -> None:
     """A store embedded where torch is, searched where it is not."""
     _embedded_store(full, images, tmp_path)
-    # Loading it logs that its phase 3 cannot resume here, naming the extra too.
-    out = _attempt(
-        bare,
-        "fastindex.Dataset.load('photos', db='s.db').search('a red square')",
-        tmp_path,
-        hint="pip install 'fastindex[embed]'",
-    )
-    _names_extra(out, "embed")
+    for call in ("search('a red square')", "similar(1)", "embeddings()"):
+        # Loading it logs that its phase 3 cannot resume here, naming the extra too.
+        out = _attempt(
+            bare,
+            f"fastindex.Dataset.load('photos', db='s.db').{call}",
+            tmp_path,
+            hint="pip install 'fastindex[embed]'",
+        )
+        _names_extra(out, "embed")
 
 
 def test_server_without_the_extra(bare: Venv, tmp_path: Path) -> None:

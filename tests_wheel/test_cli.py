@@ -7,10 +7,11 @@ import json
 import re
 from pathlib import Path
 
-from wheelkit import Venv, get, one_line_error, read_until, stop
+from wheelkit import Running, Venv, get, one_line_error
 
 SERVER_EXTRA = "pip install 'fastindex[server]'"
 EMBED_EXTRA = "pip install 'fastindex[embed]'"
+Procs = list[Running]
 
 
 def test_index(venv: Venv, images: Path, tmp_path: Path) -> None:
@@ -77,7 +78,7 @@ def _check_page(venv: Venv, url: str, tmp_path: Path) -> None:
     assert status == 200 and ctype == "image/jpeg"
 
 
-def test_serve(venv: Venv, images: Path, tmp_path: Path, processes: list) -> None:
+def test_serve(venv: Venv, images: Path, tmp_path: Path, processes: Procs) -> None:
     r = venv.run(
         ["fastindex", "index", str(images), "--db", "s.db", "--quiet", "--no-embed"], tmp_path
     )
@@ -89,12 +90,12 @@ def test_serve(venv: Venv, images: Path, tmp_path: Path, processes: list) -> Non
         return
     proc = venv.start(["fastindex", "serve", "--db", "s.db", "--port", "0"], tmp_path)
     processes.append(proc)
-    m, _ = read_until(proc, r"http://127\.0\.0\.1:\d+", stream="stdout")
+    m = proc.expect(r"http://127\.0\.0\.1:\d+", stream="stdout")
     _check_page(venv, m.group(0), tmp_path)
-    assert stop(proc) in (0, 130)
+    assert proc.stop() in (0, 130)
 
 
-def test_index_serve(venv: Venv, images: Path, tmp_path: Path, processes: list) -> None:
+def test_index_serve(venv: Venv, images: Path, tmp_path: Path, processes: Procs) -> None:
     args = ["fastindex", "index", str(images), "--db", "s.db", "--serve", "--port", "0"]
     if not venv.extras:
         r = venv.run(args, tmp_path)
@@ -104,10 +105,10 @@ def test_index_serve(venv: Venv, images: Path, tmp_path: Path, processes: list) 
         return
     proc = venv.start([*args, "--no-embed"], tmp_path)
     processes.append(proc)
-    m, _ = read_until(proc, r"http://127\.0\.0\.1:\d+", stream="stderr")
-    read_until(proc, r"still serving", stream="stderr")  # every phase finished
+    m = proc.expect(r"http://127\.0\.0\.1:\d+", stream="stderr")
+    proc.expect(r"still serving", stream="stderr")  # every phase finished
     _check_page(venv, m.group(0), tmp_path)
-    assert stop(proc) == 0
+    assert proc.stop() == 0
 
 
 def test_embed_options_without_the_extra(bare: Venv, images: Path, tmp_path: Path) -> None:

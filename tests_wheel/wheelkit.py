@@ -4,10 +4,11 @@ its `fastindex` command and its Python in subprocesses."""
 from __future__ import annotations
 
 import os
+import queue
 import re
-import selectors
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -60,8 +61,8 @@ class Venv:
     def python_code(self, code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         return self.run(["python", "-c", code], cwd)
 
-    def start(self, args: Sequence[str], cwd: Path) -> subprocess.Popen[str]:
-        return subprocess.Popen(
+    def start(self, args: Sequence[str], cwd: Path) -> Running:
+        popen = subprocess.Popen(
             [self._program(args[0]), *args[1:]],
             cwd=cwd,
             env=self.env(),
@@ -70,6 +71,7 @@ class Venv:
             stderr=subprocess.PIPE,
             text=True,
         )
+        return Running(popen)
 
     def _program(self, name: str) -> str:
         return {"fastindex": self.exe, "python": self.python}[name]
@@ -81,43 +83,64 @@ def get(url: str, timeout: float = 30) -> tuple[int, str, bytes]:
         return r.status, r.headers.get("content-type", ""), r.read()
 
 
-def read_until(
-    proc: subprocess.Popen[str], pattern: str, *, stream: str, timeout: float = 60
-) -> tuple[re.Match[str], str]:
-    """Read `proc`'s stdout or stderr line by line until one matches `pattern`: the match
-    and everything read. Fails (with what was read) if the process ends first or on the hang
-    guard."""
-    pipe = proc.stdout if stream == "stdout" else proc.stderr
-    assert pipe is not None
-    seen = ""
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as sel:
-        sel.register(pipe, selectors.EVENT_READ)
-        while time.monotonic() < deadline:
-            if not sel.select(timeout=0.5):
-                continue
-            line = pipe.readline()
-            if not line:
+class Running:
+    """A started process whose stdout and stderr are read line by line by two threads (a
+    select on the pipe would miss lines already in the reader's buffer)."""
+
+    def __init__(self, popen: subprocess.Popen[str]) -> None:
+        self.popen = popen
+        self.lines: dict[str, queue.Queue[str | None]] = {}
+        self.seen = {"stdout": "", "stderr": ""}
+        self._pumps: list[threading.Thread] = []
+        for name in ("stdout", "stderr"):
+            q: queue.Queue[str | None] = queue.Queue()
+            self.lines[name] = q
+            t = threading.Thread(target=self._pump, args=(name, q), daemon=True)
+            t.start()
+            self._pumps.append(t)
+
+    def _pump(self, name: str, q: queue.Queue[str | None]) -> None:
+        pipe = getattr(self.popen, name)
+        for line in pipe:
+            q.put(line)
+        q.put(None)  # the process closed it
+
+    def expect(self, pattern: str, *, stream: str, timeout: float = 60) -> re.Match[str]:
+        """The first line from now on of `stream` that matches `pattern`. Fails (with what
+        was read) if the stream ends first or on the hang guard."""
+        deadline = time.monotonic() + timeout
+        q = self.lines[stream]
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = q.get(timeout=left)
+            except queue.Empty:
                 break
-            seen += line
+            if line is None:
+                q.put(None)
+                break
+            self.seen[stream] += line
             m = re.search(pattern, line)
             if m:
-                return m, seen
-    stop(proc)
-    rest = proc.communicate()
-    pytest.fail(f"no line matching {pattern!r} on {stream}; read:\n{seen}\nthen:\n{rest}")
+                return m
+        self.stop()
+        pytest.fail(f"no line matching {pattern!r} on {stream}; read: {self.seen}")
 
-
-def stop(proc: subprocess.Popen[str], timeout: float = 15) -> int:
-    """Ctrl-C, then wait (kill past the hang guard); the exit code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
+    def stop(self, timeout: float = 15) -> int:
+        """Ctrl-C, then wait (kill past the hang guard); the exit code."""
+        proc = self.popen
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for t in self._pumps:
+            t.join(5)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        return proc.returncode
 
 
 def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
