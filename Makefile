@@ -12,12 +12,21 @@ DB ?= fastindex.db
 COCO ?=
 ARGS ?=
 PORT ?= 8000
+# Every build of the extension (pip's editable ones and the wheel's) names the base interpreter,
+# not the venv's: pyo3 is configured the same each time, so `make wheel` after `make install`
+# reuses its release build (seconds, not minutes).
+export MATURIN_PEP517_USE_BASE_PYTHON := 1
+BUILD_PYTHON = $(shell $(PYTHON) -c 'import os, sys; print(os.path.realpath(sys._base_executable))')
+# The wheel smoke suite's wheel and venvs (all under .whl/, which git ignores).
+WHEELS := .whl/dist
+SMOKE_FULL := .whl/venv-full
+SMOKE_BARE := .whl/venv-bare
 
 .DEFAULT_GOAL := help
 
 .PHONY: help
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 $(PYTHON):
 	@$(BASE_PYTHON) -c 'import ensurepip, venv' 2>/dev/null || $(MAKE) --no-print-directory apt PKGS=python3-venv
@@ -55,17 +64,43 @@ index: install-run ## index DIR (COCO=, DB=, ARGS=) with progress bars and the w
 	$(VENV)/bin/fastindex index $(DIR) --db $(DB) $(if $(COCO),--coco $(COCO)) --serve --port $(PORT) $(ARGS)
 
 .PHONY: test
-test: install test-only ## set up, then run every test
+test: install test-only wheel-smoke ## set up, then run every test (the wheel's smoke suite last)
 
 .PHONY: test-only
 test-only: ## run the Rust and Python tests without installing
 	cargo test --quiet
 	$(PYTHON) -m pytest -q
 
+.PHONY: wheel
+wheel: $(PYTHON) ## build the abi3 wheel with maturin into .whl/dist
+	@# The venv's own maturin (one in the base interpreter has no script in .venv/bin).
+	@test -x $(VENV)/bin/maturin || $(PYTHON) -m pip install -q --ignore-installed 'maturin>=1.7,<2'
+	rm -rf $(WHEELS)
+	$(VENV)/bin/maturin build --release --interpreter $(BUILD_PYTHON) --out $(WHEELS)
+
+# The wheel on its own, in two fresh venvs (tests_wheel/conftest.py says what each checks):
+# - venv-full: the wheel with [embed,server]. It sees the base interpreter's packages and, by a
+#   .pth line, those of .venv: torch and fastapi are found where `make install` put them, never
+#   downloaded twice. (A path in a .pth is not a site dir: .venv's editable fastindex.pth is not
+#   read, so the venv's fastindex is the wheel's.)
+# - venv-bare: the wheel with no extras and no system site-packages: torch, open_clip, fastapi
+#   and uvicorn are truly absent (numpy, pillow and rich come from PyPI).
+.PHONY: wheel-smoke
+wheel-smoke: wheel ## install the wheel into fresh venvs (all extras; none) and run tests_wheel/
+	rm -rf $(SMOKE_FULL) $(SMOKE_BARE)
+	$(BASE_PYTHON) -m venv --system-site-packages $(SMOKE_FULL)
+	$(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("purelib"))' \
+		> "$$($(SMOKE_FULL)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/_project_venv.pth"
+	$(SMOKE_FULL)/bin/python -m pip install -q "$$(echo $(WHEELS)/*.whl)[embed,server]"
+	$(BASE_PYTHON) -m venv $(SMOKE_BARE)
+	$(SMOKE_BARE)/bin/python -m pip install -q $(WHEELS)/*.whl
+	FASTINDEX_WHEEL_FULL=$(SMOKE_FULL) FASTINDEX_WHEEL_BARE=$(SMOKE_BARE) \
+		$(PYTHON) -m pytest -q tests_wheel
+
 .PHONY: lint
 lint: ## ruff, mypy, cargo fmt --check, clippy
-	$(PYTHON) -m ruff check python tests benches
-	$(PYTHON) -m ruff format --check python tests benches
+	$(PYTHON) -m ruff check python tests tests_wheel benches
+	$(PYTHON) -m ruff format --check python tests tests_wheel benches
 	$(PYTHON) -m mypy
 	$(PYTHON) -m mypy.stubtest fastindex._core
 	cargo fmt --check

@@ -207,6 +207,9 @@ class _ServerStart:
     def __init__(self, args: argparse.Namespace) -> None:
         import threading
 
+        from .extras import require
+
+        require("server")  # before anything is written: one line naming the missing extra
         self._args = args
         self._console: Any = None
         self._go = threading.Event()

@@ -10,9 +10,14 @@ with start_server("fastindex.db", port=0, allowed_roots=["photos"]) as server:
 
 from __future__ import annotations
 
-from .app import create_app
-from .errors import ForbiddenError, NotFoundError, NotReadyError, status_of
-from .run import ServerHandle, run_server, start_server
+from ..extras import require
+
+# Without fastapi and uvicorn, say which extra to install rather than which module is missing.
+require("server")
+
+from .app import create_app  # noqa: E402
+from .errors import ForbiddenError, NotFoundError, NotReadyError, status_of  # noqa: E402
+from .run import ServerHandle, run_server, start_server  # noqa: E402
 
 __all__ = [
     "ForbiddenError",
