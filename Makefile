@@ -113,6 +113,7 @@ bench: ## every CPU benchmark (each prints a table; data is generated under benc
 	$(PYTHON) benches/bench_search.py
 	$(PYTHON) benches/bench_embed_cpu.py
 	$(PYTHON) benches/bench_server.py
+	$(PYTHON) benches/bench_default_path.py
 
 .PHONY: bench-gpu
 bench-gpu: ## phase 3 on a CUDA machine: model ceiling, naive loop, fastindex end to end
