@@ -20,8 +20,41 @@ from pathlib import Path
 from typing import Any
 
 import fastindex
+import pytest
 from fastindex import _core
 from PIL import Image
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (`mount -o size=`) mounted at `where` (made here) while the block runs,
+    unmounted after. Skips the test where it cannot be mounted: that needs root (CI runs as
+    root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    where.mkdir(exist_ok=True)
+    try:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except FileNotFoundError:
+        pytest.skip("no mount command here")
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        if subprocess.run(["umount", str(where)], capture_output=True, check=False).returncode:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
+
+
+def resize_tmpfs(where: Path, size: str) -> None:
+    """Give a tmpfs from `tmpfs` another size (room freed on a full disk)."""
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(where)], check=True)
+
 
 #: The formats fastindex reads, by Pillow's names. Pillow calls a JPEG with an MP index "MPO";
 #: fastindex reports what it is underneath, "JPEG".

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,7 +19,7 @@ from typing import Any
 import fastindex
 import pytest
 from fastindex import _core
-from testkit import finish, small_png, sql, table_counts, write
+from testkit import finish, resize_tmpfs, small_png, sql, table_counts, tmpfs, write
 
 NewDataset = Callable[..., fastindex.Dataset]
 
@@ -333,22 +332,8 @@ def test_a_stop_ends_the_ingest_promptly_and_a_rerun_finishes_it(
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs (needs root; skipped elsewhere); unmounted afterwards."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "mnt", "1m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_a_full_disk_with_many_images_ends_with_an_error_and_a_rerun_finishes(
@@ -373,7 +358,7 @@ def test_a_full_disk_with_many_images_ends_with_an_error_and_a_rerun_finishes(
     print(f"{kind} after {seconds:.3f} s: {message}")
     assert kind == "StoreError" and str(db) in message and "full" in message
     assert seconds < 30  # a hang guard: the old reader blocked forever on a full channel
-    subprocess.run(["mount", "-o", "remount,size=256m", str(small_tmpfs)], check=True)
+    resize_tmpfs(small_tmpfs, "256m")
     kind, added, seconds, ds = run_child(code, str(db), str(ann), str(images), timeout=120)
     assert kind == "ok", added
     assert store_view(db, ds) == clean_view

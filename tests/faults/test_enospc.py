@@ -18,6 +18,7 @@ from pathlib import Path
 
 import kit
 import pytest
+import testkit
 
 HANG_GUARD = 5.0  # seconds for the failing run, process start included: it must stop, not spin
 LEFT_FREE = 192 * 1024  # room for the rerun's phase 1 (a job row), not for a probe batch
@@ -40,27 +41,10 @@ con.close()
 """
 
 
-def _mount(path: Path, size: str) -> None:
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                   check=True, capture_output=True, text=True)  # fmt: skip
-
-
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a tmpfs (CI runs as root)")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    try:
-        _mount(mnt, "64m")
-    except (subprocess.CalledProcessError, FileNotFoundError) as e:
-        pytest.skip(f"cannot mount a tmpfs here: {getattr(e, 'stderr', e)}")
-    try:
+    with testkit.tmpfs(tmp_path / "mnt", "64m") as mnt:
         yield mnt
-    finally:
-        done = subprocess.run(["umount", str(mnt)], capture_output=True, check=False)
-        if done.returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 
 def _free(path: Path) -> int:
@@ -100,7 +84,7 @@ def test_disk_full_in_phase_2_fails_fast_then_the_next_run_recovers(
     assert "Traceback" not in err, err[-3000:]
 
     # space again: the next run finishes everything, and a run after it has nothing to report
-    subprocess.run(["mount", "-o", "remount,size=256m", str(tmpfs)], check=True)
+    testkit.resize_tmpfs(tmpfs, "256m")
     rc, out, err = kit.finish_cli(kit.cli(*args), timeout=180)
     assert rc == 0, f"the run after space was freed exited {rc}:\n{err[-3000:]}"
     assert "stopped" not in err, err[-3000:]

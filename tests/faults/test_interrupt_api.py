@@ -23,7 +23,7 @@ from typing import Any
 import fastindex
 import pytest
 from fastindex import _core
-from testkit import sql, status_counts
+from testkit import sql, status_counts, tmpfs
 
 #: Files in the generated tree (empty `.jpg` files: phase 1 takes them, phase 2 fails them).
 N_FILES = 100_000
@@ -213,16 +213,7 @@ def test_ctrl_c_in_probe_pending(tmp_path: Path, tree: Path, coco: Path) -> None
 @pytest.mark.timeout(120)
 def test_a_full_disk_ends_probe_pending_at_once(tmp_path: Path, tree: Path) -> None:
     """The writer's error stops the reading side too: no probing on, no wait on a channel."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"needs root to mount a small tmpfs: {done.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "small", "6m") as mnt:
         db = mnt / "s.db"
         store = _core.Store(str(db))
         did = store.create_dataset("a")
@@ -242,5 +233,3 @@ def test_a_full_disk_ends_probe_pending_at_once(tmp_path: Path, tree: Path) -> N
         p = store.progress(did)
         assert p["pending"] > 0 and p["total"] == 300 * PER_FOLDER
         del store
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -26,6 +26,7 @@ import fastindex
 import pytest
 from fastindex import _core
 from PIL import Image
+from testkit import resize_tmpfs, tmpfs
 
 CLI = [sys.executable, "-m", "fastindex.cli"]
 HANG = 60.0  # a hang guard, not a timing assertion
@@ -324,33 +325,26 @@ def test_a_rerun_after_kill_9_finishes_every_row_and_says_so(tmp_path: Path) -> 
 
 
 @pytest.fixture
-def tmpfs(tmp_path: Path) -> Any:
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)])
-    if r.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)])
+def small_disk(tmp_path: Path) -> Any:
+    with tmpfs(tmp_path / "mnt", "16m") as mnt:
+        yield mnt
 
 
 def test_a_full_disk_ends_the_cli_with_exit_1_and_a_rerun_after_space_is_freed_finishes(
-    tmp_path: Path, tmpfs: Path
+    tmp_path: Path, small_disk: Path
 ) -> None:
     folder = make_tree(tmp_path / "photos", 20_000)
-    db = tmpfs / "s.db"
+    db = small_disk / "s.db"
     kill_after_phase_1(db, "photos", folder)
     # Leave the store almost no room: phase 2's writes hit ENOSPC.
-    free = shutil.disk_usage(tmpfs).free
-    (tmpfs / "filler").write_bytes(b"\0" * max(0, free - 96 * 1024))
+    free = shutil.disk_usage(small_disk).free
+    (small_disk / "filler").write_bytes(b"\0" * max(0, free - 96 * 1024))
     r = run_cli("index", str(folder), "--db", str(db), "--no-embed", "--quiet", timeout=30)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "Traceback" not in r.stderr
     assert "full" in r.stderr and "s.db" in r.stderr, r.stderr
 
-    subprocess.run(["mount", "-o", "remount,size=64m", "tmpfs", str(tmpfs)], check=True)
+    resize_tmpfs(small_disk, "64m")
     again = run_cli("index", str(folder), "--db", str(db), "--no-embed", "--quiet")
     assert again.returncode == 0, again.stderr
     assert "stopped" not in again.stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import fastindex
 import pytest
-from testkit import sql, table_counts
+from testkit import sql, table_counts, tmpfs
 
 #: Every way to open a store that a user has.
 OPENERS: dict[str, Callable[[Path], object]] = {
@@ -139,24 +139,8 @@ def test_a_read_only_store_leaves_nothing_behind(tmp_path: Path) -> None:
     assert fastindex.Dataset.load("a", db=db, resume=False).name == "a"
 
 
-@contextlib.contextmanager
-def tmpfs(where: Path) -> Iterator[Path]:
-    where.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(where)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"needs root to mount a tmpfs: {done.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
 def test_a_store_on_a_read_only_mount(tmp_path: Path) -> None:
-    with tmpfs(tmp_path / "mnt") as mnt:
+    with tmpfs(tmp_path / "mnt", "8m") as mnt:
         db = mnt / "s.db"
         make_store(db)
         subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
