@@ -113,13 +113,18 @@ impl Store {
         if let Some((_, id, prefix)) = deepest {
             return Ok((id, prefix, nested));
         }
-        self.conn
-            .execute(
-                "INSERT INTO roots (dataset_id, path) VALUES (?1, ?2)",
+        // Another process may add the same folder between the read above and this insert:
+        // then its row is the root (one statement, so no transaction is needed).
+        let id: i64 = self
+            .conn
+            .query_row(
+                "INSERT INTO roots (dataset_id, path) VALUES (?1, ?2)
+                 ON CONFLICT (dataset_id, path) DO UPDATE SET path = excluded.path RETURNING id",
                 params![dataset_id, SqlPath::of(abs)],
+                |r| r.get(0),
             )
             .store(&self.path)?;
-        Ok((self.conn.last_insert_rowid(), Vec::new(), nested))
+        Ok((id, Vec::new(), nested))
     }
 }
 
