@@ -12,6 +12,7 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::coco::CocoSummary;
 use crate::db::{self, Progress, STATUSES};
+use crate::throughput;
 use crate::error::Error;
 use crate::header::{self, ImageInfo};
 use crate::query::{AnnotationRow, SampleRow};
@@ -318,6 +319,21 @@ fn progress_dict<'py>(py: Python<'py>, p: &Progress) -> Res<Bound<'py, PyDict>> 
         errors.set_item(phase, msg)?;
     }
     d.set_item("errors", errors)?;
+    let phases = throughput::phases(p);
+    let by_phase = PyDict::new(py);
+    for ph in &phases {
+        let one = PyDict::new(py);
+        one.set_item("done", ph.done)?;
+        one.set_item("total", ph.total)?;
+        one.set_item("rate", ph.rate)?;
+        one.set_item("eta_s", ph.eta_s)?;
+        by_phase.set_item(ph.name, one)?;
+    }
+    d.set_item("phases", by_phase)?;
+    let top = throughput::limiting(&phases);
+    d.set_item("rate", top.and_then(|ph| ph.rate))?;
+    d.set_item("eta_s", top.and_then(|ph| ph.eta_s))?;
+    d.set_item("rate_phase", top.map(|ph| ph.name))?;
     Ok(d)
 }
 
