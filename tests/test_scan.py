@@ -506,7 +506,7 @@ def test_wrong_schema_version(tmp_path: Path, db: Path) -> None:
             call()
         assert isinstance(e.value, fastindex.StoreError)
     assert table_counts(db) == before
-    assert fastindex.SCHEMA_VERSION == 2
+    assert fastindex.SCHEMA_VERSION == 3
 
 
 def test_bad_reads_and_names(db: Path) -> None:

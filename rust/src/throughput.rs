@@ -207,7 +207,12 @@ pub fn phases(p: &Progress) -> Vec<Phase> {
 /// a phase with rows left and no rate yet counting as the longest (the later such phase
 /// first); an ingest only when nothing else runs.
 pub fn limiting(phases: &[Phase]) -> Option<&Phase> {
-    let key = |p: &Phase| p.eta_s.unwrap_or(f64::INFINITY);
+    let key = |p: &Phase| match (p.eta_s, p.total) {
+        (Some(eta), _) => eta,
+        (None, Some(total)) if total > p.done => f64::INFINITY,
+        // Running only because rows may still be added: nothing to wait on yet.
+        _ => -1.0,
+    };
     phases
         .iter()
         .filter(|p| p.running && p.total.is_some())
