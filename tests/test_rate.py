@@ -131,7 +131,9 @@ def test_rates_are_per_dataset_and_go_with_it(tmp_path: Path) -> None:
     store.probe_pending(did)
     db = str(tmp_path / "s.db")
     with sqlite3.connect(db) as c:
-        assert c.execute("SELECT COUNT(*) FROM throughput WHERE dataset_id = ?", [did]).fetchone()[0]
+        assert c.execute("SELECT COUNT(*) FROM throughput WHERE dataset_id = ?", [did]).fetchone()[
+            0
+        ]
         assert not c.execute(
             "SELECT COUNT(*) FROM throughput WHERE dataset_id = ?", [other]
         ).fetchone()[0]
