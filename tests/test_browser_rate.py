@@ -24,6 +24,7 @@ pytestmark = pytest.mark.browser
 CHROMIUM = os.environ.get("FASTINDEX_CHROMIUM", "/usr/bin/chromium")
 N = 16
 ZERO = re.compile(r"^0([.,]0*)?/s")
+NONE = "\u2013"  # what the page shows for no value
 RATE = re.compile(r"^\d[\d.,]*/s · embed$")
 
 # Every change of the progress card, as the user saw it.
@@ -90,7 +91,7 @@ def test_rate_and_time_left_hold_through_a_slow_embed(browser: Browser, tmp_path
         late.route_web_socket("**/ws/progress/**", lambda ws: _silent(ws))
         late.goto(f"{server.url}/?dataset={did}")
         expect(late.locator("#rate")).to_have_text(RATE)
-        expect(late.locator("#eta")).not_to_have_text("–")
+        expect(late.locator("#eta")).not_to_have_text(NONE)
         assert late.locator("#run-status").text_content() == "indexing"
         late.close()
 
@@ -104,7 +105,7 @@ def test_rate_and_time_left_hold_through_a_slow_embed(browser: Browser, tmp_path
     assert len({s["ready"] for s in moving}) >= 3, seen  # several commits were watched
     for s in moving:
         assert RATE.match(s["rate"]) and not ZERO.match(s["rate"]), s
-        assert s["eta"] not in ("–", "", "done"), s
+        assert s["eta"] not in (NONE, "", "done"), s
     assert seen[-1]["eta"] == "done"
 
 

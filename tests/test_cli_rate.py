@@ -27,9 +27,11 @@ def test_embed_bar_shows_a_nonzero_rate_mid_run(tmp_path: Path) -> None:
     make_images(tmp_path / "imgs", N)
     env = {**os.environ, "FORCE_COLOR": "1", "NO_COLOR": "1", "COLUMNS": "200"}
     r = subprocess.run(
-        [sys.executable, "-c", CLI, "index", str(tmp_path / "imgs"), "--db", "s.db"]
-        + ["--model", "fastindex-tiny", "--pretrained", "random", "--device", "cpu"]
-        + ["--batch-size", "1"],
+        [
+            *(sys.executable, "-c", CLI, "index", str(tmp_path / "imgs"), "--db", "s.db"),
+            *("--model", "fastindex-tiny", "--pretrained", "random", "--device", "cpu"),
+            *("--batch-size", "1"),
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,

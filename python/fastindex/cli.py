@@ -308,7 +308,7 @@ def _watch(console: Any, ds: Any, job: Any, scan_s: float, loop: Any) -> dict[st
         probe = bar.add_task("2 probe", total=None, rate="", eta="")
         embed = bar.add_task("3 embed", total=None, rate="", eta="", visible=wants_embed)
 
-        def speed(phase: dict[str, Any] | None) -> dict[str, str]:
+        def speed(phase: dict[str, Any] | None) -> dict[str, Any]:
             """The store's rate and time left for the phase (a finished phase keeps the
             last rate it showed); a rate is never rounded down to 0 while rows move."""
             if not phase or phase["rate"] is None:

@@ -12,11 +12,11 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::coco::CocoSummary;
 use crate::db::{self, Progress, STATUSES};
-use crate::throughput;
 use crate::error::Error;
 use crate::header::{self, ImageInfo};
 use crate::query::{AnnotationRow, SampleRow};
 use crate::scan::{self, ScanSummary};
+use crate::throughput;
 
 /// Map a core error to the exception class of the same name in `fastindex.errors` (defined in
 /// Python so they can also derive from `ValueError`, `LookupError`, ...).

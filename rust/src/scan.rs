@@ -12,9 +12,9 @@ use std::os::unix::ffi::OsStrExt;
 use crate::db::{bump, bump_moves, multi_row_insert, Store, FAILED, INDEXED, PENDING};
 use crate::error::{Error, Result, StoreContext};
 use crate::header::{self, ImageInfo};
-use crate::throughput;
 use crate::leases::hold_lease;
 use crate::paths::{join_rel, path_bytes, SqlPath, StoredPath};
+use crate::throughput;
 use crate::walk::{self, FileEntry, Problem, WalkOptions};
 
 /// Rows per transaction when inserting scanned files: small enough that a stop (Ctrl-C) is
@@ -470,7 +470,8 @@ impl Store {
             let write = scope.spawn(move || -> Result<u64> {
                 let mut total = 0u64;
                 for results in rx {
-                    if let Err(e) = writer.record_probes_since(dataset_id, &results, owner, started) {
+                    if let Err(e) = writer.record_probes_since(dataset_id, &results, owner, started)
+                    {
                         halt.store(true, Ordering::Relaxed);
                         return Err(e); // drops `rx`: a send on the other side fails at once
                     }

@@ -127,7 +127,12 @@ pub(crate) fn record(
              (SELECT t0 FROM throughput WHERE dataset_id = ?1 AND phase = ?2
               ORDER BY t0 DESC LIMIT 1 OFFSET ?4))",
     )?
-    .execute(params![dataset_id, phase, t - 2.0 * WINDOW_S, MIN_COMMITS as i64])?;
+    .execute(params![
+        dataset_id,
+        phase,
+        t - 2.0 * WINDOW_S,
+        MIN_COMMITS as i64
+    ])?;
     Ok(())
 }
 
@@ -165,12 +170,7 @@ pub struct Phase {
 
 /// The phases of `p`, in pipeline order, with the rates read at `progress` time.
 pub fn phases(p: &Progress) -> Vec<Phase> {
-    let rate_of = |name: &str| {
-        p.rates
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, r)| *r)
-    };
+    let rate_of = |name: &str| p.rates.iter().find(|(n, _)| n == name).map(|(_, r)| *r);
     let stopped = |name: &str| p.errors.iter().any(|(n, _)| n == name);
     let mut out = Vec::new();
     let mut phase = |name: &'static str, done: i64, left: Option<i64>, running: bool| {
@@ -231,7 +231,13 @@ mod tests {
     fn rate_spans_the_window_or_the_last_commits() {
         // a commit of 64 rows every 10 s: 6.4 rows/s, read long after the last one too
         let e: Vec<_> = (0..20)
-            .map(|i| (f64::from(i) * 10.0, f64::from(i) * 10.0, if i == 0 { 0 } else { 64 }))
+            .map(|i| {
+                (
+                    f64::from(i) * 10.0,
+                    f64::from(i) * 10.0,
+                    if i == 0 { 0 } else { 64 },
+                )
+            })
             .collect();
         for at in [190.0, 195.0, 400.0, 10_000.0] {
             let r = rate(&e, at).unwrap();

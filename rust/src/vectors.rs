@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use rusqlite::params;
 
 use crate::db::{bump_moves, tally, Store, EMBEDDING, FAILED, INDEXED, READY};
-use crate::throughput;
 use crate::error::{Error, Result, StoreContext};
 use crate::leases::{hold_lease, not_held_by_another, release_all_claims, EMBED_PHASE};
+use crate::throughput;
 
 impl Store {
     /// The id of a model, registered on first use. A second model's embeddings live beside
