@@ -39,8 +39,9 @@ pub struct Progress {
     pub errors: Vec<(String, String)>,
     /// An add (a walk, a COCO ingest) is still inserting rows somewhere.
     pub adding: bool,
-    /// `(phase, rows/s)` of each phase with a rate over its recent commits (`throughput`).
-    pub rates: Vec<(String, f64)>,
+    /// `(phase, rows/s, seconds since its last commit)` of each phase with a rate over its
+    /// recent commits (`throughput`).
+    pub rates: Vec<(String, f64, f64)>,
 }
 
 impl Progress {
@@ -318,7 +319,7 @@ impl Store {
     }
 
     /// Each phase's rate over its recent commits: a few dozen rows at most per phase.
-    fn rates(&self, dataset_id: i64) -> Result<Vec<(String, f64)>> {
+    fn rates(&self, dataset_id: i64) -> Result<Vec<(String, f64, f64)>> {
         let mut st = self
             .conn
             .prepare_cached(
@@ -337,7 +338,8 @@ impl Store {
         for chunk in rows.chunk_by(|a, b| a.0 == b.0) {
             let entries: Vec<_> = chunk.iter().map(|(_, e)| *e).collect();
             if let Some(r) = crate::throughput::rate(&entries, at) {
-                out.push((chunk[0].0.clone(), r));
+                let last = entries.iter().map(|e| e.1).fold(f64::MIN, f64::max);
+                out.push((chunk[0].0.clone(), r, at - last));
             }
         }
         Ok(out)

@@ -388,7 +388,6 @@ impl Store {
         if let Some(owner) = lease_owner {
             hold_lease(&tx, &path, dataset_id, "probe", owner)?;
         }
-        throughput::begin(&tx, dataset_id, throughput::PROBE, started).store(&path)?;
         let mut indexed: HashMap<i64, i64> = HashMap::new();
         let mut failed: HashMap<i64, i64> = HashMap::new();
         {
@@ -429,7 +428,10 @@ impl Store {
         bump_moves(&tx, dataset_id, PENDING, INDEXED, &indexed).store(&path)?;
         bump_moves(&tx, dataset_id, PENDING, FAILED, &failed).store(&path)?;
         let moved = indexed.values().chain(failed.values()).sum();
-        throughput::record(&tx, dataset_id, throughput::PROBE, moved).store(&path)?;
+        if moved > 0 {
+            throughput::begin(&tx, dataset_id, throughput::PROBE, started).store(&path)?;
+            throughput::record(&tx, dataset_id, throughput::PROBE, moved).store(&path)?;
+        }
         tx.commit().store(&path)
     }
 

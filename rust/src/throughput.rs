@@ -55,8 +55,9 @@ fn restart(tx: &Transaction<'_>, dataset_id: i64, phase: &str, at: f64) -> rusql
     Ok(())
 }
 
-/// Called by a phase's work starting at `started` (a probe call, an ingest), inside its
-/// first commit: a phase idle for longer than `IDLE_S` starts afresh from `started`.
+/// Called by a phase's work that began at `started` (a probe call, an ingest), inside each
+/// commit that moves rows: a phase idle for longer than `IDLE_S` starts afresh from
+/// `started`, so its first commit already has a base to be measured from.
 pub(crate) fn begin(
     tx: &Transaction<'_>,
     dataset_id: i64,
@@ -170,7 +171,12 @@ pub struct Phase {
 
 /// The phases of `p`, in pipeline order, with the rates read at `progress` time.
 pub fn phases(p: &Progress) -> Vec<Phase> {
-    let rate_of = |name: &str| p.rates.iter().find(|(n, _)| n == name).map(|(_, r)| *r);
+    let rate_of = |name: &str| {
+        p.rates
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, r, _)| *r)
+    };
     let stopped = |name: &str| p.errors.iter().any(|(n, _)| n == name);
     let mut out = Vec::new();
     let mut phase = |name: &'static str, done: i64, left: Option<i64>, running: bool| {
@@ -189,7 +195,12 @@ pub fn phases(p: &Progress) -> Vec<Phase> {
         });
     };
     let total = p.total();
-    if p.adding && rate_of(INGEST).is_some() {
+    // An ingest shows while it writes: `adding` alone may be a walk's.
+    let ingesting = p
+        .rates
+        .iter()
+        .any(|(n, _, age)| n == INGEST && *age < IDLE_S);
+    if p.adding && ingesting {
         phase(INGEST, total, None, !stopped(INGEST));
     }
     let pending = p.count(PENDING);
@@ -205,21 +216,25 @@ pub fn phases(p: &Progress) -> Vec<Phase> {
 
 /// The running phase that completion waits on longest: the one with the most seconds left,
 /// a phase with rows left and no rate yet counting as the longest (the later such phase
-/// first); an ingest only when nothing else runs.
+/// first). When no phase has rows to wait on (an ingest brings its rows in as `indexed`),
+/// the running phase that moves them.
 pub fn limiting(phases: &[Phase]) -> Option<&Phase> {
-    let key = |p: &Phase| match (p.eta_s, p.total) {
-        (Some(eta), _) => eta,
-        (None, Some(total)) if total > p.done => f64::INFINITY,
+    let waits = |p: &Phase| match (p.eta_s, p.total) {
+        (Some(eta), _) => Some(eta),
+        (None, Some(total)) if total > p.done => Some(f64::INFINITY),
         // Running only because rows may still be added: nothing to wait on yet.
-        _ => -1.0,
+        _ => None,
     };
     phases
         .iter()
         .filter(|p| p.running && p.total.is_some())
-        .fold(None, |best: Option<&Phase>, p| match best {
-            Some(b) if key(b) > key(p) => Some(b),
-            _ => Some(p),
+        .filter_map(|p| waits(p).map(|w| (p, w)))
+        .fold(None, |best: Option<(&Phase, f64)>, (p, w)| match best {
+            Some((b, bw)) if bw > w => Some((b, bw)),
+            _ => Some((p, w)),
         })
+        .map(|(p, _)| p)
+        .or_else(|| phases.iter().find(|p| p.running && p.rate.is_some()))
         .or_else(|| phases.iter().find(|p| p.running))
 }
 
@@ -256,6 +271,52 @@ mod tests {
         e.extend((100..200).map(|i| (f64::from(i), f64::from(i), 10)));
         let r = rate(&e, 199.5).unwrap();
         assert!((r - 10.0).abs() < 1e-9, "{r}");
+    }
+
+    #[test]
+    fn phases_and_the_one_completion_waits_on() {
+        let mut p = Progress {
+            counts: [10, 20, 4, 6, 0], // pending, indexed, embedding, ready, failed
+            embed_wanted: true,
+            rates: vec![(PROBE.into(), 100.0, 1.0), (EMBED.into(), 2.0, 1.0)],
+            ..Progress::default()
+        };
+        let ph = phases(&p);
+        assert_eq!(ph.len(), 2);
+        assert_eq!((ph[0].name, ph[0].done, ph[0].total), (PROBE, 30, Some(40)));
+        assert_eq!((ph[0].rate, ph[0].eta_s), (Some(100.0), Some(0.1)));
+        assert_eq!((ph[1].name, ph[1].done, ph[1].total), (EMBED, 6, Some(40)));
+        assert_eq!((ph[1].rate, ph[1].eta_s), (Some(2.0), Some(17.0)));
+        assert_eq!(limiting(&ph).unwrap().name, EMBED);
+        // no embed rate yet: it has rows left, so completion waits on it, time unknown
+        p.rates.pop();
+        let ph = phases(&p);
+        let top = limiting(&ph).unwrap();
+        assert_eq!((top.name, top.rate, top.eta_s), (EMBED, None, None));
+        // an ingest runs (rows arrive as `indexed`): phase 2 has nothing to wait on
+        p.counts = [0, 20, 0, 0, 0];
+        p.adding = true;
+        p.embed_wanted = false;
+        p.rates = vec![(INGEST.into(), 500.0, 1.0)];
+        let ph = phases(&p);
+        assert_eq!(ph[0].name, INGEST);
+        assert_eq!(
+            (ph[0].rate, ph[0].total, ph[0].eta_s),
+            (Some(500.0), None, None)
+        );
+        assert_eq!(limiting(&ph).unwrap().name, INGEST);
+        // ...but not an ingest long over while a walk adds rows
+        p.rates[0].2 = 600.0;
+        assert_eq!(phases(&p)[0].name, PROBE);
+        p.rates[0].2 = 1.0;
+        // a phase stopped on an error is not running: no rate
+        p.adding = false;
+        p.counts = [5, 0, 0, 0, 0];
+        p.rates = vec![(PROBE.into(), 100.0, 1.0)];
+        p.errors = vec![(PROBE.into(), "disk is full".into())];
+        let ph = phases(&p);
+        assert_eq!((ph[0].running, ph[0].rate), (false, None));
+        assert!(limiting(&ph).is_none());
     }
 
     #[test]

@@ -156,7 +156,6 @@ impl Store {
         let path = self.path.clone();
         let tx = self.immediate()?;
         let began = Instant::now();
-        throughput::begin(&tx, t.dataset_id, throughput::INGEST, t.started).store(&path)?;
         let next_id: i64 = tx
             .query_row(
                 "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'next_annotation_id'",
@@ -275,8 +274,11 @@ impl Store {
         .store(&path)?;
         bump(&tx, t.dataset_id, t.job_id, INDEXED, n_indexed).store(&path)?;
         bump(&tx, t.dataset_id, t.job_id, FAILED, n_failed).store(&path)?;
-        throughput::record(&tx, t.dataset_id, throughput::INGEST, n_indexed + n_failed)
-            .store(&path)?;
+        if n_indexed + n_failed > 0 {
+            throughput::begin(&tx, t.dataset_id, throughput::INGEST, t.started).store(&path)?;
+            throughput::record(&tx, t.dataset_id, throughput::INGEST, n_indexed + n_failed)
+                .store(&path)?;
+        }
         tx.commit().store(&path)?;
         tally.absorb(done);
         Ok(began.elapsed())
