@@ -5,7 +5,6 @@ commits made through the store's own calls): `progress()["phases"]`, the top-lev
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,8 @@ from typing import Any
 import fastindex
 import pytest
 from fastindex import _core
-from server_support import make_images, probe_held
+from server_support import make_coco, make_images, probe_held
+from testkit import sql
 
 DIM = 4
 
@@ -130,16 +130,26 @@ def test_rates_are_per_dataset_and_go_with_it(tmp_path: Path) -> None:
     other = store.create_dataset("other")
     store.probe_pending(did)
     db = str(tmp_path / "s.db")
-    with sqlite3.connect(db) as c:
-        assert c.execute("SELECT COUNT(*) FROM throughput WHERE dataset_id = ?", [did]).fetchone()[
-            0
-        ]
-        assert not c.execute(
-            "SELECT COUNT(*) FROM throughput WHERE dataset_id = ?", [other]
-        ).fetchone()[0]
+    per = "SELECT COUNT(*) FROM throughput WHERE dataset_id = ?"
+    ((mine,),), ((others,),) = sql(db, (per, [did]), (per, [other]))
+    assert mine and not others
     store.delete_dataset(did)
-    with sqlite3.connect(db) as c:
-        assert c.execute("SELECT COUNT(*) FROM throughput").fetchone()[0] == 0
+    assert sql(db, ("SELECT COUNT(*) FROM throughput", [])) == [[[0]]]
+
+
+def test_a_coco_ingest_records_its_rows(tmp_path: Path) -> None:
+    """The ingest's commits are recorded as phase `ingest` (its rows arrive `indexed`, with no
+    phase 2), with every row it brought in."""
+    store = _core.Store(str(tmp_path / "s.db"))
+    did = store.create_dataset("d")
+    rows = make_images(tmp_path / "imgs", 25, broken=2)
+    ann = make_coco(tmp_path / "instances.json", rows)
+    store.ingest_coco(did, str(ann), str(tmp_path / "imgs"))
+    q = "SELECT phase, SUM(n) FROM throughput WHERE dataset_id = ? GROUP BY phase"
+    assert sql(tmp_path / "s.db", (q, [did])) == [[["ingest", 27]]]
+    p = store.progress(did)
+    # done: no ingest shown, phase 2 had nothing to do
+    assert set(p["phases"]) == {"probe"} and p["rate"] is None
 
 
 def test_entries_stay_few_at_many_commits(tmp_path: Path) -> None:
@@ -153,8 +163,7 @@ def test_entries_stay_few_at_many_commits(tmp_path: Path) -> None:
     while rows := store.claim_for_embedding(did, 1, after):
         after = int(rows[0][0])
         store.finish_embeddings(did, model, [after], _vectors(1))
-    with sqlite3.connect(str(tmp_path / "s.db")) as c:
-        (n,) = c.execute("SELECT COUNT(*) FROM throughput WHERE phase = 'embed'").fetchone()
+    (((n,),),) = sql(tmp_path / "s.db", ("SELECT COUNT(*) FROM throughput", []))
     assert n <= 8, n
 
 
