@@ -326,8 +326,8 @@ class Dataset:
           `{"done", "total", "rate", "eta_s"}`: rows through the phase and rows it will
           have done (`total` is None for an ingest), rows per second over its recent
           commits, and seconds left at that rate. `rate` and `eta_s` are None while the
-          phase is not running (finished, or stopped on an error) and until it has
-          committed twice (or once after it started).
+          phase is not running (finished, or stopped on an error) and until its first
+          commit (measured from when its work began).
         - `"rate"`, `"eta_s"`: those of the running phase completion waits on longest
           (`"rate_phase"` names it; a phase with rows left and no rate yet counts as the
           longest, so `eta_s` is None until it has one). None when nothing runs.

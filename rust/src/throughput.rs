@@ -320,6 +320,47 @@ mod tests {
     }
 
     #[test]
+    fn a_claim_restarts_the_embed_phase_only_when_it_was_idle() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = crate::db::Store::open(t.path().join("s.db").to_str().unwrap()).unwrap();
+        let tx = s.immediate().unwrap();
+        let entries = |tx: &Transaction<'_>| -> i64 {
+            tx.query_row("SELECT COUNT(*) FROM throughput", [], |r| r.get(0))
+                .unwrap()
+        };
+        begin_claim(&tx, 1, EMBED).unwrap(); // the first claim: the base
+        record(&tx, 1, EMBED, 8).unwrap();
+        assert_eq!(entries(&tx), 2);
+        // a batch in flight for 2 minutes (a slow model): the history stays
+        tx.execute("UPDATE throughput SET t0 = t0 - 120, t = t - 120", [])
+            .unwrap();
+        tx.execute(
+            "INSERT INTO counts (dataset_id, job_id, status, n) VALUES (1, 1, 'embedding', 8)",
+            [],
+        )
+        .unwrap();
+        begin_claim(&tx, 1, EMBED).unwrap();
+        assert_eq!(entries(&tx), 2);
+        // nothing in flight and nothing lately: the phase starts again from this claim
+        tx.execute("DELETE FROM counts", []).unwrap();
+        begin_claim(&tx, 1, EMBED).unwrap();
+        assert_eq!(entries(&tx), 1);
+        // rows in flight left by a process gone long ago do not keep an old history either
+        tx.execute("UPDATE throughput SET t0 = t0 - 3600, t = t - 3600", [])
+            .unwrap();
+        tx.execute(
+            "INSERT INTO counts (dataset_id, job_id, status, n) VALUES (1, 1, 'embedding', 8)",
+            [],
+        )
+        .unwrap();
+        begin_claim(&tx, 1, EMBED).unwrap();
+        let t0: f64 = tx
+            .query_row("SELECT t0 FROM throughput", [], |r| r.get(0))
+            .unwrap();
+        assert!(t0 > now() - 60.0);
+    }
+
+    #[test]
     fn entries_stay_bounded_and_restart_after_idle() {
         let t = tempfile::tempdir().unwrap();
         let mut s = crate::db::Store::open(t.path().join("s.db").to_str().unwrap()).unwrap();
