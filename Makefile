@@ -74,7 +74,7 @@ lint: ## ruff, mypy, cargo fmt --check, clippy
 .PHONY: bench
 bench: ## every CPU benchmark (each prints a table; data is generated under bench-data/)
 	$(PYTHON) benches/bench_scan.py
-	cargo bench --bench core -- bench-data/mixed_100000
+	FASTINDEX_BENCH_DIR=$${FASTINDEX_BENCH_DATA:-bench-data}/mixed_100000 PYTHON=$(PYTHON) cargo bench
 	$(PYTHON) benches/bench_search.py
 	$(PYTHON) benches/bench_embed_cpu.py
 	$(PYTHON) benches/bench_server.py

@@ -33,8 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import _core, leases
-from .errors import CancelledError, FastIndexError
-from .leases import LeaseLostError
+from .errors import CancelledError, FastIndexError, LeaseLostError
 
 if TYPE_CHECKING:
     from .embed import EmbeddingModel
@@ -280,8 +279,9 @@ class Pipeline:
                 return
             with self._hold(run):
                 holding = True
-                # Rows a crashed run had claimed go back to the queue.
-                store.release_claims(self.dataset_id)
+                # Rows this process claimed before (a cancelled run) go back to the queue;
+                # taking the lease over from a dead process already gave back its claims.
+                store.release_claims(self.dataset_id, owner=leases.owner())
                 while self._next_round(run):
                     self._clear_error(store, "embed")
                     model = self._built_model()
@@ -315,7 +315,7 @@ class Pipeline:
         dataset's claims are its own)."""
         if store is not None:
             with contextlib.suppress(FastIndexError):
-                store.release_claims(self.dataset_id)
+                store.release_claims(self.dataset_id, owner=leases.owner())
 
     def _built_model(self) -> EmbeddingModel:
         """The model to embed with; a `ModelSpec` is built here, in the embed thread."""

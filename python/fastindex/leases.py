@@ -7,8 +7,7 @@ process takes it over only when the holder stopped renewing it (a crash, a froze
 holder that finds its lease gone stops that phase's work at once; its commits are checked
 against the lease in the store too, so nothing it still had in flight is written.
 
-The store calls that carry the lease are wrapped below, in one place, so that they can be
-switched to the core's final signatures in one step (see "switch at merge").
+The store calls that carry the lease are wrapped below, in one place.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _core
-from .errors import FastIndexError, StoreError
+from .errors import FastIndexError
 
 log = logging.getLogger("fastindex")
 
@@ -50,41 +49,27 @@ def owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{_NONCE}"
 
 
-# -- switch at merge ------------------------------------------------------------------------
-# The core's lease-checked calls (helper "core"). Until they are merged these wrappers use
-# what the core has today; each says what it becomes.
-
-
-class LeaseLostError(StoreError):
-    """The caller no longer holds the phase's lease: another process took the work over.
-
-    TODO(merge): delete this class and use `from .errors import LeaseLostError` (core's).
-    """
+# -- the store calls that carry the lease ----------------------------------------------------
+# Each is checked in the store inside its write transaction: once another process holds the
+# phase's lease, it writes nothing and raises `LeaseLostError`. `who=None` (a caller that
+# holds no lease, as the benchmarks) means no check.
 
 
 def renew(store: _core.Store, dataset_id: int, phase: str, who: str, ttl: float) -> bool:
-    """Renew a lease `who` holds; False when it is no longer theirs (never takes one over).
-
-    TODO(merge): `return store.renew_lease(dataset_id, phase, who, ttl)`. Until then
-    `acquire_lease`, which also takes over a lease that expired.
-    """
-    return store.acquire_lease(dataset_id, phase, who, ttl)
+    """Renew a lease `who` holds; False when it is no longer theirs (never takes one over)."""
+    return store.renew_lease(dataset_id, phase, who, ttl)
 
 
 def probe(store: _core.Store, dataset_id: int, stop: _core.StopFlag, who: str, ttl: float) -> int:
-    """Phase 2 under the lease (already the final call: core makes it raise LeaseLostError)."""
+    """Phase 2 under the lease."""
     return store.probe_pending(dataset_id, stop=stop, lease=(who, ttl))
 
 
 def claim(
     store: _core.Store, dataset_id: int, limit: int, after: int, who: str | None
 ) -> list[tuple[int, Any]]:
-    """Rows for phase 3, claimed only while `who` holds the embed lease.
-
-    TODO(merge): `store.claim_for_embedding(dataset_id, limit, after, owner=who)`.
-    """
-    del who
-    return store.claim_for_embedding(dataset_id, limit, after)
+    """Rows for phase 3, claimed only while `who` holds the embed lease."""
+    return store.claim_for_embedding(dataset_id, limit, after, owner=who)
 
 
 def finish(
@@ -96,13 +81,8 @@ def finish(
     failed: list[tuple[int, str]],
     who: str | None,
 ) -> None:
-    """Commit phase-3 results, only while `who` holds the embed lease.
-
-    TODO(merge): `store.finish_embeddings(dataset_id, model_id, ids, vectors, failed,
-    owner=who)`.
-    """
-    del who
-    store.finish_embeddings(dataset_id, model_id, ids, vectors, failed)
+    """Commit phase-3 results, only while `who` holds the embed lease."""
+    store.finish_embeddings(dataset_id, model_id, ids, vectors, failed, owner=who)
 
 
 # -- the keeper -----------------------------------------------------------------------------
