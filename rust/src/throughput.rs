@@ -1,5 +1,6 @@
 //! How fast each phase moves rows: every status-changing commit of a phase appends `(t, n)`
-//! to `throughput` in its own transaction, and `progress` turns the last few into a rate.
+//! to `throughput` inside that commit's transaction (so a commit that fails or loses its
+//! lease records nothing), and `progress` turns the last few into a rate.
 //!
 //! Commits arrive in batches (an embedding batch can take 40 s on a CPU), so the rate is
 //! taken over the last `WINDOW_S` seconds or the last `MIN_COMMITS` commits, whichever
@@ -15,7 +16,7 @@ pub const WINDOW_S: f64 = 30.0;
 /// Commits a rate spans at least (when the window holds fewer).
 pub const MIN_COMMITS: usize = 5;
 /// Commits within this many seconds of the entry they would follow are merged into it, so a
-/// phase committing hundreds of batches a second keeps ~`WINDOW_S / BUCKET_S` entries.
+/// phase committing hundreds of batches a second keeps ~`2 * WINDOW_S / BUCKET_S` entries.
 const BUCKET_S: f64 = 1.0;
 /// A phase whose last entry is this old starts afresh when it starts again: its rate is not
 /// averaged over the idle time before.
