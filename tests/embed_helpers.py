@@ -55,3 +55,17 @@ def vectors_by_path(ds: fastindex.Dataset, model: Any = None) -> dict[str, np.nd
     ids, v = ds.embeddings(model)
     by_id = {s.id: s.path for s in ds.samples_by_id([int(i) for i in ids])}
     return {by_id[int(i)]: v[k] for k, i in enumerate(ids)}
+
+
+def slow_model(forward_s: float, **kw: Any) -> Any:
+    """The tiny test model (random weights, CPU) whose every forward pass first sleeps
+    `forward_s` seconds: a real model that commits a batch every few seconds, as a large
+    model on a CPU does."""
+    from fastindex.embed import EmbeddingModel
+
+    class SlowModel(EmbeddingModel):
+        def _forward(self, batch: Any) -> Any:
+            time.sleep(forward_s)
+            return super()._forward(batch)
+
+    return SlowModel(fastindex.testing.register_tiny_model(), None, device="cpu", **kw)

@@ -33,6 +33,7 @@ from PIL import Image
 from server_support import make_coco, make_images, probe_held, wait_until
 
 CONTRACT = {"dataset_id", "total", "pending", "indexed", "embedding", "ready", "failed", "status"}
+RATES = {"phases", "rate", "eta_s", "rate_phase"}
 
 
 class Api:
@@ -98,7 +99,10 @@ def test_post_answers_at_once_and_indexing_completes(api: Api) -> None:
     started = api.add("photos", api.tmp / "imgs")
     assert set(started) == {"dataset_id", "task_group_id"}
     p = api.wait(started["dataset_id"])
-    assert set(p) == CONTRACT | {"error"}
+    assert set(p) == CONTRACT | RATES | {"error"}
+    assert p["phases"] == {"probe": {"done": 43, "total": 43, "rate": None, "eta_s": None}}
+    assert {k: p.pop(k) for k in RATES - {"phases"}} == dict.fromkeys(RATES - {"phases"})
+    del p["phases"]
     assert p == {
         "dataset_id": started["dataset_id"],
         "total": 43,

@@ -62,8 +62,17 @@ def _check_run(messages: list[dict[str, Any]], n: int) -> None:
             "ready",
             "failed",
             "status",
+            "phases",
+            "rate",
+            "eta_s",
+            "rate_phase",
             "error",
         }
+        # the store's rates ride along: phase 2's rows done, and a rate only while it runs
+        probe = m["phases"]["probe"]
+        assert (probe["done"], probe["total"]) == (m["total"] - m["pending"], m["total"])
+        if m["status"] == "complete":
+            assert probe["rate"] is None and m["rate"] is None
 
 
 def test_websocket_from_start_to_complete(client: TestClient, tmp_path: Path) -> None:

@@ -130,7 +130,11 @@ class Store:
             StoreError: the store failed (disk full...); the call ends at once.
         """
 
-    def progress(self, dataset_id: int, job_id: int | None = None) -> dict[str, Any]: ...
+    def progress(self, dataset_id: int, job_id: int | None = None) -> dict[str, Any]:
+        """Counts by status, `status`, phase `errors`, and each phase's rate and time left
+        from the store's record of recent commits (`phases`, `rate`, `eta_s`, `rate_phase`:
+        see `Dataset.get_loading_progress`). O(1) in the number of samples."""
+
     def samples(
         self,
         dataset_id: int,

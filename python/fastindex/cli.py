@@ -291,7 +291,6 @@ def _watch(console: Any, ds: Any, job: Any, scan_s: float, loop: Any) -> dict[st
         TaskProgressColumn,
         TextColumn,
         TimeElapsedColumn,
-        TimeRemainingColumn,
     )
 
     cols = (
@@ -301,28 +300,42 @@ def _watch(console: Any, ds: Any, job: Any, scan_s: float, loop: Any) -> dict[st
         TaskProgressColumn(),
         TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
-        TimeRemainingColumn(),
+        TextColumn("{task.fields[eta]}"),
     )
     summary = job.summary
     found = int(summary.get("found", summary.get("images", 0)))
     wants_embed = ds.has_embedding_model()
     with Progress(*cols, console=console, transient=False) as bar:
-        scan = bar.add_task("1 scan", total=max(found, 1), rate=f"{scan_s * 1000:.0f} ms")
+        scan = bar.add_task("1 scan", total=max(found, 1), rate=f"{scan_s * 1000:.0f} ms", eta="")
         bar.update(scan, completed=max(found, 1))
-        probe = bar.add_task("2 probe", total=None, rate="")
-        embed = bar.add_task("3 embed", total=None, rate="", visible=wants_embed)
-        start = time.perf_counter()
+        probe = bar.add_task("2 probe", total=None, rate="", eta="")
+        embed = bar.add_task("3 embed", total=None, rate="", eta="", visible=wants_embed)
+
+        def speed(phase: dict[str, Any] | None) -> dict[str, Any]:
+            """The store's rate and time left for the phase (a finished phase keeps the
+            last rate it showed); a rate is never rounded down to 0 while rows move."""
+            if not phase or phase["rate"] is None:
+                left = phase is not None and phase["total"] != phase["done"]
+                return {"eta": "left -" if left else ""}
+            r, eta = phase["rate"], phase["eta_s"]
+            s = round(eta) if eta is not None else None
+            return {
+                "rate": f"{r:,.0f}/s" if r >= 10 else f"{r:.2g}/s",
+                "eta": "left -"
+                if s is None
+                else f"left {s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}",
+            }
 
         def tick(p: dict[str, Any]) -> None:
             total = p["total"]
             probed = total - p["pending"]
             embedded = p["ready"]
-            t = max(time.perf_counter() - start, 1e-6)
-            bar.update(probe, total=total, completed=probed, rate=f"{probed / t:,.0f}/s")
+            phases = p.get("phases", {})
+            bar.update(probe, total=total, completed=probed, **speed(phases.get("probe")))
             if wants_embed:
                 todo = total - p["failed"] + (p["failed"] if embedded else 0)
                 bar.update(
-                    embed, total=max(todo, 1), completed=embedded, rate=f"{embedded / t:,.0f}/s"
+                    embed, total=max(todo, 1), completed=embedded, **speed(phases.get("embed"))
                 )
 
         result: dict[str, Any] = loop(tick)

@@ -318,7 +318,23 @@ class Dataset:
     # -- progress ---------------------------------------------------------------------------
     def get_loading_progress(self) -> dict[str, Any]:
         """Counts by status: `{"dataset_id", "total", "pending", "indexed", "embedding",
-        "ready", "failed", "status": "in_progress" | "complete", "errors", "error"}`.
+        "ready", "failed", "status": "in_progress" | "complete", "errors", "error"}`, and
+        how fast the work goes, as the store recorded it (any process sees the same):
+
+        - `"phases"`: `{"probe": {...}, "embed": {...}}` (`"embed"` only when the dataset
+          wants embeddings; `"ingest"` while a COCO ingest runs), each
+          `{"done", "total", "rate", "eta_s"}`: rows through the phase and rows it will
+          have done (`total` is None for an ingest), rows per second over its recent
+          commits, and seconds left at that rate. `rate` and `eta_s` are None while the
+          phase is not running (finished, or stopped on an error) and until its first
+          commit (measured from when its work began).
+        - `"rate"`, `"eta_s"`: those of the running phase completion waits on longest
+          (`"rate_phase"` names it; a phase with rows left and no rate yet counts as the
+          longest, so `eta_s` is None until it has one). None when nothing runs.
+
+        A rate spans the last 30 s of commits or the last 5 commits, whichever reaches
+        further back, and is measured between commits, so a phase that commits a batch
+        every 40 s keeps its rate between them: never 0/s while rows move.
 
         O(1) in the number of samples; safe to call from any thread or process.
         """

@@ -29,7 +29,7 @@ pub fn now() -> f64 {
 }
 
 /// Counts of one dataset or one job, by status, plus whether work is still owed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Progress {
     pub dataset_id: i64,
     pub counts: [i64; 5],
@@ -39,6 +39,9 @@ pub struct Progress {
     pub errors: Vec<(String, String)>,
     /// An add (a walk, a COCO ingest) is still inserting rows somewhere.
     pub adding: bool,
+    /// `(phase, rows/s, seconds since its last commit)` of each phase with a rate over its
+    /// recent commits (`throughput`).
+    pub rates: Vec<(String, f64, f64)>,
 }
 
 impl Progress {
@@ -177,6 +180,7 @@ impl Store {
              DELETE FROM categories WHERE dataset_id = {dataset_id};
              DELETE FROM phase_errors WHERE dataset_id = {dataset_id};
              DELETE FROM leases WHERE dataset_id = {dataset_id};
+             DELETE FROM throughput WHERE dataset_id = {dataset_id};
              DELETE FROM datasets WHERE id = {dataset_id};"
         ))
         .store(&path)?;
@@ -310,7 +314,35 @@ impl Store {
             .unwrap_or(false);
         p.errors = self.phase_errors(dataset_id)?;
         p.adding = job_id.is_none() && self.adding(dataset_id)?;
+        p.rates = self.rates(dataset_id)?;
         Ok(p)
+    }
+
+    /// Each phase's rate over its recent commits: a few dozen rows at most per phase.
+    fn rates(&self, dataset_id: i64) -> Result<Vec<(String, f64, f64)>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT phase, t0, t, n FROM throughput WHERE dataset_id = ?1 ORDER BY phase, t0",
+            )
+            .store(&self.path)?;
+        let rows: Vec<(String, (f64, f64, i64))> = st
+            .query_map([dataset_id], |r| {
+                Ok((r.get(0)?, (r.get(1)?, r.get(2)?, r.get(3)?)))
+            })
+            .store(&self.path)?
+            .collect::<std::result::Result<_, _>>()
+            .store(&self.path)?;
+        let at = now();
+        let mut out = Vec::new();
+        for chunk in rows.chunk_by(|a, b| a.0 == b.0) {
+            let entries: Vec<_> = chunk.iter().map(|(_, e)| *e).collect();
+            if let Some(r) = crate::throughput::rate(&entries, at) {
+                let last = entries.iter().map(|e| e.1).fold(f64::MIN, f64::max);
+                out.push((chunk[0].0.clone(), r, at - last));
+            }
+        }
+        Ok(out)
     }
 
     pub fn phase_errors(&self, dataset_id: i64) -> Result<Vec<(String, String)>> {

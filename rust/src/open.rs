@@ -10,7 +10,7 @@ use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
 use crate::db::Store;
 use crate::error::{Error, Result, StoreContext};
-use crate::schema::{APPLICATION_ID, MIGRATIONS, SCHEMA, SCHEMA_VERSION};
+use crate::schema::{APPLICATION_ID, MIGRATIONS, SCHEMA, SCHEMA_VERSION, THROUGHPUT};
 
 /// How long a connection waits for another writer before it fails.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -116,6 +116,7 @@ impl Store {
             }
             Kind::Empty => {
                 tx.execute_batch(SCHEMA).store(&path)?;
+                tx.execute_batch(THROUGHPUT).store(&path)?;
             }
         }
         tx.pragma_update(None, "application_id", APPLICATION_ID)

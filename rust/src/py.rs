@@ -16,6 +16,7 @@ use crate::error::Error;
 use crate::header::{self, ImageInfo};
 use crate::query::{AnnotationRow, SampleRow};
 use crate::scan::{self, ScanSummary};
+use crate::throughput;
 
 /// Map a core error to the exception class of the same name in `fastindex.errors` (defined in
 /// Python so they can also derive from `ValueError`, `LookupError`, ...).
@@ -318,6 +319,21 @@ fn progress_dict<'py>(py: Python<'py>, p: &Progress) -> Res<Bound<'py, PyDict>> 
         errors.set_item(phase, msg)?;
     }
     d.set_item("errors", errors)?;
+    let phases = throughput::phases(p);
+    let by_phase = PyDict::new(py);
+    for ph in &phases {
+        let one = PyDict::new(py);
+        one.set_item("done", ph.done)?;
+        one.set_item("total", ph.total)?;
+        one.set_item("rate", ph.rate)?;
+        one.set_item("eta_s", ph.eta_s)?;
+        by_phase.set_item(ph.name, one)?;
+    }
+    d.set_item("phases", by_phase)?;
+    let top = throughput::limiting(&phases);
+    d.set_item("rate", top.and_then(|ph| ph.rate))?;
+    d.set_item("eta_s", top.and_then(|ph| ph.eta_s))?;
+    d.set_item("rate_phase", top.map(|ph| ph.name))?;
     Ok(d)
 }
 

@@ -14,6 +14,7 @@ use crate::error::{Error, Result, StoreContext};
 use crate::header::{self, ImageInfo};
 use crate::leases::hold_lease;
 use crate::paths::{join_rel, path_bytes, SqlPath, StoredPath};
+use crate::throughput;
 use crate::walk::{self, FileEntry, Problem, WalkOptions};
 
 /// Rows per transaction when inserting scanned files: small enough that a stop (Ctrl-C) is
@@ -370,6 +371,18 @@ impl Store {
         results: &[Probed],
         lease_owner: Option<&str>,
     ) -> Result<()> {
+        self.record_probes_since(dataset_id, results, lease_owner, crate::db::now())
+    }
+
+    /// [`Store::record_probes`] for probing that began at `started` (the phase's rate is
+    /// measured from then if it was idle before).
+    fn record_probes_since(
+        &mut self,
+        dataset_id: i64,
+        results: &[Probed],
+        lease_owner: Option<&str>,
+        started: f64,
+    ) -> Result<()> {
         let path = self.path.clone();
         let tx = self.immediate()?;
         if let Some(owner) = lease_owner {
@@ -414,6 +427,11 @@ impl Store {
         }
         bump_moves(&tx, dataset_id, PENDING, INDEXED, &indexed).store(&path)?;
         bump_moves(&tx, dataset_id, PENDING, FAILED, &failed).store(&path)?;
+        let moved = indexed.values().chain(failed.values()).sum();
+        if moved > 0 {
+            throughput::begin(&tx, dataset_id, throughput::PROBE, started).store(&path)?;
+            throughput::record(&tx, dataset_id, throughput::PROBE, moved).store(&path)?;
+        }
         tx.commit().store(&path)
     }
 
@@ -444,6 +462,7 @@ impl Store {
             }
         }
         let owner = lease.map(|(o, _)| o);
+        let started = crate::db::now();
         let mut writer = Store::open(&self.path)?;
         // Set by the writer when it fails: the reader stops probing at once.
         let halt = AtomicBool::new(false);
@@ -453,7 +472,8 @@ impl Store {
             let write = scope.spawn(move || -> Result<u64> {
                 let mut total = 0u64;
                 for results in rx {
-                    if let Err(e) = writer.record_probes(dataset_id, &results, owner) {
+                    if let Err(e) = writer.record_probes_since(dataset_id, &results, owner, started)
+                    {
                         halt.store(true, Ordering::Relaxed);
                         return Err(e); // drops `rx`: a send on the other side fails at once
                     }

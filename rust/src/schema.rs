@@ -3,7 +3,7 @@
 
 /// Bumped whenever the schema changes. An older store is migrated in place on open (additive
 /// changes only, see `MIGRATIONS`); a newer one is refused.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Written into the SQLite header of every store (`PRAGMA application_id`), so a store is
 /// known as one by its first 100 bytes ("FIDX").
@@ -15,13 +15,30 @@ pub const JOB_TTL: f64 = 30.0;
 /// `(version it upgrades from, SQL)`, applied in order inside the opening transaction. Each
 /// step only adds (columns, tables, meta keys), so an older fastindex reading the migrated
 /// store is refused by the version check rather than misled.
-pub(crate) const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "ALTER TABLE jobs ADD COLUMN heartbeat REAL;
-     UPDATE jobs SET heartbeat = created_at WHERE running_owner IS NOT NULL;
-     INSERT OR IGNORE INTO meta (key, value)
-         SELECT 'last_dataset_id', CAST(COALESCE(MAX(id), 0) AS TEXT) FROM datasets;",
-)];
+pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "ALTER TABLE jobs ADD COLUMN heartbeat REAL;
+         UPDATE jobs SET heartbeat = created_at WHERE running_owner IS NOT NULL;
+         INSERT OR IGNORE INTO meta (key, value)
+             SELECT 'last_dataset_id', CAST(COALESCE(MAX(id), 0) AS TEXT) FROM datasets;",
+    ),
+    (2, THROUGHPUT),
+];
+
+/// Recent commits per phase, for rates (see `throughput.rs`): a few dozen rows per phase.
+pub(crate) const THROUGHPUT: &str = "
+-- `n` rows of `phase` committed between the entry before and `t`; `t0` is when the entry
+-- was opened (later commits within a second are merged into it).
+CREATE TABLE IF NOT EXISTS throughput (
+    dataset_id INTEGER NOT NULL,
+    phase TEXT NOT NULL,
+    t0 REAL NOT NULL,
+    t REAL NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (dataset_id, phase, t0)
+) WITHOUT ROWID;
+";
 
 pub(crate) const SCHEMA: &str = "
 -- `schema_version`; `last_dataset_id` (the highest dataset id ever given, so an id is never

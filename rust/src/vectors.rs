@@ -9,6 +9,7 @@ use rusqlite::params;
 use crate::db::{bump_moves, tally, Store, EMBEDDING, FAILED, INDEXED, READY};
 use crate::error::{Error, Result, StoreContext};
 use crate::leases::{hold_lease, not_held_by_another, release_all_claims, EMBED_PHASE};
+use crate::throughput;
 
 impl Store {
     /// The id of a model, registered on first use. A second model's embeddings live beside
@@ -134,6 +135,10 @@ impl Store {
                 ));
             }
         }
+        if !moves.is_empty() {
+            // Before the counters move: they still say what was in flight before this claim.
+            throughput::begin_claim(&tx, dataset_id, throughput::EMBED).store(&path)?;
+        }
         bump_moves(&tx, dataset_id, INDEXED, EMBEDDING, &moves).store(&path)?;
         tx.commit().store(&path)?;
         out.sort_unstable_by_key(|(id, _)| *id);
@@ -203,6 +208,8 @@ impl Store {
         }
         bump_moves(&tx, dataset_id, EMBEDDING, READY, &ready).store(&path)?;
         bump_moves(&tx, dataset_id, EMBEDDING, FAILED, &bad).store(&path)?;
+        let moved = ready.values().chain(bad.values()).sum();
+        throughput::record(&tx, dataset_id, throughput::EMBED, moved).store(&path)?;
         tx.commit().store(&path)
     }
 

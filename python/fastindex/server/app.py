@@ -169,7 +169,8 @@ def create_app(
     @app.get("/api/progress/{dataset_id}", tags=["progress"])
     async def get_progress(dataset_id: Id) -> dict[str, Any]:
         """Counts by status: `{dataset_id, total, pending, indexed, embedding, ready, failed,
-        status: in_progress | complete, error}`. O(1) in the number of samples."""
+        status: in_progress | complete, phases, rate, eta_s, rate_phase, error}` (the rates
+        as `Dataset.get_loading_progress` documents them). O(1) in the number of samples."""
         # Read on the event loop itself: a few indexed point reads on this thread's own
         # connection (WAL readers never wait for the writer), far cheaper than a hop to a
         # worker thread, which on a machine busy indexing waits for a core twice.

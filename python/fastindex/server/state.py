@@ -35,8 +35,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fastindex.server")
 
-#: The keys of a progress answer (the proposal's contract), then `error`.
-PROGRESS_KEYS: tuple[str, ...] = ("dataset_id", "total", *_core.STATUSES, "status")
+#: The keys of a progress answer (the proposal's contract, then the store's rates: `phases`
+#: with each phase's `done`, `total`, `rate` and `eta_s`, and the `rate`, `eta_s` and
+#: `rate_phase` of the phase completion waits on), then `error`.
+PROGRESS_KEYS: tuple[str, ...] = (
+    "dataset_id",
+    "total",
+    *_core.STATUSES,
+    "status",
+    "phases",
+    "rate",
+    "eta_s",
+    "rate_phase",
+)
 #: Statuses whose file has been read and found to be an image.
 INDEXED_STATUSES = frozenset({"indexed", "embedding", "ready"})
 

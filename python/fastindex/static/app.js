@@ -15,7 +15,6 @@ const PAGE_SIZE = Math.min(500, Math.max(12, Number(params.get("page_size")) || 
 const REFRESH_MS = 700;
 const FAILED_REFRESH_MS = 2000;
 const FAILED_PAGE = 50;
-const RATE_WINDOW_MS = 8000;
 
 const state = {
   datasets: [],
@@ -26,8 +25,6 @@ const state = {
   page: 0,
   view: "browse", // or "results" (search / similar)
   items: [],
-  history: [], // [{t, done}] for the rate
-  runStart: null,
   lastRefresh: 0,
   refreshTimer: null,
   loadMs: 0, // how long the last page took to load
@@ -67,8 +64,6 @@ function selectDataset(id) {
     page: 0,
     view: "browse",
     items: [],
-    history: [],
-    runStart: null,
     failedShown: 0,
     failedCount: -1,
     refreshTimer: null,
@@ -79,6 +74,7 @@ function selectDataset(id) {
   url.searchParams.set("dataset", ds.id);
   history.replaceState(null, "", url);
   $("dataset-name").textContent = ds.name;
+  $("rate").textContent = "–";
   $("progress-card").hidden = false;
   $("browse").hidden = false;
   $("search-input").value = "";
@@ -133,27 +129,28 @@ function renderProgress(p) {
   err.hidden = !p.error;
   err.textContent = p.error ?? "";
 
-  // Rate and time left from what this page saw in the last few seconds.
-  const now = performance.now();
+  // Rate and time left as the store measured them over its recent commits: the same for
+  // every page, shown at once by a page opened mid-run, and never 0/s between two batch
+  // commits. A finished run keeps the last rate shown.
   if (p.status !== "complete") {
-    if (!state.runStart) state.runStart = { t: now, done };
-    state.history.push({ t: now, done });
-    while (state.history.length > 2 && now - state.history[0].t > RATE_WINDOW_MS) state.history.shift();
-    const first = state.history[0];
-    const dt = (now - first.t) / 1000;
-    const rate = dt >= 0.5 ? (done - first.done) / dt : NaN;
-    $("rate").textContent = Number.isFinite(rate) ? `${fmt(Math.round(rate))}/s` : "–";
-    $("eta").textContent = rate > 0 ? API.duration((total - done) / rate) : "–";
-  } else {
-    if (state.runStart) {
-      const dt = (now - state.runStart.t) / 1000;
-      const avg = dt > 0 ? (done - state.runStart.done) / dt : NaN;
-      $("rate").textContent = Number.isFinite(avg) && avg > 0 ? `${fmt(Math.round(avg))}/s avg` : "–";
-      state.runStart = null;
-      state.history = [];
+    let name = p.rate_phase;
+    let rate = p.rate;
+    if (rate == null) {
+      // The phase completion waits on has no rate yet: show the one that moves.
+      const moving = Object.entries(p.phases ?? {}).find(([, ph]) => ph.rate != null);
+      if (moving) [name, rate] = [moving[0], moving[1].rate];
     }
+    $("rate").textContent = rate != null ? `${perSecond(rate)} · ${name}` : "–";
+    $("eta").textContent = p.eta_s != null ? API.duration(p.eta_s) : "–";
+  } else {
     $("eta").textContent = "done";
   }
+}
+
+// Rows a second, never rounded down to 0 while rows move.
+function perSecond(rate) {
+  if (rate >= 10) return `${fmt(Math.round(rate))}/s`;
+  return `${rate.toPrecision(2)}/s`;
 }
 
 function showTransport(mode) {

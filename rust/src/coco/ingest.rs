@@ -127,6 +127,7 @@ impl Store {
             prefix,
             file_id,
             categories: &categories,
+            started: crate::db::now(),
         };
         // Checkpoints are run in the pauses between transactions, not inside the commits.
         let autocheckpoint: i64 = self

@@ -11,6 +11,7 @@ use super::paths::{Found, ESCAPES};
 use super::plan::Plan;
 use crate::db::{bump, multi_row_insert, Store, FAILED, INDEXED};
 use crate::error::{Error, Result, StoreContext};
+use crate::throughput;
 
 /// The store is held for this long at most (or `TX_ROWS` rows) in one transaction, or in
 /// transactions back to back (one per chunk of files looked at)...
@@ -77,6 +78,8 @@ pub struct Target<'a> {
     pub file_id: i64,
     /// `(COCO category id, category row)`, sorted.
     pub categories: &'a [(i64, i64)],
+    /// When the ingest began (`db::now()`): its rate is measured from then.
+    pub started: f64,
 }
 
 /// What the ingest committed so far.
@@ -271,6 +274,11 @@ impl Store {
         .store(&path)?;
         bump(&tx, t.dataset_id, t.job_id, INDEXED, n_indexed).store(&path)?;
         bump(&tx, t.dataset_id, t.job_id, FAILED, n_failed).store(&path)?;
+        if n_indexed + n_failed > 0 {
+            throughput::begin(&tx, t.dataset_id, throughput::INGEST, t.started).store(&path)?;
+            throughput::record(&tx, t.dataset_id, throughput::INGEST, n_indexed + n_failed)
+                .store(&path)?;
+        }
         tx.commit().store(&path)?;
         tally.absorb(done);
         Ok(began.elapsed())
