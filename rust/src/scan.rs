@@ -636,7 +636,7 @@ mod tests {
         assert_eq!((sum.found, sum.added, sum.existing), (5, 5, 0));
         let done = AtomicU64::new(0);
         assert_eq!(s.probe_pending(d, &stop, &done, None).unwrap(), 4);
-        let rows = s.samples(d, None, 0, i64::MAX, 0).unwrap();
+        let rows = s.samples(d, &Default::default(), 0, i64::MAX, 0).unwrap();
         let mut got: Vec<(Vec<u8>, &str, Option<i64>)> = rows
             .iter()
             .map(|r| {

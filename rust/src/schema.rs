@@ -3,7 +3,7 @@
 
 /// Bumped whenever the schema changes. An older store is migrated in place on open (additive
 /// changes only, see `MIGRATIONS`); a newer one is refused.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Written into the SQLite header of every store (`PRAGMA application_id`), so a store is
 /// known as one by its first 100 bytes ("FIDX").
@@ -12,18 +12,90 @@ pub const APPLICATION_ID: i32 = 0x4649_4458;
 /// Seconds an "adding" job stays alive without a heartbeat (see `Store::renew_jobs`).
 pub const JOB_TTL: f64 = 30.0;
 
+/// What the sample filters and their facets add (schema 4). Phase 2 writes `format`, so the
+/// format index is partial (phase 1's NULL rows stay out of it) and the facet counters are kept
+/// by triggers, which fire only when a format appears, changes or goes: the facets are read in
+/// O(distinct values), never by counting rows. Sizes and path globs have no index of their own
+/// (each one would be written by every probe): they are checked on the id-ordered walk of
+/// whichever index drives the page (dataset, format or category).
+macro_rules! filters_sql {
+    () => {
+        "
+CREATE INDEX IF NOT EXISTS samples_by_format ON samples (dataset_id, format, id)
+    WHERE format IS NOT NULL;
+-- A page of one category walks this in sample order (the boxes are clustered by sample).
+CREATE INDEX IF NOT EXISTS annotations_by_category ON annotations (category_id, sample_id);
+CREATE TABLE IF NOT EXISTS format_counts (
+    dataset_id INTEGER NOT NULL,
+    format TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (dataset_id, format)
+) WITHOUT ROWID;
+-- Samples (not boxes) per category, as the category filter counts them.
+CREATE TABLE IF NOT EXISTS category_counts (
+    category_id INTEGER PRIMARY KEY,
+    n INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS format_count_insert AFTER INSERT ON samples
+WHEN NEW.format IS NOT NULL BEGIN
+    INSERT INTO format_counts (dataset_id, format, n) VALUES (NEW.dataset_id, NEW.format, 1)
+        ON CONFLICT (dataset_id, format) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS format_count_update AFTER UPDATE OF format ON samples
+WHEN OLD.format IS NOT NEW.format BEGIN
+    UPDATE format_counts SET n = n - 1
+        WHERE OLD.format IS NOT NULL AND dataset_id = OLD.dataset_id AND format = OLD.format;
+    INSERT INTO format_counts (dataset_id, format, n)
+        SELECT NEW.dataset_id, NEW.format, 1 WHERE NEW.format IS NOT NULL
+        ON CONFLICT (dataset_id, format) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS format_count_delete AFTER DELETE ON samples
+WHEN OLD.format IS NOT NULL BEGIN
+    UPDATE format_counts SET n = n - 1 WHERE dataset_id = OLD.dataset_id AND format = OLD.format;
+END;
+CREATE TRIGGER IF NOT EXISTS category_count_insert AFTER INSERT ON annotations
+WHEN NOT EXISTS (SELECT 1 FROM annotations WHERE category_id = NEW.category_id
+                 AND sample_id = NEW.sample_id AND id != NEW.id) BEGIN
+    INSERT INTO category_counts (category_id, n) VALUES (NEW.category_id, 1)
+        ON CONFLICT (category_id) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS category_count_delete AFTER DELETE ON annotations
+WHEN NOT EXISTS (SELECT 1 FROM annotations WHERE category_id = OLD.category_id
+                 AND sample_id = OLD.sample_id) BEGIN
+    UPDATE category_counts SET n = n - 1 WHERE category_id = OLD.category_id;
+END;
+"
+    };
+}
+
 /// `(version it upgrades from, SQL)`, applied in order inside the opening transaction. Each
 /// step only adds (columns, tables, meta keys), so an older fastindex reading the migrated
 /// store is refused by the version check rather than misled.
-pub(crate) const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
+pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
     "ALTER TABLE jobs ADD COLUMN heartbeat REAL;
      UPDATE jobs SET heartbeat = created_at WHERE running_owner IS NOT NULL;
      INSERT OR IGNORE INTO meta (key, value)
          SELECT 'last_dataset_id', CAST(COALESCE(MAX(id), 0) AS TEXT) FROM datasets;",
-)];
+    ),
+    // 3 -> 4: the filters' indexes and the facets' counters (see `filters_sql!`), filled from
+    // the rows already there.
+    (
+        3,
+        concat!(
+            filters_sql!(),
+            "INSERT OR REPLACE INTO format_counts (dataset_id, format, n)
+                 SELECT dataset_id, format, COUNT(*) FROM samples
+                 WHERE format IS NOT NULL GROUP BY dataset_id, format;
+             INSERT OR REPLACE INTO category_counts (category_id, n)
+                 SELECT category_id, COUNT(DISTINCT sample_id) FROM annotations GROUP BY category_id;"
+        ),
+    ),
+];
 
-pub(crate) const SCHEMA: &str = "
+pub(crate) const SCHEMA: &str = concat!(
+    "
 -- `schema_version`; `last_dataset_id` (the highest dataset id ever given, so an id is never
 -- reused after a delete); `next_annotation_id`.
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -144,4 +216,6 @@ CREATE TABLE IF NOT EXISTS embeddings (
     vector BLOB NOT NULL,
     UNIQUE (model_id, sample_id)
 );
-";
+",
+    filters_sql!()
+);
