@@ -365,7 +365,7 @@ class Dataset:
     ) -> list[Sample]:
         """Samples in id order that match every filter given, paged.
 
-        Filters: `status`; `format` (as probed: "jpeg", "png", ...); the probed size within
+        Filters: `status`; `format` (as probed: "JPEG", "PNG", ...); the probed size within
         `min_width`..`max_width`, `min_height`..`max_height` (inclusive; a sample not yet
         probed has no size and matches no size filter); `path_glob`, a SQLite GLOB over the
         path relative to its root (`*`, `?`, `[...]`, case-sensitive; `*` crosses `/`);
