@@ -27,8 +27,15 @@ def _coco_dataset(tmp_path: Path, db: Path, *, broken: int = 1) -> tuple[fastind
     text = ann.read_text()
     odd = '{"counts": [1, 2,3 ,4], "size": [ 10,20 ] }'
     data["annotations"].append(
-        {"id": 999, "image_id": 1, "category_id": 2, "bbox": [1.5, 2.25, 3e-1, 4], "area": 0.1,
-         "iscrowd": 1, "segmentation": "__ODD__"}
+        {
+            "id": 999,
+            "image_id": 1,
+            "category_id": 2,
+            "bbox": [1.5, 2.25, 3e-1, 4],
+            "area": 0.1,
+            "iscrowd": 1,
+            "segmentation": "__ODD__",
+        }
     )
     text = json.dumps(data).replace('"__ODD__"', odd)
     ann.write_text(text)
@@ -66,7 +73,9 @@ def test_coco_export_ingests_back_to_the_same_dataset(tmp_path: Path, db: Path) 
     assert '"segmentation": {"counts": [1, 2,3 ,4], "size": [ 10,20 ] }' in out.read_text()
 
     again = fastindex.Dataset.create("again", db=db)
-    job = again.add_samples_from_coco(annotations_json=out, images_path=doc["info"]["images_root"], embed=False)
+    job = again.add_samples_from_coco(
+        annotations_json=out, images_path=doc["info"]["images_root"], embed=False
+    )
     finish(again, job)
     a, b = _samples_by_path(ds), _samples_by_path(again)
     # Images the COCO file lists: all of the original's (the broken file too: it was listed

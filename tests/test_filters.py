@@ -24,7 +24,9 @@ def ds(tmp_path_factory: pytest.TempPathFactory) -> fastindex.Dataset:
     # Half the images in the COCO file; the other half (and the broken files) added as a folder.
     ann = make_coco(tmp / "coco.json", rows[:30])
     d = fastindex.Dataset.create("f", db=tmp / "f.db")
-    finish(d, d.add_samples_from_coco(annotations_json=ann, images_path=tmp / "images", embed=False))
+    finish(
+        d, d.add_samples_from_coco(annotations_json=ann, images_path=tmp / "images", embed=False)
+    )
     finish(d, d.add_images_from_path(tmp / "images", embed=False))
     return d
 
@@ -82,9 +84,13 @@ filters = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(f=filters, page=st.integers(1, 25))
-def test_filters_match_a_brute_force_filter(ds: fastindex.Dataset, f: dict[str, Any], page: int) -> None:
+def test_filters_match_a_brute_force_filter(
+    ds: fastindex.Dataset, f: dict[str, Any], page: int
+) -> None:
     want = _brute(ds, **f)
     assert [s.id for s in ds.samples(**f)] == want
     # Keyset pages put together give the same rows.
@@ -124,17 +130,25 @@ def test_facets_follow_a_delete_and_reingest(tmp_path: Path, db: Path) -> None:
     rows = make_images(tmp_path / "i", 9)
     ann = make_coco(tmp_path / "c.json", rows)
     a = fastindex.Dataset.create("a", db=db)
-    finish(a, a.add_samples_from_coco(annotations_json=ann, images_path=tmp_path / "i", embed=False))
+    finish(
+        a, a.add_samples_from_coco(annotations_json=ann, images_path=tmp_path / "i", embed=False)
+    )
     b = fastindex.Dataset.create("b", db=db)
-    finish(b, b.add_samples_from_coco(annotations_json=ann, images_path=tmp_path / "i", embed=False))
+    finish(
+        b, b.add_samples_from_coco(annotations_json=ann, images_path=tmp_path / "i", embed=False)
+    )
     fa = a.facets()
     assert fa["format"] == b.facets()["format"] and sum(fa["format"].values()) == 9
     a.delete()
     assert b.facets() == fa
     # Adding the same file again adds nothing, and counts nothing twice.
-    finish(b, b.add_samples_from_coco(annotations_json=ann, images_path=tmp_path / "i", embed=False))
+    finish(
+        b, b.add_samples_from_coco(annotations_json=ann, images_path=tmp_path / "i", embed=False)
+    )
     assert b.facets() == fa
-    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM format_counts WHERE dataset_id = ?", (a.id,)).fetchone() == (0,)
+    assert sqlite3.connect(db).execute(
+        "SELECT COUNT(*) FROM format_counts WHERE dataset_id = ?", (a.id,)
+    ).fetchone() == (0,)
 
 
 @pytest.mark.parametrize(
@@ -178,12 +192,19 @@ def test_a_version_2_store_is_migrated_with_counters_filled(tmp_path: Path, db: 
     rows = make_images(tmp_path / "i", 8)
     ann = make_coco(tmp_path / "c.json", rows)
     d = fastindex.Dataset.create("old", db=db)
-    finish(d, d.add_samples_from_coco(annotations_json=ann, images_path=tmp_path / "i", embed=False))
+    finish(
+        d, d.add_samples_from_coco(annotations_json=ann, images_path=tmp_path / "i", embed=False)
+    )
     want = d.facets()
     c = sqlite3.connect(db)
     with c:
-        for t in ("format_count_insert", "format_count_update", "format_count_delete",
-                  "category_count_insert", "category_count_delete"):
+        for t in (
+            "format_count_insert",
+            "format_count_update",
+            "format_count_delete",
+            "category_count_insert",
+            "category_count_delete",
+        ):
             c.execute(f"DROP TRIGGER {t}")
         c.execute("DROP INDEX samples_by_format")
         c.execute("DROP INDEX annotations_by_category")

@@ -25,12 +25,19 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerHan
     with start_server(db, port=0, allowed_roots=[tmp]) as server:
         r = httpx.post(
             f"{server.url}/api/datasets",
-            json={"name": "c", "images_path": str(tmp / "coco"), "annotations_json": str(ann), "embed": False},
+            json={
+                "name": "c",
+                "images_path": str(tmp / "coco"),
+                "annotations_json": str(ann),
+                "embed": False,
+            },
             timeout=30,
         )
         assert r.status_code == 202, r.text
         did = r.json()["dataset_id"]
-        wait_until(lambda: httpx.get(f"{server.url}/api/progress/{did}").json()["status"] == "complete")
+        wait_until(
+            lambda: httpx.get(f"{server.url}/api/progress/{did}").json()["status"] == "complete"
+        )
         yield server, did, db
 
 
@@ -53,10 +60,15 @@ def _ids(server: ServerHandle, did: int, **params: Any) -> list[int]:
         {"category": "dog", "format": "JPEG", "min_height": 40},
     ],
 )
-def test_http_filters_equal_the_python_api(served: tuple[ServerHandle, int, str], params: dict[str, Any]) -> None:
+def test_http_filters_equal_the_python_api(
+    served: tuple[ServerHandle, int, str], params: dict[str, Any]
+) -> None:
     server, did, db = served
     ds = fastindex.Dataset.load("c", db=db, resume=False)
-    kw = {k: ({"true": True, "false": False}.get(v, v) if isinstance(v, str) else v) for k, v in params.items()}
+    kw = {
+        k: ({"true": True, "false": False}.get(v, v) if isinstance(v, str) else v)
+        for k, v in params.items()
+    }
     assert _ids(server, did, **params) == [s.id for s in ds.samples(**kw)]
 
 
@@ -84,16 +96,25 @@ def test_http_facets_and_bad_params(served: tuple[ServerHandle, int, str]) -> No
     assert set(f["format"]) == {"JPEG", "PNG"} and set(f["category"]) == {"cat", "dog"}
     body = httpx.get(f"{server.url}/api/datasets/{did}/samples", params={"format": "PNG"}).json()
     assert body["total"] == f["format"]["PNG"] == len(body["items"])
-    for bad in ({"min_width": "x"}, {"has_annotations": "maybe"}, {"status": "gone"}, {"min_width": -1}):
+    for bad in (
+        {"min_width": "x"},
+        {"has_annotations": "maybe"},
+        {"status": "gone"},
+        {"min_width": -1},
+    ):
         r = httpx.get(f"{server.url}/api/datasets/{did}/samples", params=bad)
         assert r.status_code == 422 and "Traceback" not in r.text and r.json()["message"]
     assert httpx.get(f"{server.url}/api/datasets/999/facets").status_code == 404
 
 
-def test_export_download_coco_and_csv(served: tuple[ServerHandle, int, str], tmp_path: Path) -> None:
+def test_export_download_coco_and_csv(
+    served: tuple[ServerHandle, int, str], tmp_path: Path
+) -> None:
     server, did, db = served
     ds = fastindex.Dataset.load("c", db=db, resume=False)
-    with httpx.stream("GET", f"{server.url}/api/datasets/{did}/export", params={"format": "coco"}) as r:
+    with httpx.stream(
+        "GET", f"{server.url}/api/datasets/{did}/export", params={"format": "coco"}
+    ) as r:
         assert r.status_code == 200
         assert "attachment" in r.headers["content-disposition"]
         data = b"".join(r.iter_bytes())
@@ -103,7 +124,9 @@ def test_export_download_coco_and_csv(served: tuple[ServerHandle, int, str], tmp
     assert data == local.getvalue()
     assert len(doc["images"]) == 32 and len(doc["annotations"]) == len(ds.annotations())
 
-    r = httpx.get(f"{server.url}/api/datasets/{did}/export", params={"format": "csv", "status": "failed"})
+    r = httpx.get(
+        f"{server.url}/api/datasets/{did}/export", params={"format": "csv", "status": "failed"}
+    )
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(r.text)))
     assert len(rows) == 2 and all(x["status"] == "failed" and x["error"] for x in rows)

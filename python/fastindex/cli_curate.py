@@ -73,10 +73,17 @@ def add_parsers(sub: Any) -> None:
     )
     p.add_argument("name")
     p.add_argument("out", help="the file to write (replaced once complete)")
-    p.add_argument("--format", required=True, choices=("coco", "csv", "parquet", "npy"),
-                   help="coco, csv, parquet; with --embeddings: parquet or npy")
-    p.add_argument("--embeddings", action="store_true",
-                   help="export the embeddings (with their sample ids) instead of the samples")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=("coco", "csv", "parquet", "npy"),
+        help="coco, csv, parquet; with --embeddings: parquet or npy",
+    )
+    p.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="export the embeddings (with their sample ids) instead of the samples",
+    )
     _common(p)
     _filters(p, "--image-format")  # --format is the file's
 
@@ -208,7 +215,9 @@ def cmd_export(args: argparse.Namespace) -> Any:
         info = ds.export_embeddings(args.out, format=args.format)
     else:
         if args.format == "npy":
-            raise InvalidArgumentError("npy is for --embeddings; samples export as coco, csv or parquet")
+            raise InvalidArgumentError(
+                "npy is for --embeddings; samples export as coco, csv or parquet"
+            )
         info = ds.export(args.out, format=args.format, **_filter_args(args))
     return {"dataset": ds.name, "out": args.out, **info}
 
@@ -235,7 +244,9 @@ def _human(command: str, out: dict[str, Any]) -> str:
     lines: list[str] = []
     if command == "list":
         for d in out["datasets"]:
-            lines.append(f"{d['id']:>4}  {safe_text(d['name'])}  {d['total']} samples, {d['failed']} failed")
+            lines.append(
+                f"{d['id']:>4}  {safe_text(d['name'])}  {d['total']} samples, {d['failed']} failed"
+            )
         if not out["datasets"]:
             lines.append(f"no datasets in {out['db']}")
     elif command == "info":
@@ -251,7 +262,8 @@ def _human(command: str, out: dict[str, Any]) -> str:
             size = f"{s['width']}x{s['height']}" if s["width"] is not None else "-"
             extra = f"  {s['score']:.3f}" if "score" in s else ""
             err = f"  {safe_text(s['error'])}" if s["error"] else ""
-            lines.append(f"{s['id']:>8}  {s['status']:<9} {s['format'] or '-':<5} {size:<11} {safe_text(s['path'])}{extra}{err}")
+            head = f"{s['id']:>8}  {s['status']:<9} {s['format'] or '-':<5} {size:<11}"
+            lines.append(f"{head} {safe_text(s['path'])}{extra}{err}")
         if out.get("next_after_id"):
             lines.append(f"(more: --after-id {out['next_after_id']})")
     elif command == "export":

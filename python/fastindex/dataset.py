@@ -473,9 +473,10 @@ def check_filters(**given: Any) -> dict[str, Any]:
             raise InvalidArgumentError(f"{name} must be an integer, got {value!r}")
         if name == "has_annotations" and not isinstance(value, bool):
             raise InvalidArgumentError(f"has_annotations must be True or False, got {value!r}")
-        if name in ("status", "format", "path_glob", "category"):
-            if not isinstance(value, str) or not value:
-                raise InvalidArgumentError(f"{name} must be a non-empty string, got {value!r}")
+        if name in ("status", "format", "path_glob", "category") and (
+            not isinstance(value, str) or not value
+        ):
+            raise InvalidArgumentError(f"{name} must be a non-empty string, got {value!r}")
         out[name] = value
     return out
 

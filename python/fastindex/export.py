@@ -68,14 +68,16 @@ def content_type(fmt: str) -> str:
 
 def _check_format(fmt: object) -> str:
     if fmt not in FORMATS:
-        raise InvalidArgumentError(f"unknown export format {fmt!r}: expected one of coco, csv, parquet")
+        raise InvalidArgumentError(
+            f"unknown export format {fmt!r}: expected one of coco, csv, parquet"
+        )
     return str(fmt)
 
 
 def parquet_missing() -> str | None:
     """The one-line reason Parquet export is unavailable, or None."""
     try:
-        import pyarrow  # noqa: F401
+        import pyarrow
         import pyarrow.parquet  # noqa: F401
     except ImportError:
         return "Parquet export needs pyarrow: pip install 'fastindex[export]'"
@@ -111,7 +113,9 @@ def _images_root(store: _core.Store, dataset_id: int) -> str:
     return roots[0] if len(roots) == 1 else os.path.commonpath(roots)
 
 
-def _category_ids(store: _core.Store, dataset_id: int) -> tuple[dict[str, int], list[dict[str, Any]]]:
+def _category_ids(
+    store: _core.Store, dataset_id: int
+) -> tuple[dict[str, int], list[dict[str, Any]]]:
     cats = store.categories(dataset_id)
     coco_ids = [c[3] for c in cats]
     use_coco = all(i is not None for i in coco_ids) and len(set(coco_ids)) == len(coco_ids)
@@ -254,9 +258,7 @@ def iter_parquet(store: _core.Store, dataset_id: int, **filters: Any) -> Iterato
 
 
 # -- entry points ------------------------------------------------------------------------------
-def iter_export(
-    store: _core.Store, dataset_id: int, fmt: str, **filters: Any
-) -> Iterator[bytes]:
+def iter_export(store: _core.Store, dataset_id: int, fmt: str, **filters: Any) -> Iterator[bytes]:
     """The export as byte chunks (checked before the first chunk is asked for)."""
     fmt = _check_format(fmt)
     if fmt == "parquet" and (reason := parquet_missing()) is not None:
@@ -268,7 +270,9 @@ def iter_export(
     return iter_parquet(store, dataset_id, **filters)
 
 
-def export_dataset(ds: Any, dest: str | os.PathLike[str] | IO[bytes], *, format: str = "coco", **filters: Any) -> dict[str, Any]:
+def export_dataset(
+    ds: Any, dest: str | os.PathLike[str] | IO[bytes], *, format: str = "coco", **filters: Any
+) -> dict[str, Any]:
     """`Dataset.export`: write to a path (replaced only once complete) or a binary file."""
     from .dataset import check_filters
 
@@ -300,7 +304,9 @@ def _drain(chunks: Iterator[bytes], f: IO[bytes]) -> int:
     return n
 
 
-def export_embeddings(ds: Any, dest: str | os.PathLike[str], *, format: str = "parquet") -> dict[str, Any]:
+def export_embeddings(
+    ds: Any, dest: str | os.PathLike[str], *, format: str = "parquet"
+) -> dict[str, Any]:
     """`Dataset.export_embeddings`. "npy" writes `dest` (float32, one row per sample) and
     the sample ids (int64) beside it as `<dest without .npy>.ids.npy`."""
     import numpy as np

@@ -66,6 +66,19 @@ fn sample_row(r: &Row<'_>) -> rusqlite::Result<SampleRow> {
     })
 }
 
+/// Up to this many matches, a path glob's page is read through the path index and sorted.
+const PREFIX_ROUTE_MAX: i64 = 2000;
+
+/// `[lo, hi)`: the paths that start with the glob's literal prefix (None without one).
+fn glob_prefix_range(glob: &str) -> Option<(String, String)> {
+    let end = glob.find(['*', '?', '[']).unwrap_or(glob.len());
+    let lo = &glob[..end];
+    let last = lo.chars().last()?;
+    let next = char::from_u32(last as u32 + 1)?;
+    let hi = format!("{}{next}", &lo[..lo.len() - last.len_utf8()]);
+    Some((lo.to_owned(), hi))
+}
+
 fn annotation_row(r: &Row<'_>) -> rusqlite::Result<AnnotationRow> {
     Ok(AnnotationRow {
         id: r.get(0)?,
@@ -173,12 +186,20 @@ impl Store {
                 bind(&mut cond, sql, v.into());
             }
         }
+        // A glob with a literal start ("train/cats/*") that few paths share is served by the
+        // (root, path) index: its matches are read by path and sorted by id. Otherwise the
+        // glob is checked on the id-ordered walk (dense matches fill a page quickly).
+        let mut by_path = false;
         if let Some(g) = &filter.path_glob {
-            bind(
-                &mut cond,
-                " AND CAST(s.path AS TEXT) GLOB ?",
-                g.clone().into(),
-            );
+            bind(&mut cond, " AND s.path GLOB ?", g.clone().into());
+            if let Some((lo, hi)) = glob_prefix_range(g) {
+                if filter.category.is_none() && self.few_under_prefix(dataset_id, &lo, &hi)? {
+                    bind(&mut cond, " AND s.path >= ?", lo.into());
+                    bind(&mut cond, " AND s.path < ?", hi.into());
+                    cond.push_str(" AND s.root_id IN (SELECT id FROM roots WHERE dataset_id = ?1)");
+                    by_path = true;
+                }
+            }
         }
         match filter.has_annotations {
             Some(true) => {
@@ -203,10 +224,17 @@ impl Store {
                      GROUP BY a.sample_id ORDER BY a.sample_id LIMIT ?3 OFFSET ?4"
                 )
             }
-            None => format!(
-                "SELECT {SAMPLE_COLUMNS} FROM samples s JOIN roots r ON r.id = s.root_id
-                 WHERE s.dataset_id = ?1 AND s.id > ?2 {cond} ORDER BY s.id LIMIT ?3 OFFSET ?4"
-            ),
+            None => {
+                let index = if by_path {
+                    "INDEXED BY sqlite_autoindex_samples_1"
+                } else {
+                    ""
+                };
+                format!(
+                    "SELECT {SAMPLE_COLUMNS} FROM samples s {index} JOIN roots r ON r.id = s.root_id
+                     WHERE s.dataset_id = ?1 AND s.id > ?2 {cond} ORDER BY s.id LIMIT ?3 OFFSET ?4"
+                )
+            }
         };
         let mut st = self.conn.prepare_cached(&sql).store(&self.path)?;
         let rows = st
@@ -214,6 +242,28 @@ impl Store {
             .store(&self.path)?;
         rows.collect::<std::result::Result<_, _>>()
             .store(&self.path)
+    }
+
+    /// Whether fewer than `PREFIX_ROUTE_MAX` paths of the dataset lie in `[lo, hi)`, none of
+    /// them stored as bytes (a name that is not UTF-8 sorts apart, as a BLOB: such a dataset
+    /// keeps the walk, which sees every name).
+    fn few_under_prefix(&self, dataset_id: i64, lo: &str, hi: &str) -> Result<bool> {
+        let sql = format!(
+            "SELECT (SELECT COUNT(*) FROM (SELECT 1 FROM samples INDEXED BY sqlite_autoindex_samples_1
+                 WHERE root_id IN (SELECT id FROM roots WHERE dataset_id = ?1)
+                 AND path >= ?2 AND path < ?3 LIMIT {PREFIX_ROUTE_MAX})),
+             EXISTS (SELECT 1 FROM samples INDEXED BY sqlite_autoindex_samples_1
+                 WHERE root_id IN (SELECT id FROM roots WHERE dataset_id = ?1)
+                 AND path >= CAST(?2 AS BLOB) AND path < CAST(?3 AS BLOB))"
+        );
+        let (n, bytes): (i64, bool) = self
+            .conn
+            .prepare_cached(&sql)
+            .and_then(|mut st| {
+                st.query_row(params![dataset_id, lo, hi], |r| Ok((r.get(0)?, r.get(1)?)))
+            })
+            .store(&self.path)?;
+        Ok(n < PREFIX_ROUTE_MAX && !bytes)
     }
 
     fn category_id(&self, dataset_id: i64, name: &str) -> Result<Option<i64>> {
@@ -324,5 +374,25 @@ impl Store {
     /// COCO entries of a job whose file was not found: `(coco image id, file_name)`.
     pub fn coco_missing(&self, job_id: i64) -> Result<Vec<(i64, String)>> {
         self.pairs("SELECT coco_image_id, file_name FROM coco_missing WHERE job_id = ?1 ORDER BY file_name", job_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_prefix_range;
+
+    #[test]
+    fn glob_prefixes() {
+        assert_eq!(
+            glob_prefix_range("train/*"),
+            Some(("train/".into(), "train0".into()))
+        );
+        assert_eq!(glob_prefix_range("a?b"), Some(("a".into(), "b".into())));
+        assert_eq!(glob_prefix_range("é[xy]"), Some(("é".into(), "ê".into())));
+        assert_eq!(glob_prefix_range("*.png"), None);
+        assert_eq!(
+            glob_prefix_range("plain"),
+            Some(("plain".into(), "plaio".into()))
+        );
     }
 }

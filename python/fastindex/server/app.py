@@ -251,7 +251,12 @@ def create_app(
             if v is not None
         }
         return state.samples(
-            dataset_id, status=status, offset=offset, limit=limit, after_id=after_id, filters=filters
+            dataset_id,
+            status=status,
+            offset=offset,
+            limit=limit,
+            after_id=after_id,
+            filters=filters,
         )
 
     @app.get("/api/datasets/{dataset_id}/facets", tags=["samples"])

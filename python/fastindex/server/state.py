@@ -231,7 +231,7 @@ class ServerState:
         if filters:
             total = None
             if len(filters) == 1 and status is None and set(filters) & {"format", "category"}:
-                (key, value), = filters.items()
+                ((key, value),) = filters.items()
                 total = store.facets(dataset_id)[key].get(value, 0)
         return {
             "dataset_id": dataset_id,
