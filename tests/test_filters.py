@@ -4,7 +4,6 @@ facet counters (kept by triggers) against counts by hand, and the schema-4 migra
 from __future__ import annotations
 
 import fnmatch
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from fastindex.errors import InvalidArgumentError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_support import make_coco, make_images
-from testkit import finish
+from testkit import finish, sql
 
 
 @pytest.fixture(scope="module")
@@ -146,9 +145,8 @@ def test_facets_follow_a_delete_and_reingest(tmp_path: Path, db: Path) -> None:
         b, b.add_samples_from_coco(annotations_json=ann, images_path=tmp_path / "i", embed=False)
     )
     assert b.facets() == fa
-    assert sqlite3.connect(db).execute(
-        "SELECT COUNT(*) FROM format_counts WHERE dataset_id = ?", (a.id,)
-    ).fetchone() == (0,)
+    (rows,) = sql(db, ("SELECT COUNT(*) FROM format_counts WHERE dataset_id = ?", [a.id]))
+    assert rows == [[0]]
 
 
 @pytest.mark.parametrize(
@@ -176,15 +174,16 @@ def test_unknown_category_matches_nothing(ds: fastindex.Dataset) -> None:
 def test_filter_queries_use_indexes(ds: fastindex.Dataset) -> None:
     """The plans SQLite picks: a format page walks the format index, a category page the
     category index, never a full scan of samples."""
-    c = sqlite3.connect(ds.db)
-    plan = " ".join(
-        r[-1]
-        for r in c.execute(
+    # Read in a child process (testkit.sql): two SQLite copies in one process break WAL locks.
+    (rows,) = sql(
+        ds.db,
+        (
             "EXPLAIN QUERY PLAN SELECT s.id FROM samples s WHERE s.dataset_id = ?1 AND s.id > ?2"
             " AND s.format = ?5 ORDER BY s.id LIMIT ?3 OFFSET ?4",
-            (ds.id, 0, 10, 0, "PNG"),
-        )
+            [ds.id, 0, 10, 0, "PNG"],
+        ),
     )
+    plan = " ".join(r[-1] for r in rows)
     assert "samples_by_format" in plan and "SCAN" not in plan
 
 
@@ -196,22 +195,42 @@ def test_a_version_2_store_is_migrated_with_counters_filled(tmp_path: Path, db: 
         d, d.add_samples_from_coco(annotations_json=ann, images_path=tmp_path / "i", embed=False)
     )
     want = d.facets()
-    c = sqlite3.connect(db)
-    with c:
-        for t in (
-            "format_count_insert",
-            "format_count_update",
-            "format_count_delete",
-            "category_count_insert",
-            "category_count_delete",
-        ):
-            c.execute(f"DROP TRIGGER {t}")
-        c.execute("DROP INDEX samples_by_format")
-        c.execute("DROP INDEX annotations_by_category")
-        c.execute("DROP TABLE format_counts")
-        c.execute("DROP TABLE category_counts")
-        c.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
-    c.close()
+    d.cancel()
+    triggers = [
+        "format_count_insert",
+        "format_count_update",
+        "format_count_delete",
+        "category_count_insert",
+        "category_count_delete",
+    ]
+    sql(
+        db,
+        *[(f"DROP TRIGGER {t}", []) for t in triggers],
+        ("DROP INDEX samples_by_format", []),
+        ("DROP INDEX annotations_by_category", []),
+        ("DROP TABLE format_counts", []),
+        ("DROP TABLE category_counts", []),
+        ("UPDATE meta SET value = '2' WHERE key = 'schema_version'", []),
+        write=True,
+    )
     again = fastindex.Dataset.load("old", db=db)
     assert again.facets() == want
     assert [s.id for s in again.samples(category="dog")] == _brute(again, category="dog")
+
+
+def test_path_glob_reaches_names_that_are_not_utf8(tmp_path: Path, db: Path) -> None:
+    import os
+
+    from testkit import small_png
+
+    root = tmp_path / "raw"
+    root.mkdir()
+    for name in (b"caf\xe9.png", b"cafe.png", b"other.png"):
+        with open(os.path.join(os.fsencode(root), name), "wb") as f:
+            f.write(small_png())
+    d = fastindex.Dataset.create("raw", db=db)
+    finish(d, d.add_images_from_path(root, embed=False))
+    names = {os.fsencode(s.path) for s in d.samples(path_glob="caf*")}
+    assert names == {b"caf\xe9.png", b"cafe.png"}
+    assert len(d.samples(path_glob="*.png")) == 3
+    assert {os.fsencode(s.path) for s in d.samples(path_glob="cafe*")} == {b"cafe.png"}

@@ -191,7 +191,12 @@ impl Store {
         // glob is checked on the id-ordered walk (dense matches fill a page quickly).
         let mut by_path = false;
         if let Some(g) = &filter.path_glob {
-            bind(&mut cond, " AND s.path GLOB ?", g.clone().into());
+            // CAST: a name stored as bytes (not UTF-8) is a BLOB, which GLOB never matches.
+            bind(
+                &mut cond,
+                " AND CAST(s.path AS TEXT) GLOB ?",
+                g.clone().into(),
+            );
             if let Some((lo, hi)) = glob_prefix_range(g) {
                 if filter.category.is_none() && self.few_under_prefix(dataset_id, &lo, &hi)? {
                     bind(&mut cond, " AND s.path >= ?", lo.into());
