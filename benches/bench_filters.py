@@ -184,8 +184,7 @@ def bench_queries(a: argparse.Namespace) -> None:
 
 
 DROP = """
-DROP TRIGGER format_count_insert; DROP TRIGGER format_count_update;
-DROP TRIGGER format_count_delete;
+DROP TRIGGER format_count_insert;
 DROP TRIGGER category_count_insert; DROP TRIGGER category_count_delete;
 DROP INDEX samples_by_format; DROP INDEX annotations_by_category;
 """
@@ -232,7 +231,7 @@ def bench_phase2(a: argparse.Namespace) -> None:
     print("-" * 72)
     for variant, label in (
         ("without", "schema 2 write path (no filter index)"),
-        ("with", "schema 4 (format index + facet triggers)"),
+        ("with", "schema 4 (format index + format counters)"),
     ):
         r = res[variant]
         print(
