@@ -251,7 +251,8 @@ def iter_parquet(store: _core.Store, dataset_id: int, **filters: Any) -> Iterato
     sink = _Chunks()
     with pq.ParquetWriter(pa.PythonFile(sink, mode="w"), schema) as writer:
         for rows in iter_samples(store, dataset_id, **filters):
-            cols = {c: [_row_values(r)[i] for r in rows] for i, c in enumerate(COLUMNS)}
+            values = [_row_values(r) for r in rows]
+            cols = {c: [v[i] for v in values] for i, c in enumerate(COLUMNS)}
             writer.write_table(pa.table(cols, schema=schema))
             yield sink.take()
     yield sink.take()
