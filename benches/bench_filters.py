@@ -9,6 +9,9 @@ triggers and indexes in place, as fastindex keeps them, then times `Dataset.samp
 public call, pyo3 conversion included) for each filter, `--queries` times from random
 `after_id` positions, and `Dataset.facets`. It prints p50/p99/max per case.
 
+`--coco DIR` times the COCO ingest (DIR's mixed files, `--boxes` boxes) with and without
+the category index, the same way.
+
 The second form times phase 2 (`probe_pending`) over the image files under DIR (e.g. made
 by benches/datagen.py `make_mixed`) twice, in fresh processes with the same build: with the
 schema as shipped, and with the filters' index and facet triggers dropped first (the
@@ -186,9 +189,53 @@ def bench_queries(a: argparse.Namespace) -> None:
 
 DROP = """
 DROP TRIGGER format_count_insert;
-DROP TRIGGER category_count_insert; DROP TRIGGER category_count_delete;
 DROP INDEX samples_by_format; DROP INDEX annotations_by_category;
 """
+
+
+def one_coco(root: str, ann: str, variant: str) -> dict[str, float]:
+    from fastindex import _core
+
+    tmp = tempfile.mkdtemp(prefix="fastindex-bench-")
+    db = os.path.join(tmp, "b.db")
+    store = _core.Store(db)
+    ds = store.create_dataset("b")
+    if variant == "without":
+        del store
+        con = sqlite3.connect(db)
+        con.executescript(DROP)
+        con.close()
+        store = _core.Store(db)
+    t = time.perf_counter()
+    rows = store.ingest_coco(ds, ann, root)["added"]
+    return {"seconds": time.perf_counter() - t, "cpu": 0.0, "rows": rows}
+
+
+def bench_coco(a: argparse.Namespace) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from pathlib import Path
+
+    import datagen
+
+    images = datagen.make_mixed(Path(a.coco), a.files)
+    ann = Path(a.coco).parent / f"coco_{a.files}_{a.boxes}.json"
+    datagen.make_coco(ann, images, a.boxes)
+    best: dict[str, float] = {}
+    for _ in range(a.repeat):
+        for variant in ("without", "with"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--one-coco", a.coco, str(ann), variant],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            best[variant] = min(best.get(variant, 1e9), r["seconds"])
+    print(f"\nCOCO ingest, {a.files:,} images / {a.boxes:,} boxes, best of {a.repeat}")
+    # Without the index the end-of-ingest category recount scans the boxes once (included).
+    print(f"  without the category index: {best['without']:.3f} s")
+    print(f"  with it (schema 4):         {best['with']:.3f} s")
+    print(f"  cost: {(best['with'] / best['without'] - 1) * 100:+.1f}%")
 
 
 def one_probe(root: str, variant: str) -> dict[str, float]:
@@ -262,10 +309,18 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=60)
     ap.add_argument("--phase2", metavar="DIR", help="time phase 2 over DIR with and without")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--coco", metavar="DIR", help="time the COCO ingest over DIR's mixed files")
+    ap.add_argument("--files", type=int, default=100_000, help="with --coco: images")
+    ap.add_argument("--boxes", type=int, default=300_000, help="with --coco: boxes")
     ap.add_argument("--one-probe", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--one-coco", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one_probe:
         print(json.dumps(one_probe(*a.one_probe)))
+    elif a.one_coco:
+        print(json.dumps(one_coco(*a.one_coco)))
+    elif a.coco:
+        bench_coco(a)
     elif a.phase2:
         bench_phase2(a)
     else:

@@ -198,8 +198,6 @@ def test_a_version_2_store_is_migrated_with_counters_filled(tmp_path: Path, db: 
     d.cancel()
     triggers = [
         "format_count_insert",
-        "category_count_insert",
-        "category_count_delete",
     ]
     sql(
         db,
