@@ -502,11 +502,13 @@ def test_wrong_schema_version(tmp_path: Path, db: Path) -> None:
         lambda: fastindex.Dataset.load_or_create("b", db=db),
         lambda: fastindex.list_datasets(db=db),
     ):
-        with pytest.raises(fastindex.SchemaVersionError, match=r"999.*\b3\b") as e:
+        with pytest.raises(
+            fastindex.SchemaVersionError, match=rf"999.*\b{fastindex.SCHEMA_VERSION}\b"
+        ) as e:
             call()
         assert isinstance(e.value, fastindex.StoreError)
     assert table_counts(db) == before
-    assert fastindex.SCHEMA_VERSION == 3
+    assert fastindex.SCHEMA_VERSION == 4
 
 
 def test_bad_reads_and_names(db: Path) -> None:

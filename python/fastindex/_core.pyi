@@ -143,7 +143,32 @@ class Store:
         offset: int = 0,
         limit: int = ...,
         after_id: int = 0,
+        format: str | None = None,
+        min_width: int | None = None,
+        max_width: int | None = None,
+        min_height: int | None = None,
+        max_height: int | None = None,
+        path_glob: str | None = None,
+        category: str | None = None,
+        has_annotations: bool | None = None,
     ) -> list[dict[str, Any]]: ...
+    def roots(self, dataset_id: int) -> list[str]: ...
+    def facets(self, dataset_id: int) -> dict[str, dict[str, int]]: ...
+    def categories(self, dataset_id: int) -> list[tuple[int, str, str | None, int | None]]: ...
+    def annotations_between(
+        self, dataset_id: int, after_id: int, upto_id: int
+    ) -> list[
+        tuple[
+            int,
+            int,
+            str,
+            str | None,
+            tuple[float, float, float, float],
+            float | None,
+            bool,
+            str | None,
+        ]
+    ]: ...
     def samples_by_id(self, ids: list[int]) -> list[dict[str, Any]]: ...
     def annotations(
         self, dataset_id: int, sample_id: int | None = None

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from . import cli_curate
 from .errors import FastIndexError
 
 PHASES = (
@@ -59,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="a folder the page may index (repeatable; default: none)",
     )
+    cli_curate.add_parsers(sub)
     return p
 
 
@@ -390,6 +392,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in cli_curate.COMMANDS:
+        return cli_curate.run(args)
     try:
         if args.command == "index":
             code = cmd_index(args)

@@ -370,26 +370,77 @@ class Dataset:
         offset: int = 0,
         limit: int | None = None,
         after_id: int = 0,
+        format: str | None = None,
+        min_width: int | None = None,
+        max_width: int | None = None,
+        min_height: int | None = None,
+        max_height: int | None = None,
+        path_glob: str | None = None,
+        category: str | None = None,
+        has_annotations: bool | None = None,
     ) -> list[Sample]:
-        """Samples in id order, optionally only those of one `status`, paged.
+        """Samples in id order that match every filter given, paged.
+
+        Filters: `status`; `format` (as probed: "JPEG", "PNG", ...); the probed size within
+        `min_width`..`max_width`, `min_height`..`max_height` (inclusive; a sample not yet
+        probed has no size and matches no size filter); `path_glob`, a SQLite GLOB over the
+        path relative to its root (`*`, `?`, `[...]`, case-sensitive; `*` crosses `/`);
+        `category`, a category name (samples with a box of it; an unknown name matches
+        nothing); `has_annotations`, True or False.
 
         Page with `offset`, or, at any depth in constant time, with `after_id` (the last id
         of the previous page).
         """
-        if status is not None and status not in _core.STATUSES:
-            raise InvalidArgumentError(
-                f"unknown status {status!r}: expected one of {', '.join(_core.STATUSES)}"
-            )
+        filters = check_filters(
+            status=status,
+            format=format,
+            min_width=min_width,
+            max_width=max_width,
+            min_height=min_height,
+            max_height=max_height,
+            path_glob=path_glob,
+            category=category,
+            has_annotations=has_annotations,
+        )
+        for name, value in (("offset", offset), ("limit", limit), ("after_id", after_id)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise InvalidArgumentError(f"{name} must be an integer, got {value!r}")
         if offset < 0 or (limit is not None and limit < 0) or after_id < 0:
             raise InvalidArgumentError("offset, limit and after_id must not be negative")
         rows = self._store.samples(
             self.id,
-            status=status,
             offset=int(offset),
             limit=-1 if limit is None else int(limit),
             after_id=int(after_id),
+            **filters,
         )
         return [Sample(**r) for r in rows]
+
+    def facets(self) -> dict[str, dict[str, int]]:
+        """Samples per value, for filter controls: `{"status": {...}, "format": {...},
+        "category": {...}}`. Read from counters (O(distinct values)), safe while indexing."""
+        f: dict[str, dict[str, int]] = self._store.facets(self.id)
+        p = self.get_loading_progress()
+        f["status"] = {s: int(p[s]) for s in _core.STATUSES}
+        return f
+
+    def export(self, dest: Any, *, format: str = "coco", **options: Any) -> dict[str, Any]:
+        """Write the dataset to `dest` (a path or a binary file): `format` "coco" (JSON with
+        the probed sizes and every box as ingested), "csv" or "parquet" (one row per sample
+        with its status and error). Streamed page by page: memory stays bounded at any
+        size. Filters (as `samples`) given in `options` narrow what is written. A path is
+        written to `<path>.part` and renamed once complete. Returns `{"format", "bytes"}`.
+        See `fastindex.export`."""
+        from .export import export_dataset
+
+        return export_dataset(self, dest, format=format, **options)
+
+    def export_embeddings(self, dest: Any, *, format: str = "parquet") -> dict[str, Any]:
+        """Write the stored embeddings: "parquet" (columns `sample_id`, `embedding`) or
+        "npy" (`dest` gets the float32 matrix, `dest` with `.ids.npy` the sample ids)."""
+        from .export import export_embeddings
+
+        return export_embeddings(self, dest, format=format)
 
     def sample(self, sample_id: int) -> Sample:
         """One sample by id. Raises `DatasetNotFoundError` (a `LookupError`) if absent."""
@@ -419,6 +470,31 @@ class Dataset:
             "existing": existing,
             "warnings": json.loads(warnings),
         }
+
+
+_INT_FILTERS = ("min_width", "max_width", "min_height", "max_height")
+
+
+def check_filters(**given: Any) -> dict[str, Any]:
+    """The `samples` filters that are set, checked: raises `InvalidArgumentError`."""
+    out: dict[str, Any] = {}
+    for name, value in given.items():
+        if value is None:
+            continue
+        if name == "status" and value not in _core.STATUSES:
+            raise InvalidArgumentError(
+                f"unknown status {value!r}: expected one of {', '.join(_core.STATUSES)}"
+            )
+        if name in _INT_FILTERS and (isinstance(value, bool) or not isinstance(value, int)):
+            raise InvalidArgumentError(f"{name} must be an integer, got {value!r}")
+        if name == "has_annotations" and not isinstance(value, bool):
+            raise InvalidArgumentError(f"has_annotations must be True or False, got {value!r}")
+        if name in ("status", "format", "path_glob", "category") and (
+            not isinstance(value, str) or not value
+        ):
+            raise InvalidArgumentError(f"{name} must be a non-empty string, got {value!r}")
+        out[name] = value
+    return out
 
 
 def list_datasets(*, db: str | os.PathLike[str] = DEFAULT_DB) -> list[dict[str, Any]]:

@@ -177,6 +177,8 @@ impl Store {
              DELETE FROM jobs WHERE dataset_id = {dataset_id};
              DELETE FROM roots WHERE dataset_id = {dataset_id};
              DELETE FROM coco_files WHERE dataset_id = {dataset_id};
+             DELETE FROM category_counts WHERE category_id IN (SELECT id FROM categories WHERE dataset_id = {dataset_id});
+             DELETE FROM format_counts WHERE dataset_id = {dataset_id};
              DELETE FROM categories WHERE dataset_id = {dataset_id};
              DELETE FROM phase_errors WHERE dataset_id = {dataset_id};
              DELETE FROM leases WHERE dataset_id = {dataset_id};

@@ -14,7 +14,7 @@ use crate::coco::CocoSummary;
 use crate::db::{self, Progress, STATUSES};
 use crate::error::Error;
 use crate::header::{self, ImageInfo};
-use crate::query::{AnnotationRow, SampleRow};
+use crate::query::{AnnotationRow, CategoryRow, SampleFilter, SampleRow};
 use crate::scan::{self, ScanSummary};
 use crate::throughput;
 
@@ -484,9 +484,12 @@ impl Store {
         progress_dict(py, &p)
     }
 
-    /// Samples in id order, of one `status` or all, paged by `offset` or by `after_id` (the
-    /// rows with ids above it: O(limit) at any depth).
-    #[pyo3(signature = (dataset_id, *, status=None, offset=0, limit=-1, after_id=0))]
+    /// Samples in id order that match the filters (all when none is given), paged by
+    /// `offset` or by `after_id` (the rows with ids above it: O(limit) at any depth).
+    #[pyo3(signature = (dataset_id, *, status=None, offset=0, limit=-1, after_id=0,
+        format=None, min_width=None, max_width=None, min_height=None, max_height=None,
+        path_glob=None, category=None, has_annotations=None))]
+    #[allow(clippy::too_many_arguments)]
     fn samples<'py>(
         &self,
         py: Python<'py>,
@@ -495,13 +498,75 @@ impl Store {
         offset: i64,
         limit: i64,
         after_id: i64,
+        format: Option<String>,
+        min_width: Option<i64>,
+        max_width: Option<i64>,
+        min_height: Option<i64>,
+        max_height: Option<i64>,
+        path_glob: Option<String>,
+        category: Option<String>,
+        has_annotations: Option<bool>,
     ) -> Res<Vec<Bound<'py, PyDict>>> {
         let limit = if limit < 0 { i64::MAX } else { limit };
+        let filter = SampleFilter {
+            status,
+            format,
+            min_width,
+            max_width,
+            min_height,
+            max_height,
+            path_glob,
+            category,
+            has_annotations,
+        };
         let rows = r(py.detach(|| {
             self.lock()
-                .samples(dataset_id, status.as_deref(), offset, limit, after_id)
+                .samples(dataset_id, &filter, offset, limit, after_id)
         }))?;
         sample_dicts(py, rows)
+    }
+
+    /// `{"format": {name: n}, "category": {name: n}}`: samples per value, from counters.
+    fn facets<'py>(&self, py: Python<'py>, dataset_id: i64) -> Res<Bound<'py, PyDict>> {
+        let f = r(py.detach(|| self.lock().facets(dataset_id)))?;
+        let d = PyDict::new(py);
+        for (key, pairs) in [("format", f.formats), ("category", f.categories)] {
+            let inner = PyDict::new(py);
+            for (name, n) in pairs {
+                inner.set_item(name, n)?;
+            }
+            d.set_item(key, inner)?;
+        }
+        Ok(d)
+    }
+
+    /// The folders the dataset's samples were added from (their paths are relative to them).
+    fn roots(&self, py: Python<'_>, dataset_id: i64) -> Res<Vec<std::ffi::OsString>> {
+        let dirs = r(py.detach(|| self.lock().root_dirs(dataset_id)))?;
+        let mut dirs: Vec<(i64, PathBuf)> = dirs.into_iter().collect();
+        dirs.sort();
+        // str via os.fsdecode, as sample roots are
+        Ok(dirs.into_iter().map(|(_, p)| p.into_os_string()).collect())
+    }
+
+    /// `(id, name, supercategory, coco_id)` of each category, in id order.
+    fn categories(&self, py: Python<'_>, dataset_id: i64) -> Res<Vec<CategoryRow>> {
+        r(py.detach(|| self.lock().categories(dataset_id)))
+    }
+
+    /// Boxes of the samples with ids in `(after_id, upto_id]`, in (sample, id) order.
+    fn annotations_between(
+        &self,
+        py: Python<'_>,
+        dataset_id: i64,
+        after_id: i64,
+        upto_id: i64,
+    ) -> Res<Vec<AnnotationTuple>> {
+        let rows = r(py.detach(|| {
+            self.lock()
+                .annotations_between(dataset_id, after_id, upto_id)
+        }))?;
+        Ok(rows.into_iter().map(annotation_tuple).collect())
     }
 
     fn samples_by_id<'py>(&self, py: Python<'py>, ids: Vec<i64>) -> Res<Vec<Bound<'py, PyDict>>> {

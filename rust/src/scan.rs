@@ -390,6 +390,7 @@ impl Store {
         }
         let mut indexed: HashMap<i64, i64> = HashMap::new();
         let mut failed: HashMap<i64, i64> = HashMap::new();
+        let mut formats: HashMap<&'static str, i64> = HashMap::new();
         {
             let mut ok = tx
                 .prepare_cached(
@@ -422,7 +423,21 @@ impl Store {
                 };
                 if changed > 0 {
                     *counter.entry(p.job_id).or_default() += 1;
+                    if let Ok(i) = &p.result {
+                        *formats.entry(i.format.name()).or_default() += 1;
+                    }
                 }
+            }
+            // The format facet's counters (see schema::filters_sql): a pending row has no
+            // format yet, so each row that changed adds one.
+            let mut count = tx
+                .prepare_cached(
+                    "INSERT INTO format_counts (dataset_id, format, n) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (dataset_id, format) DO UPDATE SET n = n + excluded.n",
+                )
+                .store(&path)?;
+            for (format, n) in &formats {
+                count.execute(params![dataset_id, format, n]).store(&path)?;
             }
         }
         bump_moves(&tx, dataset_id, PENDING, INDEXED, &indexed).store(&path)?;
@@ -656,7 +671,7 @@ mod tests {
         assert_eq!((sum.found, sum.added, sum.existing), (5, 5, 0));
         let done = AtomicU64::new(0);
         assert_eq!(s.probe_pending(d, &stop, &done, None).unwrap(), 4);
-        let rows = s.samples(d, None, 0, i64::MAX, 0).unwrap();
+        let rows = s.samples(d, &Default::default(), 0, i64::MAX, 0).unwrap();
         let mut got: Vec<(Vec<u8>, &str, Option<i64>)> = rows
             .iter()
             .map(|r| {

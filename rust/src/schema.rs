@@ -3,7 +3,7 @@
 
 /// Bumped whenever the schema changes. An older store is migrated in place on open (additive
 /// changes only, see `MIGRATIONS`); a newer one is refused.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Written into the SQLite header of every store (`PRAGMA application_id`), so a store is
 /// known as one by its first 100 bytes ("FIDX").
@@ -11,6 +11,43 @@ pub const APPLICATION_ID: i32 = 0x4649_4458;
 
 /// Seconds an "adding" job stays alive without a heartbeat (see `Store::renew_jobs`).
 pub const JOB_TTL: f64 = 30.0;
+
+/// What the sample filters and their facets add (schema 4). Phase 2 writes `format`, so the
+/// format index is partial (phase 1's NULL rows stay out of it). The facets are read from
+/// counters in O(distinct values), never by counting rows: a row born with a format (COCO
+/// ingest) is counted by a trigger; phase 2, the one writer that gives a pending row its format,
+/// adds its batch's counts itself (`Store::record_probes`: one upsert per format per batch, where
+/// a trigger cost ~2.5 us a row). The boxes' only writer, the COCO ingest, recounts its
+/// dataset's categories once at its end from the category index (`Store::count_categories`;
+/// per-box triggers made the ingest ~40% slower). `delete_dataset` drops the counters. Sizes and path globs have no index of their own
+/// (each one would be written by every probe): they are checked on the id-ordered walk of
+/// whichever index drives the page (dataset, format or category).
+macro_rules! filters_sql {
+    () => {
+        "
+CREATE INDEX IF NOT EXISTS samples_by_format ON samples (dataset_id, format, id)
+    WHERE format IS NOT NULL;
+-- A page of one category walks this in sample order (the boxes are clustered by sample).
+CREATE INDEX IF NOT EXISTS annotations_by_category ON annotations (category_id, sample_id);
+CREATE TABLE IF NOT EXISTS format_counts (
+    dataset_id INTEGER NOT NULL,
+    format TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (dataset_id, format)
+) WITHOUT ROWID;
+-- Samples (not boxes) per category, as the category filter counts them.
+CREATE TABLE IF NOT EXISTS category_counts (
+    category_id INTEGER PRIMARY KEY,
+    n INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS format_count_insert AFTER INSERT ON samples
+WHEN NEW.format IS NOT NULL BEGIN
+    INSERT INTO format_counts (dataset_id, format, n) VALUES (NEW.dataset_id, NEW.format, 1)
+        ON CONFLICT (dataset_id, format) DO UPDATE SET n = n + 1;
+END;
+"
+    };
+}
 
 /// `(version it upgrades from, SQL)`, applied in order inside the opening transaction. Each
 /// step only adds (columns, tables, meta keys), so an older fastindex reading the migrated
@@ -24,6 +61,19 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
              SELECT 'last_dataset_id', CAST(COALESCE(MAX(id), 0) AS TEXT) FROM datasets;",
     ),
     (2, THROUGHPUT),
+    // 3 -> 4: the filters' indexes and the facets' counters (see `filters_sql!`), filled from
+    // the rows already there.
+    (
+        3,
+        concat!(
+            filters_sql!(),
+            "INSERT OR REPLACE INTO format_counts (dataset_id, format, n)
+                 SELECT dataset_id, format, COUNT(*) FROM samples
+                 WHERE format IS NOT NULL GROUP BY dataset_id, format;
+             INSERT OR REPLACE INTO category_counts (category_id, n)
+                 SELECT category_id, COUNT(DISTINCT sample_id) FROM annotations GROUP BY category_id;"
+        ),
+    ),
 ];
 
 /// Recent commits per phase, for rates (see `throughput.rs`): a few dozen rows per phase.
@@ -40,7 +90,8 @@ CREATE TABLE IF NOT EXISTS throughput (
 ) WITHOUT ROWID;
 ";
 
-pub(crate) const SCHEMA: &str = "
+pub(crate) const SCHEMA: &str = concat!(
+    "
 -- `schema_version`; `last_dataset_id` (the highest dataset id ever given, so an id is never
 -- reused after a delete); `next_annotation_id`.
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -161,4 +212,6 @@ CREATE TABLE IF NOT EXISTS embeddings (
     vector BLOB NOT NULL,
     UNIQUE (model_id, sample_id)
 );
-";
+",
+    filters_sql!()
+);

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
 
-from .. import __version__
+from .. import __version__, _core
 from ..errors import FastIndexError
 from ..sample import Sample
 from .errors import JSONResponse, install_error_handlers, refuse_websocket, status_of
@@ -223,9 +223,74 @@ def create_app(
         status: Status | None = None,
         offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        after_id: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
+        format: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
+        min_width: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None,
+        max_width: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None,
+        min_height: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None,
+        max_height: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None,
+        path_glob: Annotated[str | None, Query(min_length=1, max_length=1024)] = None,
+        category: Annotated[str | None, Query(min_length=1, max_length=1024)] = None,
+        has_annotations: bool | None = None,
     ) -> dict[str, Any]:
-        """A page of samples in id order (optionally of one status), each with its boxes."""
-        return state.samples(dataset_id, status=status, offset=offset, limit=limit)
+        """A page of samples in id order matching every filter given, each with its boxes.
+
+        The filters are those of `Dataset.samples`; page with `offset` or with `after_id`
+        (the previous page's `next_after_id`)."""
+        filters = {
+            k: v
+            for k, v in (
+                ("format", format),
+                ("min_width", min_width),
+                ("max_width", max_width),
+                ("min_height", min_height),
+                ("max_height", max_height),
+                ("path_glob", path_glob),
+                ("category", category),
+                ("has_annotations", has_annotations),
+            )
+            if v is not None
+        }
+        return state.samples(
+            dataset_id,
+            status=status,
+            offset=offset,
+            limit=limit,
+            after_id=after_id,
+            filters=filters,
+        )
+
+    @app.get("/api/datasets/{dataset_id}/facets", tags=["samples"])
+    def get_facets(dataset_id: Id) -> dict[str, Any]:
+        """Samples per status, format and category (`{"status": {...}, "format": {...},
+        "category": {...}, "total"}`), from counters: cheap to poll while indexing."""
+        return state.facets(dataset_id)
+
+    @app.get(
+        "/api/datasets/{dataset_id}/export",
+        tags=["samples"],
+        response_class=StreamingResponse,
+        responses={200: {"content": {"application/json": {}, "text/csv": {}}}},
+    )
+    def export_dataset(
+        dataset_id: Id,
+        format: Literal["coco", "csv", "parquet"] = "coco",
+        status: Status | None = None,
+    ) -> StreamingResponse:
+        """The dataset as a download, streamed page by page: COCO JSON, CSV or Parquet (the
+        last needs pyarrow: `pip install 'fastindex[export]'`, else a 400 that says so)."""
+        from ..export import content_type, iter_export
+
+        state.require_dataset(dataset_id)
+        store = _core.Store(state.db)  # its own connection: the stream outlives this thread
+        filters = {"status": status} if status is not None else {}
+        chunks = iter_export(store, dataset_id, format, **filters)
+        name = f"dataset-{dataset_id}.{'json' if format == 'coco' else format}"
+        return StreamingResponse(
+            chunks,
+            media_type=content_type(format),
+            headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )
 
     @app.get("/api/samples/{sample_id}", tags=["samples"])
     def get_sample(sample_id: Id) -> dict[str, Any]:

@@ -211,12 +211,25 @@ class ServerState:
 
     # -- samples ----------------------------------------------------------------------------
     def samples(
-        self, dataset_id: int, *, status: str | None, offset: int, limit: int
+        self,
+        dataset_id: int,
+        *,
+        status: str | None,
+        offset: int,
+        limit: int,
+        after_id: int = 0,
+        filters: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """A page of samples in id order, each with its boxes (no segmentations)."""
+        """A page of samples in id order, each with its boxes (no segmentations).
+
+        `total` is the number of matching rows when it is known from a counter (no filter,
+        or only `status`, `format` or `category`), else None; `next_after_id` pages on."""
         p = self.progress(dataset_id)
         store = self.store()
-        rows = store.samples(dataset_id, status=status, offset=offset, limit=limit)
+        filters = filters or {}
+        rows = store.samples(
+            dataset_id, status=status, offset=offset, limit=limit, after_id=after_id, **filters
+        )
         items = []
         for row in rows:
             item = sample_json(row)
@@ -225,14 +238,32 @@ class ServerState:
                 for a in store.annotations(dataset_id, row["id"])
             ]
             items.append(item)
+        total: int | None = p[status] if status is not None else p["total"]
+        if filters:
+            total = None
+            if len(filters) == 1 and status is None and set(filters) & {"format", "category"}:
+                ((key, value),) = filters.items()
+                total = store.facets(dataset_id)[key].get(value, 0)
         return {
             "dataset_id": dataset_id,
             "status": status,
-            "total": p[status] if status is not None else p["total"],
+            "filters": filters,
+            "total": total,
             "offset": offset,
             "limit": limit,
+            "after_id": after_id,
+            "next_after_id": rows[-1]["id"] if len(rows) == limit else None,
             "items": items,
         }
+
+    def facets(self, dataset_id: int) -> dict[str, Any]:
+        """Samples per status, format and category, from counters (O(distinct values))."""
+        p = self.progress(dataset_id)
+        f: dict[str, Any] = self.store().facets(dataset_id)
+        f["status"] = {s: p[s] for s in ("pending", "indexed", "embedding", "ready", "failed")}
+        f["dataset_id"] = dataset_id
+        f["total"] = p["total"]
+        return f
 
     def sample_row(self, sample_id: int) -> dict[str, Any]:
         rows = self.store().samples_by_id([sample_id])

@@ -30,9 +30,10 @@ export const STATUSES = ["pending", "indexed", "embedding", "ready", "failed"];
 
 export const datasets = () => api("/api/datasets");
 export const progress = (id) => api(`/api/progress/${id}`);
-export const samples = (id, { status, offset, limit }, signal) => {
+export const samples = (id, { status, offset, limit, ...filters }, signal) => {
   const q = new URLSearchParams({ offset: String(offset), limit: String(limit) });
   if (status) q.set("status", status);
+  for (const [k, v] of Object.entries(filters)) if (v != null && v !== "") q.set(k, String(v));
   return api(`/api/datasets/${id}/samples?${q}`, { signal });
 };
 export const sample = (id) => api(`/api/samples/${id}`);

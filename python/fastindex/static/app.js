@@ -4,6 +4,7 @@
 import * as API from "./api.js";
 import { Gallery, picture, displaySize } from "./gallery.js";
 import { ProgressFeed } from "./live.js";
+import { FilterBar } from "./filters.js";
 
 const { fmt, h } = API;
 const $ = (id) => document.getElementById(id);
@@ -37,6 +38,11 @@ const state = {
 };
 
 const gallery = new Gallery($("gallery"), { onOpen: openSample, onSimilar: showSimilar });
+const filterBar = new FilterBar($("facets"), $("filters"), () => {
+  state.page = 0;
+  if (state.view !== "browse") backToBrowse();
+  else loadPage();
+});
 
 // -- datasets ----------------------------------------------------------------------------------
 async function loadDatasets() {
@@ -79,6 +85,7 @@ function selectDataset(id) {
   $("browse").hidden = false;
   $("search-input").value = "";
   setFilterButtons();
+  filterBar.setDataset(ds.id);
   gallery.render([]);
   onProgress(ds.progress);
   loadPage();
@@ -102,6 +109,7 @@ function onProgress(p) {
   if (prev && prev.status === "complete" && p.status !== "complete") refreshDatasetInfo();
   renderProgress(p);
   renderSearchState();
+  filterBar.onProgress(p);
   if (state.view === "browse") scheduleRefresh(prev, p);
   if (p.failed !== state.failedCount) scheduleFailed();
 }
@@ -254,11 +262,14 @@ async function showSimilar(s) {
 function filterTotal() {
   const p = state.p;
   if (!p) return 0;
+  // With the bar's filters the server counts when a counter knows (else null: unknown).
+  if (filterBar.active()) return state.filteredTotal ?? state.page * PAGE_SIZE + state.items.length;
   return state.filter ? p[state.filter] : p.total;
 }
 
 function pageCount() {
-  return Math.max(1, Math.ceil(filterTotal() / PAGE_SIZE));
+  const more = filterBar.active() && state.filteredTotal == null && state.items.length === PAGE_SIZE;
+  return Math.max(1, Math.ceil(filterTotal() / PAGE_SIZE) + (more ? 1 : 0));
 }
 
 function renderPager() {
@@ -281,7 +292,7 @@ function renderPager() {
 // Whether the page shown can still change: it is not full, or some of its samples are still
 // on their way (pending, or waiting for an embedding), or the filter moves samples in and out.
 function pageMayChange() {
-  if (state.filter) return true;
+  if (state.filter || filterBar.active()) return true;
   if (state.items.length < PAGE_SIZE) return true;
   const waitingFor = state.ds?.embeddings ? new Set(["pending", "indexed", "embedding"]) : new Set(["pending"]);
   return state.items.some((s) => waitingFor.has(s.status));
@@ -309,10 +320,13 @@ async function loadPage({ quiet = false } = {}) {
   renderPager();
   try {
     const t0 = performance.now();
-    const res = await API.samples(id, { status: state.filter, offset: state.page * PAGE_SIZE, limit: PAGE_SIZE }, ctl.signal);
+    const query = { status: state.filter, offset: state.page * PAGE_SIZE, limit: PAGE_SIZE, ...filterBar.params() };
+    const res = await API.samples(id, query, ctl.signal);
     state.loadMs = performance.now() - t0;
     if (ctl.signal.aborted || state.ds?.id !== id || state.view !== "browse") return;
     state.items = res.items;
+    state.filteredTotal = res.total;
+    renderPager();
     gallery.render(res.items);
     $("gallery-empty").hidden = res.items.length > 0;
     $("gallery-empty").textContent = state.p?.status === "complete" ? "No images here." : "No images here yet.";

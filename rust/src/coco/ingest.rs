@@ -63,6 +63,8 @@ impl Store {
         let done = self.write_coco(
             dataset_id, job_id, json_str, root_id, &prefix, &root, &coco, &plan, &mut tally, stop,
         );
+        // The category facet, for what was committed (even by an ingest stopped part way).
+        let counted = self.count_categories(dataset_id);
         tally.rejected.sort();
         let mut warnings: Vec<String> = tally
             .missing
@@ -90,6 +92,7 @@ impl Store {
             }
             return Err(e);
         }
+        counted?;
         self.finish_job(job_id, tally.added, tally.existing, &warnings)?;
         Ok(CocoSummary {
             job_id,
