@@ -191,6 +191,3 @@ def test_http_progress_carries_the_rates(tmp_path: Path) -> None:
         )
         assert p["rate"] > 0
 
-
-def test_schema_version() -> None:
-    assert fastindex.SCHEMA_VERSION == 3
