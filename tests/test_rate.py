@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import fastindex
 import pytest
 from fastindex import _core
 from server_support import make_coco, make_images, probe_held
@@ -190,4 +189,3 @@ def test_http_progress_carries_the_rates(tmp_path: Path) -> None:
             "probe",
         )
         assert p["rate"] > 0
-
