@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +13,12 @@ from typing import Any
 
 from fastindex import _core
 from PIL import Image
+
+#: Debian's chromium for the browser tests (never a downloaded browser); `FASTINDEX_CHROMIUM`
+#: names another.
+CHROMIUM = os.environ.get("FASTINDEX_CHROMIUM", "/usr/bin/chromium")
+#: How long a browser test waits for anything on a page (ms).
+TIMEOUT_MS = 20_000
 
 COLORS = [(239, 68, 68), (59, 130, 246), (16, 185, 129), (168, 85, 247), (245, 158, 11)]
 

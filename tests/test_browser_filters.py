@@ -4,9 +4,6 @@ what the API says."""
 
 from __future__ import annotations
 
-import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,35 +11,10 @@ import fastindex
 import httpx
 import pytest
 from fastindex.server import start_server
-from playwright.sync_api import Browser, Page, expect, sync_playwright
-from server_support import make_coco, make_images, probe_held, wait_until
+from playwright.sync_api import Page, expect
+from server_support import TIMEOUT_MS, make_coco, make_images, probe_held, wait_until
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM = os.environ.get("FASTINDEX_CHROMIUM", "/usr/bin/chromium")
-TIMEOUT_MS = 20_000
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not shutil.which(CHROMIUM) and not os.path.exists(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM}")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
-    pg = ctx.new_page()
-    pg.set_default_timeout(TIMEOUT_MS)
-    errors: list[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    yield pg
-    ctx.close()
-    assert errors == [], errors
 
 
 def _gallery_ids(page: Page) -> list[int]:

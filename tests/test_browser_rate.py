@@ -5,10 +5,7 @@ shows them at once."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +13,11 @@ import httpx
 import pytest
 from embed_helpers import slow_model
 from fastindex.server import start_server
-from playwright.sync_api import Browser, WebSocketRoute, expect, sync_playwright
+from playwright.sync_api import Browser, WebSocketRoute, expect
 from server_support import make_images, wait_until
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = os.environ.get("FASTINDEX_CHROMIUM", "/usr/bin/chromium")
 N = 16
 ZERO = re.compile(r"^0([.,]0*)?/s")
 NONE = "\u2013"  # what the page shows for no value
@@ -44,16 +40,6 @@ document.addEventListener("DOMContentLoaded", () => {
   });
 });
 """
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not shutil.which(CHROMIUM) and not os.path.exists(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM}")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield b
-        b.close()
 
 
 def _progress(url: str, dataset_id: int) -> dict[str, Any]:
