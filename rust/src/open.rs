@@ -15,6 +15,18 @@ use crate::schema::{APPLICATION_ID, MIGRATIONS, SCHEMA, SCHEMA_VERSION, THROUGHP
 /// How long a connection waits for another writer before it fails.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The store's busy handler: try again every millisecond, for up to `BUSY_TIMEOUT`. SQLite's
+/// own (`busy_timeout`) sleeps ever longer, up to 100 ms between tries: against a writer that
+/// holds the store in short transactions with short pauses between them (the COCO ingest),
+/// its tries can fall inside the transactions again and again. Polling finds the next pause.
+fn wait_a_millisecond(tries: i32) -> bool {
+    if u128::try_from(tries).unwrap_or(0) >= BUSY_TIMEOUT.as_millis() {
+        return false;
+    }
+    std::thread::sleep(Duration::from_millis(1));
+    true
+}
+
 fn is_busy(e: &Error) -> bool {
     use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked};
     matches!(e, Error::Store { source, .. }
@@ -68,7 +80,7 @@ impl Store {
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX
         };
         let conn = Connection::open_with_flags(path, flags).map_err(|e| opening(path, e))?;
-        conn.busy_timeout(BUSY_TIMEOUT).store(path)?;
+        conn.busy_handler(Some(wait_a_millisecond)).store(path)?;
         // A read of the tables writes nothing; only a file known to be ours is switched to WAL.
         let found = kind(&conn).map_err(|e| opening(path, e))?;
         if let Kind::Foreign = found {

@@ -18,12 +18,10 @@ use crate::throughput;
 pub const TX_TIME: Duration = Duration::from_millis(60);
 const TX_ROWS: usize = 65_536;
 
-/// ...and the next one starts after this pause. A writer waiting for the store (SQLite's
-/// busy handler) retries 1, 3, 8, 18, 33, 53, 78, 103, 128 ms after it first found it busy:
-/// steps of at most 25 ms. With transactions of at most ~75 ms and pauses longer than
-/// those steps, one of its retries falls in a pause, so it waits ~80 ms at most. (Shorter
-/// pauses can fall between its retries again and again, for seconds.)
-pub const TX_PAUSE: Duration = Duration::from_millis(27);
+/// ...and the next one starts after this pause. A writer waiting for the store tries again
+/// every millisecond (the busy handler set in `open.rs`), so one of its tries falls in the
+/// pause: it waits one transaction (~60-75 ms) at most.
+pub const TX_PAUSE: Duration = Duration::from_millis(3);
 
 /// Sample rows per upsert statement, and box rows per insert statement: the per-statement
 /// cost, not SQLite's per-row work, dominates at 100k files and 700k boxes.
