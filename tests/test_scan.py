@@ -24,6 +24,7 @@ from testkit import (
     sql,
     status_counts,
     table_counts,
+    too_deep_to_open,
     write,
 )
 
@@ -236,20 +237,8 @@ def _unreadable_by_permissions(folder: Path) -> Iterator[str]:
 
 
 def _unreadable_by_length(folder: Path) -> Iterator[str]:
-    """A folder whose path is longer than PATH_MAX: no one, root included, can open it by name.
-    Made with relative steps (`dir_fd`), as the kernel allows."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        for _ in range(18):  # 18 * 251 bytes > 4096
-            os.mkdir("d" * 250, dir_fd=fd)
-            nfd = os.open("d" * 250, os.O_RDONLY, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
-        out = os.open("lost.png", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
-        os.write(out, small_png())
-        os.close(out)
-    finally:
-        os.close(fd)
+    """A folder whose path is longer than PATH_MAX: no one, root included, can open it by name."""
+    too_deep_to_open(folder)
     yield "file name too long"
 
 

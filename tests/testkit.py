@@ -51,6 +51,24 @@ def tmpfs(where: Path, size: str) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
 
 
+def too_deep_to_open(folder: Path) -> None:
+    """Make, below `folder`, a chain of folders whose path is longer than PATH_MAX, with a PNG
+    at the bottom: no one, root included, can open it by name (a folder the walk cannot read,
+    even as root). Made with relative steps (`dir_fd`), as the kernel allows."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        for _ in range(18):  # 18 * 251 bytes > 4096
+            os.mkdir("d" * 250, dir_fd=fd)
+            nfd = os.open("d" * 250, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        out = os.open("lost.png", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(out, small_png())
+        os.close(out)
+    finally:
+        os.close(fd)
+
+
 def resize_tmpfs(where: Path, size: str) -> None:
     """Give a tmpfs from `tmpfs` another size (room freed on a full disk)."""
     subprocess.run(["mount", "-o", f"remount,size={size}", str(where)], check=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import fastindex
 import pytest
 from fastindex.testing import image_bytes
+from testkit import too_deep_to_open
 
 # relative path (bytes) -> (width, height, format): every one a real image
 LONG = b"n" * 251 + b".png"
@@ -128,20 +129,9 @@ def test_embedding_reads_such_paths(tmp_path: Path) -> None:
 
 # -- walk problems ---------------------------------------------------------------------------
 def _unreadable_folder(folder: Path) -> str:
-    """A folder below `folder` that no one, root included, can open by its path (longer than
-    PATH_MAX; made with relative steps, as the kernel allows). Returns the expected reason."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        for _ in range(18):  # 18 * 251 bytes > 4096
-            os.mkdir("d" * 250, dir_fd=fd)
-            nfd = os.open("d" * 250, os.O_RDONLY, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
-        out = os.open("lost.png", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
-        os.write(out, image_bytes((5, 5), fmt="PNG"))
-        os.close(out)
-    finally:
-        os.close(fd)
+    """A folder below `folder` that no one, root included, can open by its path. Returns the
+    expected reason."""
+    too_deep_to_open(folder)
     return "unreadable folder: file name too long"
 
 
