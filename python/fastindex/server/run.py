@@ -106,6 +106,22 @@ def _config(
     )
 
 
+def _serving(
+    db: str | os.PathLike[str],
+    host: str,
+    port: int,
+    log_level: str,
+    app_options: dict[str, Any],
+    **limits: Any,
+) -> tuple[FastAPI, socket.socket, _Server]:
+    """The app, its listening socket and the server that will run it (`run_server` and
+    `start_server` differ only in where it runs); `limits` are `_config`'s."""
+    app = create_app(db, allowed_hosts=_allowed_hosts(host), **app_options)
+    sock = _bind(host, port)
+    config = _config(app, log_level, **limits)
+    return app, sock, _Server(app, config)
+
+
 def run_server(
     db: str | os.PathLike[str],
     *,
@@ -125,22 +141,22 @@ def run_server(
     `write_timeout` seconds is dropped, and at most `max_connections` are open at once (see
     `fastindex.server.connections`).
     """
-    app = create_app(db, allowed_hosts=_allowed_hosts(host), **app_options)
-    sock = _bind(host, port)
+    app, sock, server = _serving(
+        db,
+        host,
+        port,
+        log_level,
+        app_options,
+        request_timeout=request_timeout,
+        write_timeout=write_timeout,
+        max_connections=max_connections,
+    )
     print(f"fastindex serving {db} at {_url(sock)}", flush=True)
     roots = app.state.allowed_roots
     if roots:
         print(f"the page may index folders under: {', '.join(roots)}", flush=True)
     else:
         print("the page may not index folders (allow some with --allow-root DIR)", flush=True)
-    config = _config(
-        app,
-        log_level,
-        request_timeout=request_timeout,
-        write_timeout=write_timeout,
-        max_connections=max_connections,
-    )
-    server = _Server(app, config)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the signal once it has shut down
@@ -216,15 +232,16 @@ def start_server(
     Port 0 takes a free port (see `.url`). Stop it with `.stop()` or a `with` block. The
     options are those of `run_server`.
     """
-    app = create_app(db, allowed_hosts=_allowed_hosts(host), **app_options)
-    sock = _bind(host, port)
-    config = _config(
-        app,
+    app, sock, server = _serving(
+        db,
+        host,
+        port,
         log_level,
+        app_options,
         request_timeout=request_timeout,
         write_timeout=write_timeout,
         max_connections=max_connections,
     )
-    handle = ServerHandle(app, _Server(app, config), sock)
+    handle = ServerHandle(app, server, sock)
     handle._start(timeout=30.0)
     return handle
