@@ -5,7 +5,6 @@ order, and every row that matched the filter during the whole walk is returned."
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 from typing import Any
 
 import fastindex

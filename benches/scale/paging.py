@@ -266,7 +266,8 @@ def run(args: argparse.Namespace) -> list[Row]:
                 f"add 10 files, {label}",
                 f"phase 1 {statistics.median(p1):.1f} ms + phase 2 {statistics.median(p2):.1f} ms",
                 "ms of store work",
-                f"median of {len(p1)} (max {max(p1):.1f} + {max(p2):.1f}); schema v{got['version']}",
+                f"median of {len(p1)} (max {max(p1):.1f} + {max(p2):.1f});"
+                f" schema v{got['version']}",
             )
         )
 

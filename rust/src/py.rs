@@ -518,10 +518,7 @@ impl Store {
             category,
             has_annotations,
         };
-        let rows = r(py.detach(|| {
-            self.lock()
-                .samples(dataset_id, &filter, limit, after_id)
-        }))?;
+        let rows = r(py.detach(|| self.lock().samples(dataset_id, &filter, limit, after_id)))?;
         sample_dicts(py, rows)
     }
 

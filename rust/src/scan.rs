@@ -592,7 +592,10 @@ pub(crate) mod tests {
         let d = s.create_dataset("big").unwrap();
         let job = s.create_job(d, "images", "/big").unwrap();
         s.conn
-            .execute("INSERT INTO roots (dataset_id, path) VALUES (?1, '/big')", [d])
+            .execute(
+                "INSERT INTO roots (dataset_id, path) VALUES (?1, '/big')",
+                [d],
+            )
             .unwrap();
         let root = s.conn.last_insert_rowid();
         s.conn
