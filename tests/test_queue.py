@@ -19,7 +19,13 @@ import pytest
 from server_support import make_images
 from testkit import finish, sql
 
-QUEUE_INDEXES = {"samples_pending", "samples_indexed", "samples_embedding", "jobs_running"}
+QUEUE_INDEXES = {
+    "samples_pending",
+    "samples_indexed",
+    "samples_embedding",
+    "jobs_running",
+    "samples_walk_failed",
+}
 
 
 def _indexes(db: Path) -> set[str]:
@@ -73,6 +79,12 @@ def test_the_queue_steps_walk_their_partial_index(tmp_path: Path, db: Path) -> N
     assert "USING INDEX samples_pending" in _plan(db, pending, 1, 0, 10)
     assert "USING INDEX samples_indexed" in _plan(db, claim, 1, 10, 0)
     assert "USING INDEX samples_embedding" in _plan(db, release, 1)
+    # Phase 1 looks for its root's walk failures (scan.rs revive_walk_failures).
+    revive = (
+        "SELECT id, job_id, path FROM samples WHERE dataset_id = ?1 AND status = 'failed'"
+        " AND root_id = ?2 AND size_bytes IS NULL"
+    )
+    assert "USING INDEX samples_walk_failed" in _plan(db, revive, 1, 1)
     # A gallery page of one queue status is served the same way.
     page = (
         "SELECT id FROM samples s WHERE s.dataset_id = ?1 AND s.id > ?2"
