@@ -85,6 +85,14 @@ def test_the_queue_steps_walk_their_partial_index(tmp_path: Path, db: Path) -> N
         " AND root_id = ?2 AND size_bytes IS NULL"
     )
     assert "USING INDEX samples_walk_failed" in _plan(db, revive, 1, 1)
+    # A search top-up reads the vectors stored since its cursor (vectors.rs load_embeddings),
+    # not every vector of the model.
+    top_up = (
+        "SELECT e.id, e.sample_id, e.vector FROM embeddings e JOIN samples s"
+        " ON s.id = e.sample_id WHERE +e.model_id = ?1 AND s.dataset_id = ?2 AND e.id > ?3"
+        " ORDER BY e.id"
+    )
+    assert "USING INTEGER PRIMARY KEY (rowid>?)" in _plan(db, top_up, 1, 1, 0)
     # A gallery page of one queue status is served the same way.
     page = (
         "SELECT id FROM samples s WHERE s.dataset_id = ?1 AND s.id > ?2"
