@@ -76,9 +76,16 @@ def test_bar_moves_to_complete_and_gallery_fills(page: Page, tmp_path: Path) -> 
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "page-mid-run.png"), full_page=True)
 
-            # The last page holds the rows phase 2 has not reached.
-            page.click("#pager [data-page=last]")
-            expect(page.locator("#page-input")).to_have_value("3")
+            # Scrolling on loads the next pages by key, each sample once; the last holds
+            # the rows phase 2 has not reached.
+            expect(page.locator("#page-range")).to_have_text("24 shown of 52")
+            for shown in (48, 52):
+                page.locator("#pager").scroll_into_view_if_needed()
+                page.mouse.wheel(0, 4000)
+                expect(tiles).to_have_count(shown)
+            ids = [int(i) for i in tiles.evaluate_all("ts => ts.map(t => t.dataset.id)")]
+            assert ids == sorted(set(ids)) and len(ids) == 52
+            expect(page.locator("#load-more")).to_be_hidden()
             expect(page.locator("#gallery .tile[data-status=pending]").first).to_be_visible()
             page.screenshot(path=str(ARTIFACTS / "page-mid-run-pending.png"))
             release()
@@ -90,13 +97,13 @@ def test_bar_moves_to_complete_and_gallery_fills(page: Page, tmp_path: Path) -> 
         expect(page.locator("#eta")).to_have_text("done")
         # The gallery filled in place: the pending tiles became thumbnails.
         expect(page.locator("#gallery .tile[data-status=pending]")).to_have_count(0)
-        expect(page.locator("#gallery .tile[data-status=indexed] img")).to_have_count(4)
+        expect(page.locator("#gallery .tile[data-status=indexed] img")).to_have_count(50)
         # Failed files, with their reasons.
         expect(page.locator("#failed-card")).to_be_visible()
         expect(page.locator("#failed-list li")).to_have_count(2)
         expect(page.locator("#failed-list li .reason").first).to_contain_text("unsupported image")
         # One sample, larger, with its boxes and categories.
-        page.click("#pager [data-page=first]")
+        page.click("#to-top")
         expect(page.locator("#gallery .tile").first).to_have_attribute("data-id", "1")
         page.locator("#gallery .tile[data-status=indexed] .frame").first.click()
         expect(page.locator("#sample-dialog")).to_be_visible()

@@ -180,7 +180,7 @@ def test_http_progress_carries_the_rates(tmp_path: Path) -> None:
     # Another process holds phase 2: the rows wait, and the server's reads see its rate.
     with probe_held(db, did), TestClient(create_app(db, allowed_hosts=["testserver"])) as c:
         got = c.get(f"/api/progress/{did}").json()
-        listed = {d["id"]: d["progress"] for d in c.get("/api/datasets").json()}
+        listed = {d["id"]: d["progress"] for d in c.get("/api/datasets").json()["items"]}
     for p in (got, listed[did]):
         assert p["phases"] == want["phases"]
         assert (p["rate"], p["eta_s"], p["rate_phase"]) == (

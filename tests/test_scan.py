@@ -497,7 +497,7 @@ def test_wrong_schema_version(tmp_path: Path, db: Path) -> None:
             call()
         assert isinstance(e.value, fastindex.StoreError)
     assert table_counts(db) == before
-    assert fastindex.SCHEMA_VERSION == 4
+    assert fastindex.SCHEMA_VERSION == 5
 
 
 def test_bad_reads_and_names(db: Path) -> None:
@@ -505,7 +505,7 @@ def test_bad_reads_and_names(db: Path) -> None:
     with pytest.raises(fastindex.InvalidArgumentError, match="'done'"):
         ds.samples(status="done")
     with pytest.raises(fastindex.InvalidArgumentError):
-        ds.samples(offset=-1)
+        ds.samples(after_id=-1)
     for status in fastindex.STATUSES:
         assert ds.samples(status=status) == []
     for bad in ("", "   ", "tab\there", "x" * 201):

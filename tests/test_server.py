@@ -150,7 +150,7 @@ def test_adding_a_folder_again_adds_nothing(api: Api) -> None:
 
 
 def test_list_and_get_datasets(api: Api, coco_ds: dict[str, Any]) -> None:
-    listed = api.c.get("/api/datasets").json()
+    listed = api.c.get("/api/datasets").json()["items"]
     assert [d["name"] for d in listed] == ["coco"]
     assert listed[0]["progress"] == coco_ds["progress"]
     assert listed[0]["embeddings"] is False
@@ -213,7 +213,7 @@ def test_post_rejects_bad_requests(api: Api, body: dict[str, Any], status: int, 
     r = api.c.post("/api/datasets", json=body)
     api.error(r, status)
     assert r.json()["error"] == kind
-    assert api.c.get("/api/datasets").json() == [] or status == 400
+    assert api.c.get("/api/datasets").json()["items"] == [] or status == 400
 
 
 def test_post_needs_a_json_body(api: Api) -> None:
@@ -244,11 +244,13 @@ def test_malformed_coco_file_is_reported_in_progress(api: Api) -> None:
 def test_samples_pages_and_filters(api: Api, coco_ds: dict[str, Any]) -> None:
     did = coco_ds["dataset_id"]
     page = api.c.get(f"/api/datasets/{did}/samples", params={"limit": 10}).json()
-    assert page["total"] == 32 and page["offset"] == 0 and len(page["items"]) == 10
+    assert page["total"] == 32 and page["after_id"] == 0 and len(page["items"]) == 10
     ids = [s["id"] for s in page["items"]]
-    assert ids == sorted(ids)
-    nxt = api.c.get(f"/api/datasets/{did}/samples", params={"offset": 10, "limit": 10}).json()
-    assert not set(ids) & {s["id"] for s in nxt["items"]}
+    assert ids == sorted(ids) and page["next_after_id"] == ids[-1]
+    nxt = api.c.get(
+        f"/api/datasets/{did}/samples", params={"after_id": page["next_after_id"], "limit": 10}
+    ).json()
+    assert min(s["id"] for s in nxt["items"]) > ids[-1]
     item = page["items"][0]
     assert "root" not in item and item["file_name"] == os.path.basename(item["path"])
     assert item["annotations"] and "segmentation" not in item["annotations"][0]
@@ -259,13 +261,44 @@ def test_samples_pages_and_filters(api: Api, coco_ds: dict[str, Any]) -> None:
     assert all(s["error"] and s["path"].startswith("broken") for s in failed["items"])
     indexed = api.c.get(f"/api/datasets/{did}/samples", params={"status": "indexed", "limit": 1000})
     assert len(indexed.json()["items"]) == 30
-    past = api.c.get(f"/api/datasets/{did}/samples", params={"offset": 1000}).json()
-    assert past["items"] == []
+    # Every row once, page by page, and the last page says so (no empty page after it).
+    seen: list[int] = []
+    after: int | None = 0
+    while after is not None:
+        body = api.c.get(f"/api/datasets/{did}/samples", params={"after_id": after, "limit": 8})
+        seen += [s["id"] for s in body.json()["items"]]
+        after = body.json()["next_after_id"]
+    assert len(seen) == 32 == len(set(seen)) and seen == sorted(seen)
+    past = api.c.get(f"/api/datasets/{did}/samples", params={"after_id": 2**40}).json()
+    assert past["items"] == [] and past["next_after_id"] is None
+
+
+@pytest.mark.parametrize("route", ["/api/datasets/{did}/samples", "/api/datasets"])
+@pytest.mark.parametrize("offset", ["0", "10", "-1", "x"])
+def test_offset_paging_is_refused_with_a_message(
+    api: Api, coco_ds: dict[str, Any], route: str, offset: str
+) -> None:
+    r = api.c.get(route.format(did=coco_ds["dataset_id"]), params={"offset": offset})
+    assert "after_id" in api.error(r, 400)
+
+
+def test_datasets_page_by_key(api: Api) -> None:
+    make_images(api.tmp / "imgs", 2)
+    ids = [api.add(f"d{i}", api.tmp / "imgs")["dataset_id"] for i in range(5)]
+    seen: list[int] = []
+    after: int | None = 0
+    while after is not None:
+        body = api.c.get("/api/datasets", params={"after_id": after, "limit": 2}).json()
+        assert len(body["items"]) <= 2
+        seen += [d["id"] for d in body["items"]]
+        after = body["next_after_id"]
+    assert seen == sorted(ids)
+    api.error(api.c.get("/api/datasets", params={"limit": 1001}), 422)
 
 
 @pytest.mark.parametrize(
     "params",
-    [{"status": "bogus"}, {"offset": -1}, {"limit": 0}, {"limit": 1001}, {"limit": "many"}],
+    [{"status": "bogus"}, {"after_id": -1}, {"limit": 0}, {"limit": 1001}, {"limit": "many"}],
 )
 def test_samples_rejects_bad_parameters(
     api: Api, coco_ds: dict[str, Any], params: dict[str, Any]
@@ -469,7 +502,7 @@ def test_foreign_host_header_is_refused(tmp_path: Path) -> None:
 def test_store_errors_become_500_without_traceback(
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(*_: Any) -> Any:
+    def broken(*_: Any, **__: Any) -> Any:
         raise StoreError("/x.db: disk I/O error")
 
     monkeypatch.setattr(api.c.app.state.fastindex, "datasets", broken)  # type: ignore[attr-defined]

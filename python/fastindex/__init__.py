@@ -15,7 +15,7 @@ import os
 
 from . import _core
 from ._core import IMAGE_EXTENSIONS, SCHEMA_VERSION, STATUSES
-from .dataset import DEFAULT_DB, Dataset, list_datasets
+from .dataset import DEFAULT_DB, DEFAULT_PAGE, Dataset, list_datasets
 from .errors import (
     CancelledError,
     CocoError,
@@ -65,6 +65,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "DEFAULT_DB",
+    "DEFAULT_PAGE",
     "IMAGE_EXTENSIONS",
     "SCHEMA_VERSION",
     "STATUSES",

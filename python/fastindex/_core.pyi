@@ -140,7 +140,6 @@ class Store:
         dataset_id: int,
         *,
         status: str | None = None,
-        offset: int = 0,
         limit: int = ...,
         after_id: int = 0,
         format: str | None = None,

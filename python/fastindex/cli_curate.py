@@ -60,7 +60,12 @@ def add_parsers(sub: Any) -> None:
     _common(p)
     _filters(p)
     p.add_argument("--limit", type=int, default=50, help="at most this many (default: 50)")
-    p.add_argument("--after-id", type=int, default=0, help="only ids above this (paging)")
+    p.add_argument(
+        "--after-id",
+        type=int,
+        default=0,
+        help="only ids above this: the next page is --after-id <next_after_id> (keyset paging)",
+    )
 
     p = sub.add_parser("search", help="samples whose embeddings best match a text", **kw)
     p.add_argument("name")
@@ -180,12 +185,15 @@ def cmd_samples(args: argparse.Namespace) -> Any:
     if args.limit < 0 or args.after_id < 0:
         raise InvalidArgumentError("--limit and --after-id must not be negative")
     ds = _open(args)
-    rows = ds.samples(limit=args.limit, after_id=args.after_id, **_filter_args(args))
+    # One row more than asked: whether another page follows is known, not guessed.
+    rows = ds.samples(limit=args.limit + 1, after_id=args.after_id, **_filter_args(args))
+    more = len(rows) > args.limit
+    rows = rows[: args.limit]
     return {
         "dataset": ds.name,
         "filters": _filter_args(args),
         "items": [s.to_dict() for s in rows],
-        "next_after_id": rows[-1].id if rows and len(rows) == args.limit else None,
+        "next_after_id": rows[-1].id if more and rows else None,
     }
 
 

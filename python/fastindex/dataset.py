@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import _core
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
     from .embed import EmbeddingModel
 
 DEFAULT_DB = "fastindex.db"
+#: Samples in one page of `Dataset.samples` (and `iter_samples`) when no `limit` is given.
+DEFAULT_PAGE = 1000
 
 
 def _check_path_arg(name: str, value: object) -> str:
@@ -367,8 +370,7 @@ class Dataset:
         self,
         *,
         status: str | None = None,
-        offset: int = 0,
-        limit: int | None = None,
+        limit: int = DEFAULT_PAGE,
         after_id: int = 0,
         format: str | None = None,
         min_width: int | None = None,
@@ -379,7 +381,8 @@ class Dataset:
         category: str | None = None,
         has_annotations: bool | None = None,
     ) -> list[Sample]:
-        """Samples in id order that match every filter given, paged.
+        """One page of the samples that match every filter given: at most `limit` (default
+        `DEFAULT_PAGE`, 1000), in id order, with ids above `after_id`.
 
         Filters: `status`; `format` (as probed: "JPEG", "PNG", ...); the probed size within
         `min_width`..`max_width`, `min_height`..`max_height` (inclusive; a sample not yet
@@ -388,8 +391,9 @@ class Dataset:
         `category`, a category name (samples with a box of it; an unknown name matches
         nothing); `has_annotations`, True or False.
 
-        Page with `offset`, or, at any depth in constant time, with `after_id` (the last id
-        of the previous page).
+        Paged by key, never by offset: the next page is `after_id=page[-1].id`, and costs the
+        same at any depth. A page shorter than `limit` is the last one (for now: rows added
+        later get higher ids). `iter_samples` walks every page.
         """
         filters = check_filters(
             status=status,
@@ -402,19 +406,27 @@ class Dataset:
             category=category,
             has_annotations=has_annotations,
         )
-        for name, value in (("offset", offset), ("limit", limit), ("after_id", after_id)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise InvalidArgumentError(f"{name} must be an integer, got {value!r}")
-        if offset < 0 or (limit is not None and limit < 0) or after_id < 0:
-            raise InvalidArgumentError("offset, limit and after_id must not be negative")
-        rows = self._store.samples(
-            self.id,
-            offset=int(offset),
-            limit=-1 if limit is None else int(limit),
-            after_id=int(after_id),
-            **filters,
-        )
+        check_page(limit=limit, after_id=after_id)
+        rows = self._store.samples(self.id, limit=int(limit), after_id=int(after_id), **filters)
         return [Sample(**r) for r in rows]
+
+    def iter_samples(
+        self, *, page: int = DEFAULT_PAGE, after_id: int = 0, **filters: Any
+    ) -> Iterator[Sample]:
+        """Every sample that matches the filters (those of `samples`), in id order, read
+        `page` rows at a time by key: memory stays O(page) at any size, and each page costs
+        the same at any depth. Safe while indexing runs: a sample is yielded at most once,
+        with the status it had when its page was read, and samples added meanwhile come
+        last."""
+        check_page(limit=page, after_id=after_id)
+        if page < 1:
+            raise InvalidArgumentError(f"page must be at least 1, got {page}")
+        while True:
+            rows = self.samples(limit=page, after_id=after_id, **filters)
+            yield from rows
+            if len(rows) < page:
+                return
+            after_id = rows[-1].id
 
     def facets(self) -> dict[str, dict[str, int]]:
         """Samples per value, for filter controls: `{"status": {...}, "format": {...},
@@ -473,6 +485,16 @@ class Dataset:
 
 
 _INT_FILTERS = ("min_width", "max_width", "min_height", "max_height")
+
+
+def check_page(**given: Any) -> None:
+    """`limit` and `after_id` (or any other paging integers) checked: raises
+    `InvalidArgumentError`."""
+    for name, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidArgumentError(f"{name} must be an integer, got {value!r}")
+        if value < 0:
+            raise InvalidArgumentError(f"{name} must not be negative, got {value}")
 
 
 def check_filters(**given: Any) -> dict[str, Any]:

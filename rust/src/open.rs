@@ -43,6 +43,16 @@ enum Kind {
     Foreign,
 }
 
+/// The page cache of each connection, in KiB: 64 MiB, or `FASTINDEX_CACHE_KIB` (a machine
+/// short of memory; the memory tests, which bound what the phases themselves hold).
+fn cache_kib() -> i64 {
+    std::env::var("FASTINDEX_CACHE_KIB")
+        .ok()
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .filter(|k| *k > 0)
+        .unwrap_or(65_536)
+}
+
 impl Store {
     /// Open (or create) the store at `path`.
     ///
@@ -92,7 +102,8 @@ impl Store {
             .store(path)?;
         conn.pragma_update(None, "temp_store", "MEMORY")
             .store(path)?;
-        conn.pragma_update(None, "cache_size", -65536).store(path)?;
+        conn.pragma_update(None, "cache_size", -cache_kib())
+            .store(path)?;
         let mut store = Store::from_connection(path, conn);
         // The common case, a store of this version, opens without taking the write lock.
         if !matches!(found, Kind::Store(SCHEMA_VERSION)) {

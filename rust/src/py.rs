@@ -484,9 +484,9 @@ impl Store {
         progress_dict(py, &p)
     }
 
-    /// Samples in id order that match the filters (all when none is given), paged by
-    /// `offset` or by `after_id` (the rows with ids above it: O(limit) at any depth).
-    #[pyo3(signature = (dataset_id, *, status=None, offset=0, limit=-1, after_id=0,
+    /// Samples in id order that match the filters (all when none is given), paged by key:
+    /// up to `limit` rows with ids above `after_id`.
+    #[pyo3(signature = (dataset_id, *, status=None, limit=-1, after_id=0,
         format=None, min_width=None, max_width=None, min_height=None, max_height=None,
         path_glob=None, category=None, has_annotations=None))]
     #[allow(clippy::too_many_arguments)]
@@ -495,7 +495,6 @@ impl Store {
         py: Python<'py>,
         dataset_id: i64,
         status: Option<String>,
-        offset: i64,
         limit: i64,
         after_id: i64,
         format: Option<String>,
@@ -519,10 +518,7 @@ impl Store {
             category,
             has_annotations,
         };
-        let rows = r(py.detach(|| {
-            self.lock()
-                .samples(dataset_id, &filter, offset, limit, after_id)
-        }))?;
+        let rows = r(py.detach(|| self.lock().samples(dataset_id, &filter, limit, after_id)))?;
         sample_dicts(py, rows)
     }
 

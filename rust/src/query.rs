@@ -140,31 +140,27 @@ pub struct Facets {
 pub type CategoryRow = (i64, String, Option<String>, Option<i64>);
 
 impl Store {
-    /// Samples of a dataset in id order that match `filter`, paged by `offset` or (at any
-    /// depth, in O(limit) when the filter is served by an index) by `after_id`: the rows
-    /// with ids above it.
+    /// Samples of a dataset in id order that match `filter`, paged by key: up to `limit` rows
+    /// with ids above `after_id` (the last id of the previous page). There is no offset: a
+    /// page at any depth costs what its rows cost when an index serves the filter (the
+    /// dataset's id order, a status queue, a format, a category), never the rows before it.
     pub fn samples(
         &self,
         dataset_id: i64,
         filter: &SampleFilter,
-        offset: i64,
         limit: i64,
         after_id: i64,
     ) -> Result<Vec<SampleRow>> {
-        if offset < 0 || limit < 0 {
+        if limit < 0 || after_id < 0 {
             return Err(Error::InvalidArgument(
-                "offset and limit must not be negative".into(),
+                "limit and after_id must not be negative".into(),
             ));
         }
-        let mut args: Vec<Value> = vec![
-            dataset_id.into(),
-            after_id.into(),
-            limit.into(),
-            offset.into(),
-        ];
+        let mut args: Vec<Value> = vec![dataset_id.into(), after_id.into(), limit.into()];
         let mut cond = String::new();
         // The status goes into the SQL text (it is one of STATUSES, checked) so that SQLite
-        // can use the partial index of `failed` rows; a bound parameter would hide it.
+        // can use the partial index of its rows (`pending`, `indexed`, `embedding`, `failed`);
+        // a bound parameter would hide it.
         if let Some(s) = &filter.status {
             check_status(s)?;
             cond.push_str(&format!(" AND s.status = '{s}'"));
@@ -226,7 +222,7 @@ impl Store {
                     "SELECT {SAMPLE_COLUMNS} FROM annotations a INDEXED BY annotations_by_category
                      JOIN samples s ON s.id = a.sample_id JOIN roots r ON r.id = s.root_id
                      WHERE s.dataset_id = ?1 AND a.sample_id > ?2 {cond}
-                     GROUP BY a.sample_id ORDER BY a.sample_id LIMIT ?3 OFFSET ?4"
+                     GROUP BY a.sample_id ORDER BY a.sample_id LIMIT ?3"
                 )
             }
             None => {
@@ -237,7 +233,7 @@ impl Store {
                 };
                 format!(
                     "SELECT {SAMPLE_COLUMNS} FROM samples s {index} JOIN roots r ON r.id = s.root_id
-                     WHERE s.dataset_id = ?1 AND s.id > ?2 {cond} ORDER BY s.id LIMIT ?3 OFFSET ?4"
+                     WHERE s.dataset_id = ?1 AND s.id > ?2 {cond} ORDER BY s.id LIMIT ?3"
                 )
             }
         };

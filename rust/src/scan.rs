@@ -40,8 +40,15 @@ fn sample_insert(rows: usize) -> String {
     )
 }
 
-/// Rows probed between two store writes.
+/// Rows probed between two store writes. Phase 2 holds at most three batches at once (one
+/// being probed, one in the channel, one being written): its memory does not grow with the
+/// dataset.
 pub const PROBE_BATCH: usize = 8192;
+
+/// The next rows of phase 2's queue. `status = 'pending'` is literal, so that SQLite walks the
+/// partial index of pending rows (`samples_pending`) and never the dataset.
+pub(crate) const PENDING_BATCH: &str = "SELECT id, job_id, root_id, path FROM samples
+     WHERE dataset_id = ?1 AND status = 'pending' AND id > ?2 ORDER BY id LIMIT ?3";
 
 #[derive(Debug, Clone, Default)]
 pub struct ScanSummary {
@@ -328,16 +335,11 @@ impl Store {
         Ok((n as u64, problems.len() as u64 - n as u64))
     }
 
-    /// Up to `limit` pending rows of a dataset with id above `after`, in id order.
+    /// Up to `limit` pending rows of a dataset with id above `after`, in id order: O(limit)
+    /// at any dataset size (the `samples_pending` index holds only the queue).
     pub fn pending_batch(&self, dataset_id: i64, after: i64, limit: usize) -> Result<Vec<Pending>> {
         let roots = self.root_dirs(dataset_id)?;
-        let mut st = self
-            .conn
-            .prepare_cached(
-                "SELECT id, job_id, root_id, path FROM samples
-                 WHERE dataset_id = ?1 AND status = 'pending' AND id > ?2 ORDER BY id LIMIT ?3",
-            )
-            .store(&self.path)?;
+        let mut st = self.conn.prepare_cached(PENDING_BATCH).store(&self.path)?;
         let mut rows = st
             .query(params![dataset_id, after, limit as i64])
             .store(&self.path)?;
@@ -572,8 +574,77 @@ pub fn probe_files(batch: &[Pending], stops: &[&AtomicBool]) -> Option<Vec<Probe
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// SQLite's count of virtual-machine steps of `sql` run once with `args`: the work a
+    /// statement did, whatever the machine's speed.
+    pub(crate) fn vm_steps(s: &Store, sql: &str, args: impl rusqlite::Params) -> i32 {
+        let mut st = s.conn.prepare(sql).unwrap();
+        let mut rows = st.query(args).unwrap();
+        while rows.next().unwrap().is_some() {}
+        drop(rows);
+        st.get_status(rusqlite::StatementStatus::VmStep)
+    }
+
+    /// A dataset of `n` rows already through phase 2, inserted directly.
+    pub(crate) fn big_dataset(s: &mut Store, n: i64) -> (i64, i64, i64) {
+        let d = s.create_dataset("big").unwrap();
+        let job = s.create_job(d, "images", "/big").unwrap();
+        s.conn
+            .execute(
+                "INSERT INTO roots (dataset_id, path) VALUES (?1, '/big')",
+                [d],
+            )
+            .unwrap();
+        let root = s.conn.last_insert_rowid();
+        s.conn
+            .execute(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?3)
+                 INSERT INTO samples (dataset_id, job_id, root_id, path, status)
+                 SELECT ?1, ?2, ?4, printf('d%04d/%07d.png', i / 1000, i), 'indexed' FROM n",
+                params![d, job, n, root],
+            )
+            .unwrap();
+        (d, job, root)
+    }
+
+    #[test]
+    fn a_probe_batch_reads_only_the_queue() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = Store::open(t.path().join("s.db").to_str().unwrap()).unwrap();
+        let (d, job, root) = big_dataset(&mut s, 50_000);
+        // ten new rows at the end, and two old ones put back in the queue (a changed file)
+        for i in 0..10 {
+            s.conn
+                .execute(
+                    "INSERT INTO samples (dataset_id, job_id, root_id, path) VALUES (?1, ?2, ?3, ?4)",
+                    params![d, job, root, format!("new/{i}.png")],
+                )
+                .unwrap();
+        }
+        s.conn
+            .execute(
+                "UPDATE samples SET status = 'pending' WHERE id IN (7, 30000)",
+                [],
+            )
+            .unwrap();
+        let batch = s.pending_batch(d, 0, PROBE_BATCH).unwrap();
+        assert_eq!(batch.len(), 12);
+        assert_eq!((batch[0].id, batch[1].id), (7, 30_000));
+        // the work: a few steps per row taken, not per row of the dataset
+        let steps = vm_steps(&s, PENDING_BATCH, params![d, 0, PROBE_BATCH as i64]);
+        assert!(steps < 400, "{steps} steps for 12 rows of 50,010");
+        let plan: String = s
+            .conn
+            .query_row(
+                &format!("EXPLAIN QUERY PLAN {PENDING_BATCH}"),
+                params![d, 0, 1],
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(plan.contains("samples_pending"), "{plan}");
+    }
 
     fn png(w: u32, h: u32) -> Vec<u8> {
         let mut v = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
@@ -671,7 +742,7 @@ mod tests {
         assert_eq!((sum.found, sum.added, sum.existing), (5, 5, 0));
         let done = AtomicU64::new(0);
         assert_eq!(s.probe_pending(d, &stop, &done, None).unwrap(), 4);
-        let rows = s.samples(d, &Default::default(), 0, i64::MAX, 0).unwrap();
+        let rows = s.samples(d, &Default::default(), i64::MAX, 0).unwrap();
         let mut got: Vec<(Vec<u8>, &str, Option<i64>)> = rows
             .iter()
             .map(|r| {

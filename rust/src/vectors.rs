@@ -11,6 +11,14 @@ use crate::error::{Error, Result, StoreContext};
 use crate::leases::{hold_lease, not_held_by_another, release_all_claims, EMBED_PHASE};
 use crate::throughput;
 
+/// Phase 3's claim. `status = 'indexed'` is literal, so that SQLite walks the partial index of
+/// `indexed` rows (`samples_indexed`): a claim, and a final sweep from id 0, cost O(rows
+/// claimed) at any dataset size.
+pub(crate) const CLAIM: &str = "UPDATE samples SET status = 'embedding'
+     WHERE id IN (SELECT id FROM samples WHERE dataset_id = ?1 AND id > ?3 AND status = 'indexed'
+                  ORDER BY id LIMIT ?2)
+     RETURNING id, job_id, root_id, path";
+
 impl Store {
     /// The id of a model, registered on first use. A second model's embeddings live beside
     /// the first's.
@@ -85,8 +93,8 @@ impl Store {
     }
 
     /// Move up to `limit` `indexed` rows with id above `after` to `embedding` and return
-    /// `(id, absolute path)` in id order. Callers keep the last id as a cursor, so a claim
-    /// never rescans the rows already done (pass 0 for a final sweep).
+    /// `(id, absolute path)` in id order. Callers keep the last id as a cursor; a final sweep
+    /// (pass 0) finds rows put back behind it. Either costs O(rows claimed), see [`CLAIM`].
     ///
     /// With `owner`, the claim is made only while no other owner holds the dataset's `embed`
     /// lease (checked, and renewed or taken if free, in the same transaction), else
@@ -107,14 +115,7 @@ impl Store {
         let mut out = Vec::new();
         let mut moves: HashMap<i64, i64> = HashMap::new();
         {
-            let mut st = tx
-                .prepare_cached(
-                    "UPDATE samples SET status = 'embedding'
-                     WHERE id IN (SELECT id FROM samples WHERE dataset_id = ?1 AND id > ?3 AND status = 'indexed'
-                                  ORDER BY id LIMIT ?2)
-                     RETURNING id, job_id, root_id, path",
-                )
-                .store(&path)?;
+            let mut st = tx.prepare_cached(CLAIM).store(&path)?;
             let mut rows = st
                 .query(params![dataset_id, limit as i64, after])
                 .store(&path)?;
@@ -266,11 +267,14 @@ impl Store {
         model_id: i64,
         after: i64,
     ) -> Result<(i64, Vec<i64>, Vec<u8>)> {
+        // `+e.model_id`: walk the rowid range above the cursor (a top-up reads what came
+        // since), never the (model, sample) index, which reads every vector of the model
+        // and sorts them before the first new one comes out.
         let mut st = self
             .conn
             .prepare_cached(
                 "SELECT e.id, e.sample_id, e.vector FROM embeddings e JOIN samples s ON s.id = e.sample_id
-                 WHERE e.model_id = ?1 AND s.dataset_id = ?2 AND e.id > ?3 ORDER BY e.id",
+                 WHERE +e.model_id = ?1 AND s.dataset_id = ?2 AND e.id > ?3 ORDER BY e.id",
             )
             .store(&self.path)?;
         let mut rows = st
@@ -289,5 +293,43 @@ impl Store {
             bytes.extend_from_slice(v);
         }
         Ok((cursor, ids, bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scan::tests::{big_dataset, vm_steps};
+
+    #[test]
+    fn a_claim_and_a_sweep_read_only_the_queue() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = Store::open(t.path().join("s.db").to_str().unwrap()).unwrap();
+        let (d, _, _) = big_dataset(&mut s, 50_000);
+        s.conn
+            .execute(
+                "UPDATE samples SET status = 'ready' WHERE id NOT IN (5, 40000, 49999)",
+                [],
+            )
+            .unwrap();
+        // a final sweep from 0, as the embedder makes when its cursor runs dry
+        let tx = s.conn.unchecked_transaction().unwrap();
+        let steps = vm_steps(&s, CLAIM, params![d, 64, 0]);
+        tx.rollback().unwrap();
+        assert!(steps < 400, "{steps} steps to claim 3 rows of 50,000");
+        let got: Vec<i64> = s
+            .claim_for_embedding(d, 64, 0, None)
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(got, [5, 40_000, 49_999]);
+        // giving claims back walks only the claimed rows
+        let steps = vm_steps(
+            &s,
+            "UPDATE samples SET status = 'indexed' WHERE dataset_id = ?1 AND status = 'embedding' RETURNING job_id",
+            [d],
+        );
+        assert!(steps < 400, "{steps} steps to release 3 rows of 50,000");
     }
 }

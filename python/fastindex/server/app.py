@@ -9,14 +9,14 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from fastapi import FastAPI, Path, Query, Request, Response, WebSocket
+from fastapi import Depends, FastAPI, Path, Query, Request, Response, WebSocket
 from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
 
 from .. import __version__, _core
-from ..errors import FastIndexError
+from ..errors import FastIndexError, InvalidArgumentError
 from ..sample import Sample
 from .errors import JSONResponse, install_error_handlers, refuse_websocket, status_of
 from .guard import LocalOnly, SafeStaticFiles
@@ -43,14 +43,33 @@ if TYPE_CHECKING:
 #: Host names the server answers to by default. Anything else is refused, so that a web page
 #: elsewhere cannot reach a server on 127.0.0.1 through DNS rebinding.
 LOCAL_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost", "::1", "[::1]")
-#: The largest id or offset (SQLite integers are signed 64-bit); larger ones are a 422.
+#: The largest id (SQLite integers are signed 64-bit); larger ones are a 422.
 MAX_INT = 2**63 - 1
+#: The most rows one page of a list answers.
+MAX_PAGE = 1000
 
 Status = Literal["pending", "indexed", "embedding", "ready", "failed"]
 #: An id in a URL path: a 64-bit non-negative integer, else 422 before any lookup.
 Id = Annotated[int, Path(ge=0, le=MAX_INT)]
 
 __all__ = ["LOCAL_HOSTS", "THUMB_WORKERS", "create_app"]
+
+
+#: `after_id`: the previous page's `next_after_id` (0 for the first page).
+AfterId = Annotated[int, Query(ge=0, le=MAX_INT, description="the previous page's next_after_id")]
+
+
+def keyset_only(request: Request) -> None:
+    """Lists page by key: an `offset` would cost the rows before the page at every depth (and
+    shift under rows being added), so it is refused with a message saying what to send."""
+    if "offset" in request.query_params:
+        raise InvalidArgumentError(
+            "offset is not supported: lists page by key; pass after_id=<next_after_id of the "
+            "previous page> (0 or nothing for the first page)"
+        )
+
+
+NoOffset = Depends(keyset_only)
 
 
 class NewDataset(BaseModel):
@@ -151,10 +170,15 @@ def create_app(
         )
         return {"dataset_id": task.dataset_id, "task_group_id": task.id}
 
-    @app.get("/api/datasets", tags=["datasets"])
-    def list_datasets() -> list[dict[str, Any]]:
-        """Every dataset of the store, with its progress."""
-        return state.datasets()
+    @app.get("/api/datasets", tags=["datasets"], dependencies=[NoOffset])
+    def list_datasets(
+        after_id: AfterId = 0,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    ) -> dict[str, Any]:
+        """The datasets of the store with ids above `after_id`, in id order, with their
+        progress: `{"items", "limit", "after_id", "next_after_id"}` (`next_after_id` is
+        null on the last page)."""
+        return state.datasets(after_id=after_id, limit=limit)
 
     @app.get("/api/datasets/{dataset_id}", tags=["datasets"])
     def get_dataset(dataset_id: Id) -> dict[str, Any]:
@@ -217,13 +241,12 @@ def create_app(
         )
 
     # -- samples ----------------------------------------------------------------------------
-    @app.get("/api/datasets/{dataset_id}/samples", tags=["samples"])
+    @app.get("/api/datasets/{dataset_id}/samples", tags=["samples"], dependencies=[NoOffset])
     def list_samples(
         dataset_id: Id,
         status: Status | None = None,
-        offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        after_id: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+        after_id: AfterId = 0,
         format: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
         min_width: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None,
         max_width: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None,
@@ -235,8 +258,9 @@ def create_app(
     ) -> dict[str, Any]:
         """A page of samples in id order matching every filter given, each with its boxes.
 
-        The filters are those of `Dataset.samples`; page with `offset` or with `after_id`
-        (the previous page's `next_after_id`)."""
+        The filters are those of `Dataset.samples`. Paged by key: the next page is
+        `after_id=<next_after_id>` (null on the last page), at the same cost at any depth;
+        `offset` is refused (400)."""
         filters = {
             k: v
             for k, v in (
@@ -254,7 +278,6 @@ def create_app(
         return state.samples(
             dataset_id,
             status=status,
-            offset=offset,
             limit=limit,
             after_id=after_id,
             filters=filters,

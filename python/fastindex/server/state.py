@@ -183,9 +183,11 @@ class ServerState:
             out["status"] = "in_progress"
         return out
 
-    def datasets(self) -> list[dict[str, Any]]:
+    def datasets(self, *, after_id: int = 0, limit: int = 100) -> dict[str, Any]:
+        """One page of the datasets (a store holds few: they are listed, then paged)."""
         out = []
-        for dataset_id, name, created_at, spec in self.store().list_datasets():
+        rows = sorted(r for r in self.store().list_datasets() if r[0] > after_id)
+        for dataset_id, name, created_at, spec in rows[:limit]:
             out.append(
                 {
                     "id": dataset_id,
@@ -195,7 +197,12 @@ class ServerState:
                     "progress": self.progress(dataset_id),
                 }
             )
-        return out
+        return {
+            "items": out,
+            "limit": limit,
+            "after_id": after_id,
+            "next_after_id": out[-1]["id"] if len(rows) > limit else None,
+        }
 
     def dataset_info(self, dataset_id: int) -> dict[str, Any]:
         row = self.store().dataset(dataset_id)
@@ -215,7 +222,6 @@ class ServerState:
         dataset_id: int,
         *,
         status: str | None,
-        offset: int,
         limit: int,
         after_id: int = 0,
         filters: dict[str, Any] | None = None,
@@ -223,13 +229,17 @@ class ServerState:
         """A page of samples in id order, each with its boxes (no segmentations).
 
         `total` is the number of matching rows when it is known from a counter (no filter,
-        or only `status`, `format` or `category`), else None; `next_after_id` pages on."""
+        or only `status`, `format` or `category`), else None; `next_after_id` is the
+        `after_id` of the next page, None when no row follows this page (for now)."""
         p = self.progress(dataset_id)
         store = self.store()
         filters = filters or {}
         rows = store.samples(
-            dataset_id, status=status, offset=offset, limit=limit, after_id=after_id, **filters
+            dataset_id, status=status, limit=limit + 1, after_id=after_id, **filters
         )
+        # One row more than the page: whether another page follows is then known, not guessed.
+        more = len(rows) > limit
+        rows = rows[:limit]
         items = []
         for row in rows:
             item = sample_json(row)
@@ -249,10 +259,9 @@ class ServerState:
             "status": status,
             "filters": filters,
             "total": total,
-            "offset": offset,
             "limit": limit,
             "after_id": after_id,
-            "next_after_id": rows[-1]["id"] if len(rows) == limit else None,
+            "next_after_id": rows[-1]["id"] if more else None,
             "items": items,
         }
 

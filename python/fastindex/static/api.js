@@ -28,10 +28,21 @@ export async function api(path, { method = "GET", body, signal } = {}) {
 
 export const STATUSES = ["pending", "indexed", "embedding", "ready", "failed"];
 
-export const datasets = () => api("/api/datasets");
+// Every dataset, read page by page by key (a store holds few).
+export async function datasets() {
+  const out = [];
+  let after = 0;
+  for (;;) {
+    const page = await api(`/api/datasets?after_id=${after}&limit=1000`);
+    out.push(...page.items);
+    if (page.next_after_id == null) return out;
+    after = page.next_after_id;
+  }
+}
 export const progress = (id) => api(`/api/progress/${id}`);
-export const samples = (id, { status, offset, limit, ...filters }, signal) => {
-  const q = new URLSearchParams({ offset: String(offset), limit: String(limit) });
+// One page of samples with ids above `after_id` (keyset paging: the same cost at any depth).
+export const samples = (id, { status, after_id = 0, limit, ...filters }, signal) => {
+  const q = new URLSearchParams({ after_id: String(after_id), limit: String(limit) });
   if (status) q.set("status", status);
   for (const [k, v] of Object.entries(filters)) if (v != null && v !== "") q.set(k, String(v));
   return api(`/api/datasets/${id}/samples?${q}`, { signal });

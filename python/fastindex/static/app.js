@@ -1,5 +1,6 @@
-// The page: pick a dataset, watch its progress live, browse its samples page by page as they
-// arrive, search them once embeddings exist. No build step: plain ES modules.
+// The page: pick a dataset, watch its progress live, browse its samples as they arrive (an
+// endless gallery read page by page by key: `after_id`, never an offset), search them once
+// embeddings exist. No build step: plain ES modules.
 
 import * as API from "./api.js";
 import { Gallery, picture, displaySize } from "./gallery.js";
@@ -11,9 +12,11 @@ const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 
 const PAGE_SIZE = Math.min(500, Math.max(12, Number(params.get("page_size")) || 60));
-// While samples arrive the page reloads what it shows, at most this often, and never more
-// than ~10% of the time a load takes the server (deep pages of a huge dataset cost more).
+// While samples arrive the page reloads the pages it shows that may change, at most this
+// often, and never more than ~10% of the time a load takes the server.
 const REFRESH_MS = 700;
+// The next page is loaded when the end of the gallery comes this close to the viewport.
+const AHEAD_PX = 800;
 const FAILED_REFRESH_MS = 2000;
 const FAILED_PAGE = 50;
 
@@ -23,13 +26,18 @@ const state = {
   p: null, // its latest progress
   feed: null,
   filter: "",
-  page: 0,
+  // The gallery's pages, in id order: page i holds the matching samples with ids in
+  // (pages[i].after, pages[i + 1].after] (the last one: above its `after`). `full`: it
+  // held PAGE_SIZE rows when read, so another page may follow.
+  pages: [],
+  more: false, // the last page was full: scrolling on loads the next one
   view: "browse", // or "results" (search / similar)
   items: [],
   lastRefresh: 0,
   refreshTimer: null,
   loadMs: 0, // how long the last page took to load
   loading: null, // AbortController of the page being loaded
+  failedAfter: 0, // the last failed row shown: "Show more" goes on from there
   failedShown: 0,
   failedCount: -1,
   failedTimer: null,
@@ -39,7 +47,6 @@ const state = {
 
 const gallery = new Gallery($("gallery"), { onOpen: openSample, onSimilar: showSimilar });
 const filterBar = new FilterBar($("facets"), $("filters"), () => {
-  state.page = 0;
   if (state.view !== "browse") backToBrowse();
   else loadPage();
 });
@@ -67,9 +74,11 @@ function selectDataset(id) {
     ds,
     p: ds.progress,
     filter: "",
-    page: 0,
+    pages: [],
+    more: false,
     view: "browse",
     items: [],
+    failedAfter: 0,
     failedShown: 0,
     failedCount: -1,
     refreshTimer: null,
@@ -261,94 +270,162 @@ async function showSimilar(s) {
 // -- browsing ----------------------------------------------------------------------------------
 function filterTotal() {
   const p = state.p;
-  if (!p) return 0;
+  if (!p) return null;
   // With the bar's filters the server counts when a counter knows (else null: unknown).
-  if (filterBar.active()) return state.filteredTotal ?? state.page * PAGE_SIZE + state.items.length;
+  if (filterBar.active()) return state.filteredTotal ?? null;
   return state.filter ? p[state.filter] : p.total;
 }
 
-function pageCount() {
-  const more = filterBar.active() && state.filteredTotal == null && state.items.length === PAGE_SIZE;
-  return Math.max(1, Math.ceil(filterTotal() / PAGE_SIZE) + (more ? 1 : 0));
+function shown() {
+  return state.pages.reduce((n, pg) => n + pg.items.length, 0);
 }
 
 function renderPager() {
-  const n = pageCount();
-  if (state.page > n - 1) state.page = n - 1;
-  const input = $("page-input");
-  if (document.activeElement !== input) input.value = String(state.page + 1);
-  input.max = String(n);
-  $("page-count").textContent = fmt(n);
-  const first = state.page * PAGE_SIZE;
   const total = filterTotal();
-  $("page-range").textContent = total ? `${fmt(first + 1)}–${fmt(Math.min(total, first + PAGE_SIZE))} of ${fmt(total)}` : "";
-  const nav = $("pager");
-  nav.querySelector('[data-page="first"]').disabled = state.page === 0;
-  nav.querySelector('[data-page="prev"]').disabled = state.page === 0;
-  nav.querySelector('[data-page="next"]').disabled = state.page >= n - 1;
-  nav.querySelector('[data-page="last"]').disabled = state.page >= n - 1;
+  const n = shown();
+  $("page-range").textContent = n
+    ? `${fmt(n)} shown${total != null ? ` of ${fmt(total)}` : state.more ? " so far" : ""}`
+    : "";
+  $("load-more").hidden = !state.more;
+  $("to-top").hidden = n <= PAGE_SIZE;
 }
 
-// Whether the page shown can still change: it is not full, or some of its samples are still
-// on their way (pending, or waiting for an embedding), or the filter moves samples in and out.
-function pageMayChange() {
-  if (state.filter || filterBar.active()) return true;
-  if (state.items.length < PAGE_SIZE) return true;
+function renderGallery() {
+  state.items = state.pages.flatMap((pg) => pg.items);
+  gallery.render(state.items);
+  renderPager();
+  $("gallery-empty").hidden = state.items.length > 0;
+  $("gallery-empty").textContent = state.p?.status === "complete" ? "No images here." : "No images here yet.";
+}
+
+function query(after_id, limit = PAGE_SIZE) {
+  return { status: state.filter, after_id, limit, ...filterBar.params() };
+}
+
+// Whether a page shown can still change: it is the last one (rows arrive after it), or some
+// of its samples are still on their way (pending, or waiting for an embedding), or the
+// filter moves samples in and out.
+function pageMayChange(pg, i) {
+  if (i === state.pages.length - 1 || state.filter || filterBar.active()) return true;
   const waitingFor = state.ds?.embeddings ? new Set(["pending", "indexed", "embedding"]) : new Set(["pending"]);
-  return state.items.some((s) => waitingFor.has(s.status));
+  return pg.items.some((s) => waitingFor.has(s.status));
+}
+
+// Whether any tile of page i is in the viewport.
+function pageInView(i) {
+  const start = state.pages.slice(0, i).reduce((n, pg) => n + pg.items.length, 0);
+  const count = state.pages[i].items.length;
+  const tiles = $("gallery").children;
+  if (!count) return true;
+  const first = tiles[start]?.getBoundingClientRect();
+  const last = tiles[start + count - 1]?.getBoundingClientRect();
+  return !first || !last || (first.top < innerHeight && last.bottom > 0);
 }
 
 function scheduleRefresh(prev, p) {
   renderPager();
   const changed = !prev || API.STATUSES.some((s) => prev[s] !== p[s]);
-  if (!changed || !pageMayChange() || state.refreshTimer) return;
+  if (!changed || state.refreshTimer || !state.pages.some(pageMayChange)) return;
   const gap = Math.max(REFRESH_MS, 10 * state.loadMs);
   const wait = Math.max(0, state.lastRefresh + gap - performance.now());
   state.refreshTimer = setTimeout(() => {
     state.refreshTimer = null;
-    if (state.view === "browse") loadPage({ quiet: true });
+    if (state.view === "browse") refreshPages();
   }, wait);
 }
 
-async function loadPage({ quiet = false } = {}) {
-  if (!state.ds) return;
+// Read the samples of page i's id range again: its first PAGE_SIZE rows, and on while rows
+// are left before the next page's start (filters can move more rows into the range).
+async function readRange(id, i, signal) {
+  const pg = state.pages[i];
+  const hi = state.pages[i + 1]?.after ?? Infinity;
+  const items = [];
+  let after = pg.after;
+  for (let round = 0; round < 20; round += 1) {
+    const res = await API.samples(id, query(after), signal);
+    state.filteredTotal = res.total;
+    const inside = res.items.filter((s) => s.id <= hi);
+    items.push(...inside);
+    if (hi === Infinity) return { items, full: res.items.length === PAGE_SIZE && res.next_after_id != null };
+    if (inside.length < res.items.length || res.next_after_id == null) break;
+    after = res.items.at(-1).id;
+  }
+  return { items, full: true };
+}
+
+// Reload the pages that may change and are in view (the last page always).
+async function refreshPages() {
+  if (!state.ds || state.loading) return;
   const id = state.ds.id;
-  state.loading?.abort();
   const ctl = new AbortController();
   state.loading = ctl;
   state.lastRefresh = performance.now();
-  renderPager();
   try {
     const t0 = performance.now();
-    const query = { status: state.filter, offset: state.page * PAGE_SIZE, limit: PAGE_SIZE, ...filterBar.params() };
-    const res = await API.samples(id, query, ctl.signal);
+    const last = state.pages.length - 1;
+    for (let i = 0; i <= last; i += 1) {
+      if (!pageMayChange(state.pages[i], i) || (i !== last && !pageInView(i))) continue;
+      const got = await readRange(id, i, ctl.signal);
+      if (ctl.signal.aborted || state.ds?.id !== id || state.view !== "browse") return;
+      state.pages[i].items = got.items;
+      if (i === last) {
+        state.pages[i].full = got.full;
+        state.more = got.full;
+      }
+    }
+    state.loadMs = performance.now() - t0;
+    renderGallery();
+  } catch (e) {
+    if (e.name !== "AbortError") state.loadMs = Math.max(state.loadMs, REFRESH_MS);
+  } finally {
+    if (state.loading === ctl) state.loading = null;
+  }
+  watchEnd();
+}
+
+// Start the gallery again from its first page (a new dataset, filter or status).
+async function loadPage() {
+  if (!state.ds) return;
+  state.loading?.abort();
+  state.loading = null;
+  state.pages = [];
+  state.more = false;
+  await loadMore({ fresh: true });
+}
+
+// The next page, after the last sample shown.
+async function loadMore({ fresh = false } = {}) {
+  if (!state.ds || state.view !== "browse") return;
+  if (!fresh && (state.loading || !state.more)) return;
+  const id = state.ds.id;
+  const ctl = new AbortController();
+  state.loading = ctl;
+  state.lastRefresh = performance.now();
+  const after = state.pages.at(-1)?.items.at(-1)?.id ?? 0;
+  try {
+    const t0 = performance.now();
+    const res = await API.samples(id, query(after), ctl.signal);
     state.loadMs = performance.now() - t0;
     if (ctl.signal.aborted || state.ds?.id !== id || state.view !== "browse") return;
-    state.items = res.items;
     state.filteredTotal = res.total;
-    renderPager();
-    gallery.render(res.items);
-    $("gallery-empty").hidden = res.items.length > 0;
-    $("gallery-empty").textContent = state.p?.status === "complete" ? "No images here." : "No images here yet.";
+    state.pages.push({ after, items: res.items });
+    state.more = res.next_after_id != null;
+    renderGallery();
   } catch (e) {
     if (e.name === "AbortError") return;
-    if (!quiet) $("gallery-empty").textContent = `Could not load the images: ${e.message}`;
+    $("gallery-empty").textContent = `Could not load the images: ${e.message}`;
     $("gallery-empty").hidden = state.items.length > 0;
   } finally {
     if (state.loading === ctl) state.loading = null;
   }
+  watchEnd();
 }
 
-function goTo(page) {
-  const n = pageCount();
-  const next = Math.min(n - 1, Math.max(0, page));
-  if (next === state.page && state.items.length) {
-    renderPager();
-    return;
-  }
-  state.page = next;
-  loadPage();
-  $("gallery").scrollIntoView({ block: "start", behavior: "smooth" });
+// Load on while the end of the gallery is within AHEAD_PX of the viewport.
+function watchEnd() {
+  if (!state.more || state.loading || state.view !== "browse") return;
+  const end = $("pager").getBoundingClientRect().top;
+  if (end < innerHeight + AHEAD_PX) loadMore();
 }
 
 function setFilterButtons() {
@@ -374,21 +451,22 @@ async function loadFailed(reset) {
   $("failed-count").textContent = fmt(count);
   if (!count) return;
   const list = $("failed-list");
-  // Only the first rows are kept live; "Show more" appends.
-  const offset = reset ? 0 : state.failedShown;
-  const limit = reset ? Math.max(FAILED_PAGE, state.failedShown) : FAILED_PAGE;
+  // Only the first rows are kept live; "Show more" appends the next page, by key.
+  const after_id = reset ? 0 : state.failedAfter;
+  const limit = reset ? Math.min(1000, Math.max(FAILED_PAGE, state.failedShown)) : FAILED_PAGE;
   state.lastFailed = performance.now();
   try {
     const t0 = performance.now();
-    const res = await API.samples(state.ds.id, { status: "failed", offset, limit });
+    const res = await API.samples(state.ds.id, { status: "failed", after_id, limit });
     state.failedMs = performance.now() - t0;
     const rows = res.items.map((s) =>
       h("li", {}, h("span", { class: "path", title: s.path }, s.path), h("span", { class: "reason" }, s.error ?? "failed")),
     );
     if (reset) list.replaceChildren(...rows);
     else list.append(...rows);
-    state.failedShown = offset + res.items.length;
-    $("failed-more").hidden = state.failedShown >= count;
+    state.failedShown = (reset ? 0 : state.failedShown) + res.items.length;
+    if (res.items.length) state.failedAfter = res.items.at(-1).id;
+    $("failed-more").hidden = res.next_after_id == null;
   } catch {
     // the next change tries again
   }
@@ -477,23 +555,14 @@ function wire() {
     const b = e.target.closest(".chip");
     if (!b) return;
     state.filter = b.dataset.filter;
-    state.page = 0;
     setFilterButtons();
     if (state.view !== "browse") backToBrowse();
     else loadPage();
   });
-  $("pager").addEventListener("click", (e) => {
-    const b = e.target.closest("[data-page]");
-    if (!b) return;
-    const to = { first: 0, prev: state.page - 1, next: state.page + 1, last: pageCount() - 1 }[b.dataset.page];
-    goTo(to);
-  });
-  $("page-input").addEventListener("change", (e) => goTo(Number(e.target.value) - 1));
-  document.addEventListener("keydown", (e) => {
-    if (e.target.closest("input, select, textarea, dialog[open]") || state.view !== "browse") return;
-    if (e.key === "ArrowRight") goTo(state.page + 1);
-    if (e.key === "ArrowLeft") goTo(state.page - 1);
-  });
+  $("load-more").addEventListener("click", () => loadMore());
+  $("to-top").addEventListener("click", () => window.scrollTo({ top: 0, behavior: "smooth" }));
+  window.addEventListener("scroll", watchEnd, { passive: true });
+  window.addEventListener("resize", watchEnd);
 }
 
 async function main() {
