@@ -730,6 +730,65 @@ impl Store {
         }))
     }
 
+    /// A batch of up to `limit` rows for a worker (see `batches.rs`): `(batch id, [(id,
+    /// path, orientation, attempts)])`, no rows when none is left.
+    fn claim_batch(
+        &self,
+        py: Python<'_>,
+        dataset_id: i64,
+        limit: usize,
+        after: i64,
+        owner: String,
+    ) -> Res<(i64, Vec<crate::batches::LeaseRow>)> {
+        r(py.detach(|| self.lock().claim_batch(dataset_id, limit, after, &owner)))
+    }
+
+    /// Commit a batch's results; only rows still out under `batch` change. Returns how many.
+    #[pyo3(signature = (dataset_id, model_id, batch, ids, vectors, failed, *, owner))]
+    #[allow(clippy::too_many_arguments)]
+    fn commit_batch(
+        &self,
+        py: Python<'_>,
+        dataset_id: i64,
+        model_id: i64,
+        batch: i64,
+        ids: Vec<i64>,
+        vectors: &[u8],
+        failed: Vec<(i64, String)>,
+        owner: String,
+    ) -> Res<u64> {
+        r(py.detach(|| {
+            self.lock().commit_batch(
+                dataset_id, model_id, batch, &ids, vectors, &failed, &owner,
+            )
+        }))
+    }
+
+    /// Give a batch's rows back: `(back to indexed, failed)`.
+    #[pyo3(signature = (dataset_id, batch, ids, *, worker_died, max_attempts, owner))]
+    #[allow(clippy::too_many_arguments)]
+    fn release_batch(
+        &self,
+        py: Python<'_>,
+        dataset_id: i64,
+        batch: i64,
+        ids: Vec<i64>,
+        worker_died: bool,
+        max_attempts: i64,
+        owner: String,
+    ) -> Res<(u64, u64)> {
+        r(py.detach(|| {
+            self.lock().release_batch(
+                dataset_id,
+                batch,
+                &ids,
+                worker_died,
+                max_attempts,
+                &owner,
+            )
+        }))
+    }
+
     /// `(cursor, ids, float16 bytes)` of embeddings stored after `cursor`.
     #[pyo3(signature = (dataset_id, model_id, after=0))]
     fn load_embeddings<'py>(

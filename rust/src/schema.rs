@@ -3,7 +3,7 @@
 
 /// Bumped whenever the schema changes. An older store is migrated in place on open (additive
 /// changes only, see `MIGRATIONS`); a newer one is refused.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// Written into the SQLite header of every store (`PRAGMA application_id`), so a store is
 /// known as one by its first 100 bytes ("FIDX").
@@ -49,6 +49,16 @@ END;
     };
 }
 
+/// What the worker leases add (schema 7) besides the two columns of `samples`: rows a worker
+/// died with are rare, so a partial index finds them without touching the others.
+macro_rules! batches_sql {
+    () => {
+        "
+CREATE INDEX IF NOT EXISTS samples_suspect ON samples (dataset_id, id) WHERE attempts > 0;
+"
+    };
+}
+
 /// `(version it upgrades from, SQL)`, applied in order inside the opening transaction. Each
 /// step only adds (columns, tables, meta keys), so an older fastindex reading the migrated
 /// store is refused by the version check rather than misled.
@@ -72,6 +82,16 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
                  WHERE format IS NOT NULL GROUP BY dataset_id, format;
              INSERT OR REPLACE INTO category_counts (category_id, n)
                  SELECT category_id, COUNT(DISTINCT sample_id) FROM annotations GROUP BY category_id;"
+        ),
+    ),
+    // 6 -> 7: phase 3 on workers (see `batches.rs`): the lease a row is out under and its
+    // attempts. Adding a column with a constant default rewrites no row.
+    (
+        6,
+        concat!(
+            "ALTER TABLE samples ADD COLUMN lease_id INTEGER;
+             ALTER TABLE samples ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;",
+            batches_sql!()
         ),
     ),
 ];
@@ -139,6 +159,10 @@ CREATE TABLE IF NOT EXISTS samples (
     coco_width INTEGER,
     coco_height INTEGER,
     size_mismatch INTEGER NOT NULL DEFAULT 0,
+    -- Phase 3 on workers (`batches.rs`): the lease a row is out under, and how many workers
+    -- died with it.
+    lease_id INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
     UNIQUE (root_id, path)
 );
 -- Status changes touch no index: the queues walk (dataset_id, id) and check the status,
@@ -213,5 +237,6 @@ CREATE TABLE IF NOT EXISTS embeddings (
     UNIQUE (model_id, sample_id)
 );
 ",
-    filters_sql!()
+    filters_sql!(),
+    batches_sql!()
 );
