@@ -7,9 +7,9 @@ Imported only by `ray_engine` once a run starts (this module imports ray).
 Test hook (documented, read only here, in the actor): the environment variable
 `FASTINDEX_RAY_FAULT` makes a worker misbehave on purpose, since no real image crashes or
 hangs a decoder reliably: `crash:TEXT` ends the worker process (`os._exit`) when a file name of
-its batch contains TEXT, `hang:TEXT` sleeps forever then, and `slow:SECONDS` sleeps that long
-before each batch. The engine forwards `FASTINDEX_*` variables of the coordinator to its
-workers.
+its batch contains TEXT, `hang:TEXT` sleeps forever then, and `slow:TEXT` sleeps half a
+second then; several are separated by commas. The engine forwards `FASTINDEX_*` variables of the
+coordinator to its workers.
 """
 
 from __future__ import annotations
@@ -70,10 +70,13 @@ class _BatchSource:
         self.failed.extend((int(i), str(r)) for i, r in failed)
 
 
-def _fault() -> tuple[str, str] | None:
-    v = os.environ.get(FAULT_ENV, "")
-    kind, _, arg = v.partition(":")
-    return (kind, arg) if kind in ("crash", "hang", "slow") and arg else None
+def _faults() -> list[tuple[str, str]]:
+    out = []
+    for item in os.environ.get(FAULT_ENV, "").split(","):
+        kind, _, arg = item.partition(":")
+        if kind in ("crash", "hang", "slow") and arg:
+            out.append((kind, arg))
+    return out
 
 
 class EmbedWorker:
@@ -133,16 +136,14 @@ class EmbedWorker:
 
     @staticmethod
     def _misbehave(paths: list[str]) -> None:
-        f = _fault()
-        if f is None:
-            return
-        kind, arg = f
-        if kind == "slow":
-            time.sleep(float(arg))
-            return
-        if any(arg in os.path.basename(p) for p in paths):
-            if kind == "crash":
+        for kind, arg in _faults():
+            if not any(arg in os.path.basename(p) for p in paths):
+                continue
+            if kind == "slow":
+                time.sleep(0.5)
+            elif kind == "crash":
                 os._exit(17)
-            while True:
-                time.sleep(3600)
+            else:
+                while True:
+                    time.sleep(3600)
 

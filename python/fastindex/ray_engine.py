@@ -81,6 +81,7 @@ class _Worker:
     node: str = ""
     host: str = ""
     gpus: list[str] = field(default_factory=list)
+    pid: int = 0
     rows: int = 0
     busy_s: float = 0.0
     restarts: int = 0
@@ -408,6 +409,7 @@ class _Run:
         except self.ray.exceptions.RayTaskError as err:
             raise EngineError(_cause(err)) from err
         w.node, w.host, w.gpus = info["node"], info["host"], list(info["gpus"])
+        w.pid = int(info["pid"])
         w.state = "idle"
 
     # -- dispatch -----------------------------------------------------------------------------
