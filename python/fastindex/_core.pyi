@@ -232,7 +232,7 @@ class Store:
 
     def claim_batch(
         self, dataset_id: int, limit: int, after: int, owner: str
-    ) -> tuple[int, list[tuple[int, Path, int, int]]]:
+    ) -> tuple[int, list[tuple[int, str, int, int]]]:
         """Hand out a batch for a worker (phase 3 on a cluster): up to `limit` `indexed` rows
         above `after` go to `embedding` under a new batch id (never reused), checked against
         `owner`'s `embed` lease (`LeaseLostError`, nothing claimed). Rows a worker died with

@@ -739,8 +739,17 @@ impl Store {
         limit: usize,
         after: i64,
         owner: String,
-    ) -> Res<(i64, Vec<crate::batches::LeaseRow>)> {
-        r(py.detach(|| self.lock().claim_batch(dataset_id, limit, after, &owner)))
+    ) -> Res<(i64, Vec<(i64, std::ffi::OsString, i64, i64)>)> {
+        let (batch, rows) = r(py.detach(|| {
+            self.lock().claim_batch(dataset_id, limit, after, &owner)
+        }))?;
+        // str via os.fsdecode, not pathlib.Path: a Path object per row costs microseconds,
+        // and the paths only travel on to the workers
+        let rows = rows
+            .into_iter()
+            .map(|(id, p, o, a)| (id, p.into_os_string(), o, a))
+            .collect();
+        Ok((batch, rows))
     }
 
     /// Commit a batch's results; only rows still out under `batch` change. Returns how many.
