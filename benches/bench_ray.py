@@ -24,9 +24,8 @@ import sqlite3
 import time
 from pathlib import Path
 
-import numpy as np
-
 import fastindex
+import numpy as np
 from fastindex import _core, leases
 from fastindex.testing import image_bytes, tiny_model, write_image
 
@@ -167,7 +166,12 @@ def ceiling(args: argparse.Namespace, work: Path) -> list[tuple[str, str, str, s
             (f"coordinator {dim}-d: claim+commit", f"{rate:,.0f} rows/s", "", f"{mb:,.0f} MB/s"),
             ("  same, per CPU second", f"{cpu_rate:,.0f} rows/s", "", ""),
             (f"  claim / commit per {args.lease}-row lease", per, "", "wall"),
-            (f"H200s one coordinator feeds at {model}", f"{gpus:,.1f} / {cpu_gpus:,.1f}", "", f"wall / CPU; {at}"),
+            (
+                f"H200s one coordinator feeds at {model}",
+                f"{gpus:,.1f} / {cpu_gpus:,.1f}",
+                "",
+                f"wall / CPU; {at}",
+            ),
         ]
         for f in work.glob(f"ceiling{dim}.db*"):
             f.unlink()

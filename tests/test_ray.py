@@ -121,9 +121,9 @@ def test_workers_killed_mid_lease_give_back_their_rows(
     ds = dataset(tmp_path, "killed", 32, prefix="__slow__")
     released = engine.released
     ds.embed(model(), engine=engine)
-    assert wait_until(
-        lambda: all(w["state"] == "running" for w in engine.workers()), 60
-    ), engine.workers()
+    assert wait_until(lambda: all(w["state"] == "running" for w in engine.workers()), 60), (
+        engine.workers()
+    )
     w0, w1 = engine._workers
     ray.kill(w0.actor, no_restart=True)  # gone for good: the engine starts another
     os.kill(w1.pid, signal.SIGKILL)  # the process dies: Ray restarts the actor
@@ -186,7 +186,9 @@ def test_a_duplicated_result_changes_nothing(tmp_path: Path, cluster: str) -> No
     assert store.release_batch(
         ds.id, batch2, ids2, worker_died=False, max_attempts=3, owner=me
     ) == (2, 0)
-    assert store.commit_batch(ds.id, model_id, batch2, ids2, again[: 2 * m.dim * 2], [], owner=me) == 0
+    assert (
+        store.commit_batch(ds.id, model_id, batch2, ids2, again[: 2 * m.dim * 2], [], owner=me) == 0
+    )
     p = ds.get_loading_progress()
     assert (p["ready"], p["indexed"], p["embedding"]) == (4, 2, 0)
     got, vecs = store.load_embeddings(ds.id, model_id)[1:]
@@ -247,7 +249,7 @@ def test_coordinator_killed_and_restarted_finishes_exactly_once(
     cmd.append("--quiet")
     proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.DEVNULL)
     try:
-        assert wait_until(lambda: 0 < ds.get_loading_progress()["ready"], 90)
+        assert wait_until(lambda: ds.get_loading_progress()["ready"] > 0, 90)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)

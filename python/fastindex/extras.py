@@ -1,7 +1,8 @@
 """The optional parts of fastindex and the pip extra that installs each.
 
 A bare `pip install fastindex` indexes (phases 1 and 2) with numpy, Pillow and rich only.
-The web server needs `fastindex[server]` and phase 3 (embeddings, search) `fastindex[embed]`, phase 3 on a Ray cluster `fastindex[ray]`.
+The web server needs `fastindex[server]`, phase 3 (embeddings, search) `fastindex[embed]`, and
+phase 3 on a Ray cluster `fastindex[ray]`.
 A feature whose extra is missing raises `MissingExtraError`, whose one-line message says what to
 install; the CLI prints it and exits 2.
 """

@@ -376,6 +376,8 @@ def use_engine(engine: RayEngine | None) -> None:
     with _pipelines_lock:
         for p in _pipelines.values():
             p.engine = engine
+
+
 _pipelines_lock = threading.Lock()
 
 

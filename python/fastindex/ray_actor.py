@@ -95,7 +95,7 @@ class EmbedWorker:
         spec["device"] = "cuda" if self.gpus else "cpu"
         self.model = EmbeddingModel.from_spec(spec)
         self.model.load()
-        self.node = ray.util.get_node_ip_address()
+        self.node = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
         self.host = socket.gethostname()
 
     def info(self, roots: list[str]) -> dict[str, Any]:
@@ -146,4 +146,3 @@ class EmbedWorker:
             else:
                 while True:
                     time.sleep(3600)
-

@@ -240,7 +240,9 @@ class RayEngine:
                     logging_level=logging.WARNING,
                 )
             except Exception as e:  # ConnectionError, ValueError...: say which cluster
-                raise EngineError(f"cannot connect to the Ray cluster at {self.address}: {e}") from e
+                raise EngineError(
+                    f"cannot connect to the Ray cluster at {self.address}: {e}"
+                ) from e
         return ray
 
     def _actor_env(self) -> dict[str, Any]:
@@ -337,7 +339,9 @@ class _Run:
         ray = e._connect()
         self.ray = ray
         self.model_id = int(
-            self.store.register_model(self.model.key_name, self.model.key_pretrained, self.model.dim)
+            self.store.register_model(
+                self.model.key_name, self.model.key_pretrained, self.model.dim
+            )
         )
         spec = self.model.spec()
         if e._spec != spec:
@@ -429,9 +433,7 @@ class _Run:
                     break  # phase 2 still makes rows: ask again after the wait
                 batch, got = rows
                 self._send(w, batch, got)
-        if not live and not self.out and self._nothing_left():
-            return True
-        return False
+        return not live and not self.out and self._nothing_left()
 
     def _nothing_left(self) -> bool:
         """With no worker up yet: whether there is anything to do at all."""

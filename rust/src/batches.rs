@@ -40,7 +40,9 @@ impl Store {
         owner: &str,
     ) -> Result<(i64, Vec<LeaseRow>)> {
         if limit == 0 {
-            return Err(Error::InvalidArgument("a lease needs at least one row".into()));
+            return Err(Error::InvalidArgument(
+                "a lease needs at least one row".into(),
+            ));
         }
         let roots = self.root_dirs(dataset_id)?;
         let path = self.path.clone();
@@ -216,7 +218,11 @@ impl Store {
                 if let Some(r) = rows.next().store(&path)? {
                     let job: i64 = r.get(0).store(&path)?;
                     let status: String = r.get(1).store(&path)?;
-                    let to = if status == FAILED { &mut bad } else { &mut back };
+                    let to = if status == FAILED {
+                        &mut bad
+                    } else {
+                        &mut back
+                    };
                     *to.entry(job).or_default() += 1;
                 }
             }
@@ -302,7 +308,11 @@ mod tests {
         assert_eq!(s.commit_batch(d, m, l2, &one, &v, &[], "c").unwrap(), 0);
         assert_eq!(s.commit_batch(d, m, l1, &one, &v, &[], "c").unwrap(), 3);
         // a duplicate changes nothing
-        assert_eq!(s.commit_batch(d, m, l1, &one, &[2u8; 12], &[], "c").unwrap(), 0);
+        assert_eq!(
+            s.commit_batch(d, m, l1, &one, &[2u8; 12], &[], "c")
+                .unwrap(),
+            0
+        );
         let (_, got, bytes) = s.load_embeddings(d, m, 0).unwrap();
         assert_eq!(got, one);
         assert!(bytes.iter().all(|b| *b == 1));
@@ -314,7 +324,10 @@ mod tests {
         let late = [(rest[0].0, "x".to_string())];
         assert_eq!(s.commit_batch(d, m, l2, &[], &[], &late, "c").unwrap(), 0);
         let p = s.progress(d, None).unwrap();
-        assert_eq!((p.count(READY), p.count(INDEXED), p.count(EMBEDDING)), (3, 2, 0));
+        assert_eq!(
+            (p.count(READY), p.count(INDEXED), p.count(EMBEDDING)),
+            (3, 2, 0)
+        );
         // another owner's lease: refused
         assert!(s.acquire_lease(d, "embed", "other", -1.0).unwrap());
         assert!(matches!(
@@ -328,17 +341,26 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let (mut s, d) = store(&t, 20);
         let (l, rows) = s.claim_batch(d, 16, 0, "c").unwrap();
-        assert_eq!(s.release_batch(d, l, &ids(&rows), true, 3, "c").unwrap(), (16, 0));
+        assert_eq!(
+            s.release_batch(d, l, &ids(&rows), true, 3, "c").unwrap(),
+            (16, 0)
+        );
         // one death: small leases of suspects first, whatever the cursor
         let (l, rows) = s.claim_batch(d, 16, 100, "c").unwrap();
         assert_eq!(rows.len(), 2);
         assert!(rows.iter().all(|r| r.3 == 1));
-        assert_eq!(s.release_batch(d, l, &ids(&rows), true, 3, "c").unwrap(), (2, 0));
+        assert_eq!(
+            s.release_batch(d, l, &ids(&rows), true, 3, "c").unwrap(),
+            (2, 0)
+        );
         // two deaths: alone
         let (l, rows) = s.claim_batch(d, 16, 0, "c").unwrap();
         assert_eq!((rows.len(), rows[0].3), (1, 2));
         let poison = rows[0].0;
-        assert_eq!(s.release_batch(d, l, &[poison], true, 3, "c").unwrap(), (0, 1));
+        assert_eq!(
+            s.release_batch(d, l, &[poison], true, 3, "c").unwrap(),
+            (0, 1)
+        );
         let p = s.progress(d, None).unwrap();
         assert_eq!((p.count(FAILED), p.count(INDEXED)), (1, 19));
         let failed = s.samples_by_id(&[poison]).unwrap();

@@ -50,6 +50,9 @@ fn to_py(e: Error) -> PyErr {
 
 type Res<T> = PyResult<T>;
 
+/// A row of a worker batch as Python gets it: `(id, path, orientation, attempts)`.
+type BatchRow = (i64, std::ffi::OsString, i64, i64);
+
 fn r<T>(v: crate::error::Result<T>) -> Res<T> {
     v.map_err(to_py)
 }
@@ -739,10 +742,9 @@ impl Store {
         limit: usize,
         after: i64,
         owner: String,
-    ) -> Res<(i64, Vec<(i64, std::ffi::OsString, i64, i64)>)> {
-        let (batch, rows) = r(py.detach(|| {
-            self.lock().claim_batch(dataset_id, limit, after, &owner)
-        }))?;
+    ) -> Res<(i64, Vec<BatchRow>)> {
+        let (batch, rows) =
+            r(py.detach(|| self.lock().claim_batch(dataset_id, limit, after, &owner)))?;
         // str via os.fsdecode, not pathlib.Path: a Path object per row costs microseconds,
         // and the paths only travel on to the workers
         let rows = rows
@@ -767,9 +769,8 @@ impl Store {
         owner: String,
     ) -> Res<u64> {
         r(py.detach(|| {
-            self.lock().commit_batch(
-                dataset_id, model_id, batch, &ids, vectors, &failed, &owner,
-            )
+            self.lock()
+                .commit_batch(dataset_id, model_id, batch, &ids, vectors, &failed, &owner)
         }))
     }
 
@@ -787,14 +788,8 @@ impl Store {
         owner: String,
     ) -> Res<(u64, u64)> {
         r(py.detach(|| {
-            self.lock().release_batch(
-                dataset_id,
-                batch,
-                &ids,
-                worker_died,
-                max_attempts,
-                &owner,
-            )
+            self.lock()
+                .release_batch(dataset_id, batch, &ids, worker_died, max_attempts, &owner)
         }))
     }
 
