@@ -79,6 +79,21 @@ def _faults() -> list[tuple[str, str]]:
     return out
 
 
+def _fair_share(ray: Any, gpu: bool) -> int:
+    """Decode threads for this worker: the CPUs Ray gave a CPU worker; a GPU worker shares its
+    node's CPUs with the node's other GPU workers (one decode thread per CPU of the whole node
+    in each would oversubscribe it as many times as it has GPUs)."""
+    ctx = ray.get_runtime_context()
+    if not gpu:
+        return max(1, int(ctx.get_assigned_resources().get("CPU", 1)))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpus = 1
+    for n in ray.nodes():
+        if n.get("NodeID") == ctx.get_node_id():
+            gpus = max(1, int(n.get("Resources", {}).get("GPU", 1)))
+    return max(1, (cpus or 1) // gpus)
+
+
 class EmbedWorker:
     """A Ray actor (the engine wraps it with `ray.remote`): builds the dataset's model once,
     then embeds batches. Its constructor loads the weights, so `info` answers once the worker
@@ -93,6 +108,8 @@ class EmbedWorker:
         spec = dict(spec)
         # The device is the one Ray gave this worker, whatever the coordinator's spec said.
         spec["device"] = "cuda" if self.gpus else "cpu"
+        if spec.get("workers") is None:
+            spec["workers"] = _fair_share(ray, bool(self.gpus))
         self.model = EmbeddingModel.from_spec(spec)
         self.model.load()
         self.node = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]

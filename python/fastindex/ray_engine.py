@@ -430,7 +430,7 @@ class _Run:
                     self.drained = True
                     return not self.out
                 if not rows:
-                    break  # phase 2 still makes rows: ask again after the wait
+                    return False  # phase 2 still makes rows: ask again after the wait
                 batch, got = rows
                 self._send(w, batch, got)
         return not live and not self.out and self._nothing_left()
