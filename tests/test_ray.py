@@ -166,7 +166,7 @@ def test_a_poison_image_ends_failed_after_its_attempts(
     assert engine.gave_up >= 1
 
 
-def test_a_duplicated_result_changes_nothing(tmp_path: Path, cluster: str) -> None:
+def test_a_duplicated_result_changes_nothing(tmp_path: Path) -> None:
     ds = dataset(tmp_path, "dup", 6)
     m = model()
     ds.set_embedding_model(m)
@@ -259,3 +259,20 @@ def test_coordinator_killed_and_restarted_finishes_exactly_once(
     assert done.returncode == 0, done.stderr
     assert_each_row_once(ds)
     assert json.loads(json.dumps(ds.get_loading_progress()))["ready"] == 40
+
+
+def test_without_ray_the_engine_is_one_line_naming_the_extra(tmp_path: Path) -> None:
+    make_folder(tmp_path / "imgs", 2)
+    ds = fastindex.Dataset.create("d", db=tmp_path / "d.db")
+    ds.add_images_from_path(tmp_path / "imgs", embed=False).wait(30)
+    code = (
+        "import sys; sys.modules['ray'] = None\n"
+        "from fastindex.cli import main\n"
+        f"sys.exit(main(['embed', {str(tmp_path / 'd.db')!r}, '--engine', 'ray']))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "fastindex: phase 3 on a Ray cluster needs the ray extra (ray not installed): "
+        "pip install 'fastindex[ray]'"
+    ]
