@@ -234,6 +234,37 @@ def test_a_default_run_never_imports_ray(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
+def test_without_ray_the_engine_is_one_line_naming_the_extra(tmp_path: Path) -> None:
+    make_folder(tmp_path / "imgs", 2)
+    ds = fastindex.Dataset.create("d", db=tmp_path / "d.db")
+    ds.add_images_from_path(tmp_path / "imgs", embed=False).wait(30)
+    code = (
+        "import sys; sys.modules['ray'] = None\n"
+        "from fastindex.cli import main\n"
+        f"sys.exit(main(['embed', {str(tmp_path / 'd.db')!r}, '--engine', 'ray']))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "fastindex: phase 3 on a Ray cluster needs the ray extra (ray not installed): "
+        "pip install 'fastindex[ray]'"
+    ]
+
+
+def test_a_folder_the_workers_cannot_read_stops_phase_3_naming_the_node(
+    tmp_path: Path, engine: fastindex.RayEngine
+) -> None:
+    ds = dataset(tmp_path, "gone", 4)
+    (tmp_path / "gone").rename(tmp_path / "elsewhere")
+    ds.embed(model(), engine=engine)
+    assert not ds.wait(60)
+    p = ds.get_loading_progress()
+    assert "cannot read" in p["error"] and str(tmp_path / "gone") in p["error"], p["error"]
+    node = ray.util.get_node_ip_address()
+    assert f"node {node}" in p["error"]
+    assert p["indexed"] == 4 and p["embedding"] == 0
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "fastindex.cli", *args]
 
@@ -259,20 +290,3 @@ def test_coordinator_killed_and_restarted_finishes_exactly_once(
     assert done.returncode == 0, done.stderr
     assert_each_row_once(ds)
     assert json.loads(json.dumps(ds.get_loading_progress()))["ready"] == 40
-
-
-def test_without_ray_the_engine_is_one_line_naming_the_extra(tmp_path: Path) -> None:
-    make_folder(tmp_path / "imgs", 2)
-    ds = fastindex.Dataset.create("d", db=tmp_path / "d.db")
-    ds.add_images_from_path(tmp_path / "imgs", embed=False).wait(30)
-    code = (
-        "import sys; sys.modules['ray'] = None\n"
-        "from fastindex.cli import main\n"
-        f"sys.exit(main(['embed', {str(tmp_path / 'd.db')!r}, '--engine', 'ray']))\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2, r.stderr
-    assert r.stderr.strip().splitlines() == [
-        "fastindex: phase 3 on a Ray cluster needs the ray extra (ray not installed): "
-        "pip install 'fastindex[ray]'"
-    ]

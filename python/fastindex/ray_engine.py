@@ -351,6 +351,12 @@ class _Run:
         self.rows = -(-e.lease_rows // bs) * bs  # whole forward batches: the same as one machine
         self.roots = [os.fsdecode(r) for r in self.store.roots(self.dataset_id)]
         e.first_result_s = None
+        # Workers kept from an earlier run check this dataset's folders before their first
+        # lease, as new ones do.
+        for w in e._workers:
+            if w.ping is None:
+                w.state = "starting"
+                w.ping = w.actor.info.remote(self.roots)
         lost = False
         try:
             while True:
@@ -364,8 +370,8 @@ class _Run:
         except LeaseLostError:
             lost = True
             raise
-        except BaseException:
-            # Cancelled or failed: the workers stop too (their results would be refused).
+        except CancelledError:
+            # The workers stop too: what they still compute would be refused.
             e.close()
             raise
         finally:
