@@ -85,8 +85,9 @@ class _Worker:
     rows: int = 0
     busy_s: float = 0.0
     restarts: int = 0
-    #: Restarted by Ray after a death (its next ping failing means: replace it).
-    restarted: bool = False
+    #: Was ready once: if its next ping fails (gone for good), a fresh actor replaces it; a
+    #: worker that never became ready stops the run with its reason instead.
+    proven: bool = False
     out: deque[_Out] = field(default_factory=deque)
     killed: bool = False
     recent: deque[tuple[float, int]] = field(default_factory=deque)
@@ -400,7 +401,7 @@ class _Run:
         assert spec is not None
         with contextlib.suppress(Exception):
             self.ray.kill(w.actor, no_restart=True)
-        gpu = bool(w.gpus)
+        gpu = self.e._wanted(self.ray)[1]
         with self.e._lock:
             new = self.e._spawn(self.ray, spec, gpu, self.roots)
             new.restarts = w.restarts
@@ -412,14 +413,15 @@ class _Run:
         try:
             info = self.ray.get(ref)
         except _actor_gone() as err:
-            if w.restarted:
-                self._replace(w)  # restarted and gone again: a fresh actor
+            if w.proven:
+                self._replace(w)  # gone for good: a fresh actor
                 return
             raise EngineError(f"a worker could not start: {_cause(err)}") from err
         except self.ray.exceptions.RayTaskError as err:
             raise EngineError(_cause(err)) from err
         w.node, w.host, w.gpus = info["node"], info["host"], list(info["gpus"])
         w.pid = int(info["pid"])
+        w.proven = True
         w.state = "idle"
 
     # -- dispatch -----------------------------------------------------------------------------
@@ -534,7 +536,6 @@ class _Run:
             with self.e._lock:
                 w.restarts += 1
                 w.state = "restarting"
-                w.restarted = True
                 w.killed = False
             if w.ping is None:
                 w.ping = w.actor.info.remote(self.roots)
