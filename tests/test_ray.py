@@ -265,6 +265,18 @@ def test_a_folder_the_workers_cannot_read_stops_phase_3_naming_the_node(
     assert p["indexed"] == 4 and p["embedding"] == 0
 
 
+def test_cancel_stops_the_cluster_run_and_gives_the_rows_back(
+    tmp_path: Path, engine: fastindex.RayEngine
+) -> None:
+    ds = dataset(tmp_path, "cancel", 24, prefix="__slow__")
+    ds.embed(model(), engine=engine)
+    assert wait_until(lambda: ds.get_loading_progress()["embedding"] > 0, 60)
+    assert ds.cancel(10)
+    p = ds.get_loading_progress()
+    assert p["embedding"] == 0 and p["ready"] + p["indexed"] == 24, p
+    assert engine.workers() == []  # the workers were ended with the run
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "fastindex.cli", *args]
 

@@ -68,6 +68,8 @@ class _Out:
     sent: float
     #: When the worker started on it (it runs its batches one after the other).
     started: float | None = None
+    #: Queued behind a batch whose worker died: its rows are not to blame.
+    behind_death: bool = False
 
 
 @dataclass(eq=False)
@@ -375,6 +377,9 @@ class _Run:
             # The workers stop too: what they still compute would be refused.
             e.close()
             raise
+        except Exception:
+            log.debug("phase 3 on the cluster stopped", exc_info=True)
+            raise
         finally:
             if not lost:
                 self._give_back_all()
@@ -403,6 +408,8 @@ class _Run:
             self.ray.kill(w.actor, no_restart=True)
         gpu = self.e._wanted(self.ray)[1]
         with self.e._lock:
+            if w not in self.e._workers:
+                return
             new = self.e._spawn(self.ray, spec, gpu, self.roots)
             new.restarts = w.restarts
             new.index = w.index
@@ -410,6 +417,8 @@ class _Run:
 
     def _pinged(self, w: _Worker) -> None:
         ref, w.ping = w.ping, None
+        if ref is None:
+            return
         try:
             info = self.ray.get(ref)
         except _actor_gone() as err:
@@ -503,7 +512,7 @@ class _Run:
         try:
             batch, ids, blob, failed, secs = self.ray.get(o.ref)
         except _actor_gone():
-            self._died(o, w, running=head)
+            self._died(o, w, running=head and not o.behind_death)
             return
         except self.ray.exceptions.RayTaskError as err:
             # The worker is alive and raised: a bug or a model that cannot run. Not the rows'
@@ -532,6 +541,8 @@ class _Run:
         """A batch whose worker died: the one it was running counts an attempt against its
         rows; the others were only queued there."""
         self._release(o, died=running)
+        for q in w.out:
+            q.behind_death = True
         if running:
             with self.e._lock:
                 w.restarts += 1
