@@ -10,7 +10,11 @@
    (ViT-L-14) dimensions, no model: the rows/s one coordinator can write. Divided by an
    H200's embedding rate, that is how many GPUs one coordinator feeds.
 
-    python3 benches/bench_ray.py [--images 512] [--rows 200000] [--lease 8192]
+    OMP_NUM_THREADS=1 python3 benches/bench_ray.py [--images 512] [--rows 200000] [--lease 8192]
+
+`OMP_NUM_THREADS=1` gives this process one torch thread, as Ray gives each 1-CPU actor: on a
+loaded VM torch's spinning OpenMP threads otherwise make the single-machine baseline up to 15x
+slower, which is not what the comparison is about.
 
 Generated data goes under /work/benchdata/ray (or `--dir`).
 """
