@@ -60,6 +60,10 @@ def __getattr__(name: str) -> object:
         from .embed import EmbeddingModel
 
         return EmbeddingModel
+    if name == "RayEngine":  # imports no ray until a run starts
+        from .ray_engine import RayEngine
+
+        return RayEngine
     raise AttributeError(f"module 'fastindex' has no attribute {name!r}")
 
 
@@ -84,6 +88,7 @@ __all__ = [
     "LeaseLostError",
     "NoEmbeddingsError",
     "PathNotFoundError",
+    "RayEngine",
     "Sample",
     "SchemaVersionError",
     "StoreError",

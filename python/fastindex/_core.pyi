@@ -229,6 +229,45 @@ class Store:
         how many. With `owner`, only unless another owner holds the `embed` lease: else
         `LeaseLostError` and nothing changes (those claims are the new holder's)."""
 
+    def claim_batch(
+        self, dataset_id: int, limit: int, after: int, owner: str
+    ) -> tuple[int, list[tuple[int, str, int, int]]]:
+        """Hand out a batch for a worker (phase 3 on a cluster): up to `limit` `indexed` rows
+        above `after` go to `embedding` under a new batch id (never reused), checked against
+        `owner`'s `embed` lease (`LeaseLostError`, nothing claimed). Rows a worker died with
+        come first, whatever `after`: after one death in batches of at most `limit // 8`,
+        after two alone. Returns `(batch id, [(id, path, orientation, attempts)])`; no rows
+        (and id 0) when none is left. Blocks for one short write; releases the GIL."""
+
+    def commit_batch(
+        self,
+        dataset_id: int,
+        model_id: int,
+        batch: int,
+        ids: list[int],
+        vectors: bytes,
+        failed: list[tuple[int, str]],
+        *,
+        owner: str,
+    ) -> int:
+        """Commit a batch in one transaction: float16 `vectors` for `ids` (-> `ready`),
+        `failed` as `[(id, reason)]`. Only rows still `embedding` under `batch` change (a
+        duplicate or late result changes nothing). Returns how many rows changed."""
+
+    def release_batch(
+        self,
+        dataset_id: int,
+        batch: int,
+        ids: list[int],
+        *,
+        worker_died: bool,
+        max_attempts: int,
+        owner: str,
+    ) -> tuple[int, int]:
+        """Give a batch's rows still out under `batch` back to `indexed`. With
+        `worker_died`, each row's attempts go up by one and a row reaching `max_attempts`
+        becomes `failed` ("worker died"). Returns `(back to indexed, failed)`."""
+
     def load_embeddings(
         self, dataset_id: int, model_id: int, after: int = 0
     ) -> tuple[int, list[int], bytes]: ...

@@ -1,5 +1,5 @@
 """`fastindex` on the command line: `index` a folder or COCO file with live progress bars,
-`serve` a store over HTTP."""
+`embed` what a store still owes phase 3 (here or on a Ray cluster), `serve` a store over HTTP."""
 
 from __future__ import annotations
 
@@ -48,6 +48,23 @@ def _parser() -> argparse.ArgumentParser:
     ix.add_argument("--host", default="127.0.0.1")
     ix.add_argument("--port", type=int, default=8000)
     ix.add_argument("--quiet", action="store_true", help="no progress bars, only the summary")
+    _engine_args(ix)
+
+    em = sub.add_parser(
+        "embed", help="phase 3 only: embed what a store's datasets still owe (resume a run)"
+    )
+    em.add_argument("db", help="the store")
+    em.add_argument("--name", help="only this dataset (default: every dataset of the store)")
+    for flag, what in (
+        ("--model", "open_clip model name (default: the dataset's, else ViT-B-32)"),
+        ("--pretrained", "open_clip pretrained tag"),
+        ("--checkpoint", "a local checkpoint file for the model"),
+        ("--device", "cuda, cpu, ... (default: cuda if available)"),
+    ):
+        em.add_argument(flag, default=None, help=what)
+    em.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
+    em.add_argument("--quiet", action="store_true", help="no progress line, only the summary")
+    _engine_args(em)
 
     sv = sub.add_parser("serve", help="serve a store's datasets over HTTP with the web page")
     sv.add_argument("--db", default="fastindex.db")
@@ -64,8 +81,41 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="where phase 3 runs: this process, or a Ray cluster (pip install 'fastindex[ray]')",
+    )
+    p.add_argument(
+        "--address",
+        default="auto",
+        help="with --engine ray: the cluster (default: %(default)s, the one `ray start` runs)",
+    )
+    p.add_argument(
+        "--lease-rows",
+        type=int,
+        default=8192,
+        help="with --engine ray: rows a worker takes at once (default: %(default)s)",
+    )
+
+
+def _use_engine(args: argparse.Namespace) -> Any:
+    """With `--engine ray`, make phase 3 of every dataset this process opens run on the
+    cluster (before any is opened: a resumed phase 3 starts there too)."""
+    if args.engine != "ray":
+        return None
+    from .jobs import use_engine
+    from .ray_engine import RayEngine
+
+    engine = RayEngine(address=args.address, lease_rows=args.lease_rows)
+    use_engine(engine)
+    return engine
+
+
 def _embed_arg(args: argparse.Namespace) -> Any:
-    if args.no_embed:
+    if getattr(args, "no_embed", False):
         return False
     if not (args.model or args.pretrained or args.checkpoint or args.device or args.batch_size):
         return None  # the default model when torch and open_clip are installed
@@ -129,6 +179,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     # A folder whose name is not valid UTF-8 names its dataset as well as it can.
     name = safe_text(name)
     embed = _embed_arg(args)
+    _use_engine(args)
     server = None
     try:
         ds = Dataset.load(name, db=args.db, resume=False)
@@ -383,6 +434,58 @@ def _summary(
         console.print(f"[red]stopped:[/] {_m(p['error'])}")
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    """Phase 3 (and any phase 2 left) of a store's datasets, on this process or a cluster;
+    exits 0 once every row is `ready` or `failed`."""
+    import os
+
+    from rich.console import Console
+
+    from .dataset import Dataset, list_datasets
+    from .errors import DatasetNotFoundError
+
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    if not os.path.isfile(args.db):
+        raise DatasetNotFoundError(f"{args.db} is not a store")
+    names = [args.name] if args.name else [d["name"] for d in list_datasets(db=args.db)]
+    model = _embed_arg(args)
+    engine = _use_engine(args)
+    ok = True
+    for name in names:
+        ds = Dataset.load(name, db=args.db, resume=False)
+        if model is not None or not ds.has_embedding_model():
+            ds.resume()  # phase 2 of rows left pending
+            ds.embed(True if model is None else model)
+        else:
+            ds.resume()
+        t0 = time.perf_counter()
+        last = 0.0
+        while not ds.wait(0.5):
+            p = ds.get_loading_progress()
+            if p["status"] == "complete" or (p.get("error") and not ds._pipeline.running):
+                break
+            if not args.quiet and time.perf_counter() - last > 2.0:
+                last = time.perf_counter()
+                console.print(
+                    f"{_m(name)}: ready {p['ready']:,} of {p['total']:,}, "
+                    f"embedding {p['embedding']:,}, failed {p['failed']:,}"
+                )
+        p = ds.get_loading_progress()
+        done = p["status"] == "complete" and not p.get("error")
+        ok = ok and done
+        line = (
+            f"{_m(name)}: ready {p['ready']:,}, failed {p['failed']:,} "
+            f"in {time.perf_counter() - t0:.1f}s"
+        )
+        if engine is not None:
+            c = engine.progress()
+            line += f" on {len(c['workers'])} Ray workers, {c['released']:,} rows released"
+        console.print(line)
+        if p.get("error"):
+            console.print(f"[red]stopped:[/] {_m(p['error'])}")
+    return 0 if ok else 1
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import run_server
 
@@ -395,8 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in cli_curate.COMMANDS:
         return cli_curate.run(args)
     try:
-        if args.command == "index":
-            code = cmd_index(args)
+        if args.command in ("index", "embed"):
+            code = cmd_index(args) if args.command == "index" else cmd_embed(args)
             _leave(code)
             return code
         return cmd_serve(args)

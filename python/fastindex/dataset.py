@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from .embed import EmbeddingModel
+    from .ray_engine import RayEngine
 
 DEFAULT_DB = "fastindex.db"
 #: Samples in one page of `Dataset.samples` (and `iter_samples`) when no `limit` is given.
@@ -53,6 +54,17 @@ def embed_installed() -> bool:
     """True when torch and open_clip_torch are installed (found, not imported: importing
     them takes seconds, and happens in the embed thread)."""
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "open_clip"))
+
+
+def _check_engine(engine: object) -> None:
+    if engine is None:
+        return
+    from .ray_engine import RayEngine
+
+    if not isinstance(engine, RayEngine):
+        raise InvalidArgumentError(
+            f"engine must be a fastindex.RayEngine or None, got {type(engine).__name__}"
+        )
 
 
 def _resolve_embed(embed: EmbeddingModel | bool | None) -> EmbeddingModel | ModelSpec | None:
@@ -184,6 +196,7 @@ class Dataset:
         embed: EmbeddingModel | bool | None = None,
         include_hidden: bool = False,
         follow_links: bool = False,
+        engine: RayEngine | None = None,
     ) -> Job:
         """Add every image file under `path` (phase 1) and index them in the background.
 
@@ -199,6 +212,8 @@ class Dataset:
                 as fast as with False.
             include_hidden: also take names starting with `.` (skipped by default).
             follow_links: enter symlinked folders (symlinked files are always followed).
+            engine: where phase 3 runs: None for this process, or a cluster
+                (`fastindex.RayEngine`; the folder must be at the same path on its nodes).
 
         Raises:
             PathNotFoundError: `path` does not exist.
@@ -209,7 +224,7 @@ class Dataset:
         summary = self._store.scan(
             self.id, root, include_hidden=bool(include_hidden), follow_links=bool(follow_links)
         )
-        return self._started(summary, model)
+        return self._started(summary, model, engine)
 
     def add_samples_from_coco(
         self,
@@ -217,6 +232,7 @@ class Dataset:
         annotations_json: str | os.PathLike[str],
         images_path: str | os.PathLike[str],
         embed: EmbeddingModel | bool | None = None,
+        engine: RayEngine | None = None,
     ) -> Job:
         """Add the images a COCO detection file lists, with their boxes and categories.
 
@@ -236,6 +252,8 @@ class Dataset:
         If the call fails or is cancelled part way, the rows already committed stay, and
         adding the same file again finishes the work (nothing is added twice).
 
+        `engine` runs phase 3 on a cluster, as for `add_images_from_path`.
+
         Raises:
             CocoError: the file is malformed (with the reason and where), is not a regular
                 file, or is larger than the limit.
@@ -245,14 +263,20 @@ class Dataset:
         images = _check_path_arg("images_path", images_path)
         model = _resolve_embed(embed)
         summary = self._store.ingest_coco(self.id, ann, images)
-        return self._started(summary, model)
+        return self._started(summary, model, engine)
 
-    def _started(self, summary: dict[str, Any], model: EmbeddingModel | ModelSpec | None) -> Job:
+    def _started(
+        self,
+        summary: dict[str, Any],
+        model: EmbeddingModel | ModelSpec | None,
+        engine: RayEngine | None = None,
+    ) -> Job:
+        _check_engine(engine)
         if isinstance(model, ModelSpec):
             self._set_default_model(model)
         elif model is not None:
             self.set_embedding_model(model)
-        self._pipeline.kick(model)
+        self._pipeline.kick(model, engine=engine)
         return Job(self._store, self._pipeline, summary["job_id"], summary)
 
     def _set_default_model(self, model: ModelSpec) -> None:
@@ -285,8 +309,12 @@ class Dataset:
         model_id = self._store.register_model(model.key_name, model.key_pretrained, model.dim)
         self._store.set_embed_spec(self.id, json.dumps(model.spec()), model_id)
 
-    def embed(self, model: EmbeddingModel | bool = True) -> None:
-        """Embed every indexed sample in the background (phase 3)."""
+    def embed(
+        self, model: EmbeddingModel | bool = True, *, engine: RayEngine | None = None
+    ) -> None:
+        """Embed every indexed sample in the background (phase 3); with `engine`
+        (`fastindex.RayEngine`), on a cluster."""
+        _check_engine(engine)
         resolved = _resolve_embed(model)
         if resolved is None:
             raise InvalidArgumentError("embed() needs a model")
@@ -294,7 +322,7 @@ class Dataset:
             self._set_default_model(resolved)
         else:
             self.set_embedding_model(resolved)
-        self._pipeline.kick(resolved)
+        self._pipeline.kick(resolved, engine=engine)
 
     def embeddings(self, model: EmbeddingModel | None = None) -> tuple[np.ndarray, np.ndarray]:
         """`(ids, vectors)`: the L2-normalised float32 embeddings stored so far."""

@@ -1,7 +1,8 @@
 """The optional parts of fastindex and the pip extra that installs each.
 
 A bare `pip install fastindex` indexes (phases 1 and 2) with numpy, Pillow and rich only.
-The web server needs `fastindex[server]` and phase 3 (embeddings, search) `fastindex[embed]`.
+The web server needs `fastindex[server]`, phase 3 (embeddings, search) `fastindex[embed]`, and
+phase 3 on a Ray cluster `fastindex[ray]`.
 A feature whose extra is missing raises `MissingExtraError`, whose one-line message says what to
 install; the CLI prints it and exits 2.
 """
@@ -16,12 +17,14 @@ from .errors import FastIndexError
 EXTRAS: dict[str, tuple[str, ...]] = {
     "server": ("fastapi", "uvicorn"),
     "embed": ("torch", "open_clip"),
+    "ray": ("ray",),
 }
 
 #: What each extra is for, as the start of the message.
 _FEATURES = {
     "server": "the web server",
     "embed": "embeddings and search",
+    "ray": "phase 3 on a Ray cluster",
 }
 
 

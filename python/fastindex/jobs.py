@@ -37,6 +37,7 @@ from .errors import CancelledError, FastIndexError, LeaseLostError
 
 if TYPE_CHECKING:
     from .embed import EmbeddingModel
+    from .ray_engine import RayEngine
 
 log = logging.getLogger("fastindex")
 
@@ -94,14 +95,21 @@ class Pipeline:
         self._runs: dict[str, _Run | None] = dict.fromkeys(PHASES)
         self._wanted = dict.fromkeys(PHASES, False)
         self._model: EmbeddingModel | ModelSpec | None = None
+        #: Where phase 3 runs: None for this process, or a cluster (`RayEngine`).
+        self.engine: RayEngine | None = _default_engine
         #: Why a phase stopped, in this process (also written to the store when it can be).
         self.errors: dict[str, str] = {}
 
     # -- the state machine ------------------------------------------------------------------
-    def kick(self, model: EmbeddingModel | ModelSpec | None = None) -> None:
+    def kick(
+        self, model: EmbeddingModel | ModelSpec | None = None, *, engine: RayEngine | None = None
+    ) -> None:
         """Make sure pending rows get probed and, with a model, indexed rows get embedded.
-        Returns at once (a `ModelSpec` is built in the embed thread)."""
+        Returns at once (a `ModelSpec` is built in the embed thread). With `engine`, phase 3
+        runs there from its next run on."""
         with self._lock:
+            if engine is not None:
+                self.engine = engine
             if model is not None and not _same_model(self._model, model):
                 self._model = model
             self._want("probe")
@@ -285,6 +293,20 @@ class Pipeline:
                 while self._next_round(run):
                     self._clear_error(store, "embed")
                     model = self._built_model()
+                    engine = self.engine
+                    if engine is not None:
+                        # The cluster's workers build and load the model; here only its
+                        # spec and dimension are needed (the weights are never loaded).
+                        engine.embed_pending(
+                            store,
+                            self.dataset_id,
+                            model,
+                            stop=run.stop,
+                            producer_alive=lambda: self.probing,
+                            on_batch=self._notify,
+                            owner=leases.owner(),
+                        )
+                        continue
                     from .embed.pipeline import embed_pending
 
                     embed_pending(
@@ -341,6 +363,21 @@ class _CannotBuild(FastIndexError):
 
 
 _pipelines: dict[tuple[str, int], Pipeline] = {}
+#: The engine of the pipelines made from now on in this process (`use_engine`).
+_default_engine: RayEngine | None = None
+
+
+def use_engine(engine: RayEngine | None) -> None:
+    """Run phase 3 of every dataset this process opens from now on on `engine` (the
+    command line's `--engine ray`: set before a dataset is opened, so a resumed phase 3 runs
+    on the cluster from its start)."""
+    global _default_engine
+    _default_engine = engine
+    with _pipelines_lock:
+        for p in _pipelines.values():
+            p.engine = engine
+
+
 _pipelines_lock = threading.Lock()
 
 
@@ -440,6 +477,8 @@ def progress_of(
             errors.setdefault(phase, msg)
     p["errors"] = errors
     p["error"] = "; ".join(f"{k}: {v}" for k, v in sorted(errors.items())) or None
+    if pipeline is not None and pipeline.engine is not None:
+        p["cluster"] = pipeline.engine.progress()
     return p
 
 

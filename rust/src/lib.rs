@@ -1,6 +1,7 @@
 //! fastindex's core: walk, probe and store image datasets. Plain Rust modules; `py` is the only
 //! one that knows Python.
 
+pub mod batches;
 pub mod coco;
 pub mod db;
 pub mod error;

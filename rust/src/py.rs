@@ -50,6 +50,9 @@ fn to_py(e: Error) -> PyErr {
 
 type Res<T> = PyResult<T>;
 
+/// A row of a worker batch as Python gets it: `(id, path, orientation, attempts)`.
+type BatchRow = (i64, std::ffi::OsString, i64, i64);
+
 fn r<T>(v: crate::error::Result<T>) -> Res<T> {
     v.map_err(to_py)
 }
@@ -723,6 +726,66 @@ impl Store {
         r(py.detach(|| {
             self.lock()
                 .release_claims(dataset_id, ids.as_deref(), owner.as_deref())
+        }))
+    }
+
+    /// A batch of up to `limit` rows for a worker (see `batches.rs`): `(batch id, [(id,
+    /// path, orientation, attempts)])`, no rows when none is left.
+    fn claim_batch(
+        &self,
+        py: Python<'_>,
+        dataset_id: i64,
+        limit: usize,
+        after: i64,
+        owner: String,
+    ) -> Res<(i64, Vec<BatchRow>)> {
+        let (batch, rows) =
+            r(py.detach(|| self.lock().claim_batch(dataset_id, limit, after, &owner)))?;
+        // str via os.fsdecode, not pathlib.Path: a Path object per row costs microseconds,
+        // and the paths only travel on to the workers
+        let rows = rows
+            .into_iter()
+            .map(|(id, p, o, a)| (id, p.into_os_string(), o, a))
+            .collect();
+        Ok((batch, rows))
+    }
+
+    /// Commit a batch's results; only rows still out under `batch` change. Returns how many.
+    #[pyo3(signature = (dataset_id, model_id, batch, ids, vectors, failed, *, owner))]
+    #[allow(clippy::too_many_arguments)]
+    fn commit_batch(
+        &self,
+        py: Python<'_>,
+        dataset_id: i64,
+        model_id: i64,
+        batch: i64,
+        ids: Vec<i64>,
+        vectors: &[u8],
+        failed: Vec<(i64, String)>,
+        owner: String,
+    ) -> Res<u64> {
+        r(py.detach(|| {
+            self.lock()
+                .commit_batch(dataset_id, model_id, batch, &ids, vectors, &failed, &owner)
+        }))
+    }
+
+    /// Give a batch's rows back: `(back to indexed, failed)`.
+    #[pyo3(signature = (dataset_id, batch, ids, *, worker_died, max_attempts, owner))]
+    #[allow(clippy::too_many_arguments)]
+    fn release_batch(
+        &self,
+        py: Python<'_>,
+        dataset_id: i64,
+        batch: i64,
+        ids: Vec<i64>,
+        worker_died: bool,
+        max_attempts: i64,
+        owner: String,
+    ) -> Res<(u64, u64)> {
+        r(py.detach(|| {
+            self.lock()
+                .release_batch(dataset_id, batch, &ids, worker_died, max_attempts, &owner)
         }))
     }
 

@@ -3,7 +3,7 @@
 
 /// Bumped whenever the schema changes. An older store is migrated in place on open (additive
 /// changes only, see `MIGRATIONS`); a newer one is refused.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// Written into the SQLite header of every store (`PRAGMA application_id`), so a store is
 /// known as one by its first 100 bytes ("FIDX").
@@ -81,6 +81,16 @@ CREATE INDEX IF NOT EXISTS samples_walk_failed ON samples (root_id)
     };
 }
 
+/// What the worker leases add (schema 6) besides the two columns of `samples`: rows a worker
+/// died with are rare, so a partial index finds them without touching the others.
+macro_rules! batches_sql {
+    () => {
+        "
+CREATE INDEX IF NOT EXISTS samples_suspect ON samples (dataset_id, id) WHERE attempts > 0;
+"
+    };
+}
+
 /// `(version it upgrades from, SQL)`, applied in order inside the opening transaction. Each
 /// step only adds (columns, tables, meta keys), so an older fastindex reading the migrated
 /// store is refused by the version check rather than misled.
@@ -108,6 +118,16 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     ),
     // 4 -> 5: the queues' partial indexes (see `queues_sql!`), built from the rows there.
     (4, queues_sql!()),
+    // 5 -> 6: phase 3 on workers (see `batches.rs`): the lease a row is out under and its
+    // attempts. Adding a column with a constant default rewrites no row.
+    (
+        5,
+        concat!(
+            "ALTER TABLE samples ADD COLUMN lease_id INTEGER;
+             ALTER TABLE samples ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;",
+            batches_sql!()
+        ),
+    ),
 ];
 
 /// Recent commits per phase, for rates (see `throughput.rs`): a few dozen rows per phase.
@@ -173,6 +193,10 @@ CREATE TABLE IF NOT EXISTS samples (
     coco_width INTEGER,
     coco_height INTEGER,
     size_mismatch INTEGER NOT NULL DEFAULT 0,
+    -- Phase 3 on workers (`batches.rs`): the lease a row is out under, and how many workers
+    -- died with it.
+    lease_id INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
     UNIQUE (root_id, path)
 );
 -- Pages in id order walk (dataset_id, id). The queue statuses and `failed` have partial
@@ -248,5 +272,6 @@ CREATE TABLE IF NOT EXISTS embeddings (
 );
 ",
     filters_sql!(),
-    queues_sql!()
+    queues_sql!(),
+    batches_sql!()
 );

@@ -200,6 +200,9 @@ import sqlite3, sys
 con = sqlite3.connect(sys.argv[1])
 con.executescript('''
     ALTER TABLE jobs DROP COLUMN heartbeat;
+    DROP INDEX samples_suspect;
+    ALTER TABLE samples DROP COLUMN lease_id;
+    ALTER TABLE samples DROP COLUMN attempts;
     DELETE FROM meta WHERE key = 'last_dataset_id';
     UPDATE meta SET value = '1' WHERE key = 'schema_version';
 ''')

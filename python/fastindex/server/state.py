@@ -83,6 +83,8 @@ def public_progress(p: dict[str, Any]) -> dict[str, Any]:
     """The contract's keys, and the error text of a phase that stopped (or None)."""
     out = {k: p[k] for k in PROGRESS_KEYS}
     out["error"] = p.get("error")
+    if "cluster" in p:  # phase 3 on a cluster: its workers (node, GPU, img/s, restarts)
+        out["cluster"] = p["cluster"]
     return out
 
 

@@ -4,7 +4,7 @@
 
 import * as API from "./api.js";
 import { Gallery, picture, displaySize } from "./gallery.js";
-import { ProgressFeed } from "./live.js";
+import { ProgressFeed, renderWorkers } from "./live.js";
 import { FilterBar } from "./filters.js";
 
 const { fmt, h } = API;
@@ -117,6 +117,7 @@ function onProgress(p) {
   state.p = p;
   if (prev && prev.status === "complete" && p.status !== "complete") refreshDatasetInfo();
   renderProgress(p);
+  renderWorkers(p);
   renderSearchState();
   filterBar.onProgress(p);
   if (state.view === "browse") scheduleRefresh(prev, p);

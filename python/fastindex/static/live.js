@@ -131,3 +131,42 @@ export class ProgressFeed {
     }, IDLE_MS);
   }
 }
+
+// Phase 3 on a Ray cluster: one row per worker (node, GPU, state, rows, img/s, restarts) under
+// the progress bar, from `p.cluster` (absent on one machine: nothing is shown).
+export function renderWorkers(p) {
+  const card = document.getElementById("progress-card");
+  if (!card) return;
+  let box = document.getElementById("workers");
+  const c = p.cluster;
+  if (!c || !c.workers?.length) {
+    if (box) box.hidden = true;
+    return;
+  }
+  if (!box) {
+    box = document.createElement("table");
+    box.id = "workers";
+    box.className = "workers";
+    const err = document.getElementById("run-error");
+    card.insertBefore(box, err);
+  }
+  box.hidden = false;
+  const nf = new Intl.NumberFormat();
+  const cell = (tag, text) => {
+    const el = document.createElement(tag);
+    el.textContent = text;
+    return el;
+  };
+  const head = document.createElement("tr");
+  for (const t of ["worker", "node", "GPU", "state", "rows", "img/s", "restarts"]) head.append(cell("th", t));
+  const rows = c.workers.map((w) => {
+    const tr = document.createElement("tr");
+    tr.dataset.state = w.state;
+    for (const v of [w.worker, w.host || w.node || "…", w.gpu ?? "CPU", w.state, nf.format(w.rows),
+      w.img_per_s == null ? "–" : nf.format(w.img_per_s), w.restarts]) tr.append(cell("td", String(v)));
+    return tr;
+  });
+  const cap = document.createElement("caption");
+  cap.textContent = `Ray workers · ${nf.format(c.released)} rows given back after a worker died`;
+  box.replaceChildren(cap, head, ...rows);
+}
