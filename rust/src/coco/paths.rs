@@ -46,6 +46,12 @@ pub enum Found {
     },
     /// Not looked at: the ingest is stopping.
     Skipped,
+    /// Under an object root: not looked at here. The row is written `pending` and phase 2's
+    /// ranged GET (one request per object, which it makes anyway) fills the size and
+    /// header, or fails the row with the store's reason (404 for an object that is gone). A
+    /// HEAD per object here would double the requests for the size alone, and object keys
+    /// have no links to escape by: `normalise` has already kept the name under the prefix.
+    Unlooked,
 }
 
 pub const ESCAPES: &str = "a symlink leads out of the images folder";
@@ -63,17 +69,29 @@ fn is_missing(e: &std::io::Error) -> bool {
         || matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ENAMETOOLONG))
 }
 
-/// The images folder (canonical), opened once so that names resolve beneath it.
+/// The images folder (canonical), opened once so that names resolve beneath it; or a
+/// bucket prefix (`s3://bucket/prefix/`), whose objects are not looked at.
 pub struct Root {
     path: PathBuf,
+    objects: bool,
     #[cfg(target_os = "linux")]
     dir: Option<File>,
 }
 
 impl Root {
+    pub fn objects(uri: &str) -> Root {
+        Root {
+            path: PathBuf::from(uri),
+            objects: true,
+            #[cfg(target_os = "linux")]
+            dir: None,
+        }
+    }
+
     pub fn new(path: &Path) -> Root {
         Root {
             path: path.to_path_buf(),
+            objects: false,
             #[cfg(target_os = "linux")]
             dir: {
                 use std::os::unix::fs::OpenOptionsExt;
@@ -90,6 +108,9 @@ impl Root {
 /// Look at `root/rel` (`rel` normalised): its real path must lie inside `root`; then its
 /// size, mtime and image header, from the same open.
 pub fn look(root: &Root, rel: &str) -> Found {
+    if root.objects {
+        return Found::Unlooked;
+    }
     #[cfg(target_os = "linux")]
     if let Some(file) = open_beneath(root, rel) {
         return match file {
