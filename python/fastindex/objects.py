@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import os
 
-#: URI schemes of object stores (the roots `Store.scan` takes besides folders).
-OBJECT_SCHEMES = ("s3://", "gs://", "az://", "azure://", "abfs://", "abfss://")
+#: URI schemes of object stores, as the Rust core reads them (`remote::scheme_of`, any
+#: case): must match it (tests/test_s3_app.py checks a root of each).
+OBJECT_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "azure", "abfs")
 
 
 def is_object_uri(path: str | os.PathLike[str] | bytes) -> bool:
     """`path` names a bucket, a prefix or an object (`s3://bucket/key`), not a file."""
-    if isinstance(path, bytes):
-        return path.startswith(tuple(s.encode() for s in OBJECT_SCHEMES))
-    return os.fspath(path).startswith(OBJECT_SCHEMES)
+    text = os.fsdecode(path) if isinstance(path, bytes) else os.fspath(path)
+    scheme, sep, _ = text.partition("://")
+    return bool(sep) and scheme.lower() in OBJECT_SCHEMES
 
 
 def object_uri(root: str, path: str) -> str:

@@ -426,9 +426,19 @@ impl Store {
         let stop = stop.unwrap_or_default();
         let beat = db::Heartbeat::jobs(&self.path, &self.job_owner);
         let s: CocoSummary = run_interruptibly(py, &stop.flag, Some(beat), || {
-            let root = scan::absolute_dir(&images_root)?;
-            let json = std::path::absolute(&annotations_json)
-                .map_err(|e| Error::io(Path::new(&annotations_json), e))?;
+            // A bucket URI is taken as it is (the ingest parses and checks it).
+            let remote = |s: &str| crate::remote::is_object_path(Path::new(s));
+            let root = if remote(&images_root) {
+                PathBuf::from(&images_root)
+            } else {
+                scan::absolute_dir(&images_root)?
+            };
+            let json = if remote(&annotations_json) {
+                PathBuf::from(&annotations_json)
+            } else {
+                std::path::absolute(&annotations_json)
+                    .map_err(|e| Error::io(Path::new(&annotations_json), e))?
+            };
             self.lock()
                 .ingest_coco(dataset_id, &json, &root, &stop.flag)
         })?;

@@ -7,7 +7,7 @@ use rusqlite::types::{ToSqlOutput, Value, ValueRef};
 use rusqlite::{params, OptionalExtension};
 
 use super::parse::Coco;
-use super::paths::{Found, ESCAPES};
+use super::paths::{Found, Listed, ESCAPES};
 use super::plan::Plan;
 use crate::db::{bump, multi_row_insert, Store, FAILED, INDEXED, PENDING};
 use crate::error::{Error, Result, StoreContext};
@@ -27,7 +27,7 @@ pub const TX_PAUSE: Duration = Duration::from_millis(3);
 /// cost, not SQLite's per-row work, dominates at 100k files and 700k boxes.
 const ROWS_PER_STATEMENT: usize = 64;
 
-const SAMPLE_COLUMNS: [&str; 15] = [
+const SAMPLE_COLUMNS: [&str; 16] = [
     "dataset_id",
     "job_id",
     "root_id",
@@ -43,6 +43,7 @@ const SAMPLE_COLUMNS: [&str; 15] = [
     "orientation",
     "error",
     "size_mismatch",
+    "etag",
 ];
 
 /// A row already there keeps its status and header; the COCO file's declared size is taken.
@@ -207,7 +208,7 @@ impl Store {
                         }
                         done.skipped += plan.boxes.get(k).len() as u64;
                     }
-                    found @ (Found::File { .. } | Found::Unlooked) => {
+                    found @ (Found::File { .. } | Found::Object(_)) => {
                         let rel = if t.prefix.is_empty() {
                             plan.names[k].clone()
                         } else {
@@ -316,7 +317,14 @@ fn sample_values(
             Some(*mtime_ns),
             (FAILED, None, None, None, None, Some(reason.clone())),
         ),
-        _ => (None, None, (PENDING, None, None, None, None, None)),
+        Found::Object(o) => (
+            Some(i64::try_from(o.size).unwrap_or(i64::MAX)),
+            Some(o.mtime_ns),
+            (PENDING, None, None, None, None, None),
+        ),
+        Found::Missing | Found::Escapes | Found::Skipped => {
+            unreachable!("only found files and objects get a row")
+        }
     };
     let mismatch = im.width.is_some() && w.is_some() && (im.width, im.height) != (w, h);
     values.extend([
@@ -335,6 +343,10 @@ fn sample_values(
         opt(orient),
         err.map_or(Null, Text),
         Integer(i64::from(mismatch)),
+        match found {
+            Found::Object(Listed { etag: Some(e), .. }) => Text(e.clone()),
+            _ => Null,
+        },
     ]);
     status
 }
