@@ -3,7 +3,7 @@
 
 /// Bumped whenever the schema changes. An older store is migrated in place on open (additive
 /// changes only, see `MIGRATIONS`); a newer one is refused.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 8;
 
 /// Written into the SQLite header of every store (`PRAGMA application_id`), so a store is
 /// known as one by its first 100 bytes ("FIDX").
@@ -74,6 +74,10 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
                  SELECT category_id, COUNT(DISTINCT sample_id) FROM annotations GROUP BY category_id;"
         ),
     ),
+    // 7 -> 8 (issue 9, object-storage roots): the ETag an object had when it was listed, so
+    // that adding a bucket again can tell a changed object from the same one (objects are
+    // compared by ETag and size, not by last-modified). NULL for files.
+    (7, "ALTER TABLE samples ADD COLUMN etag TEXT;"),
 ];
 
 /// Recent commits per phase, for rates (see `throughput.rs`): a few dozen rows per phase.
@@ -139,6 +143,8 @@ CREATE TABLE IF NOT EXISTS samples (
     coco_width INTEGER,
     coco_height INTEGER,
     size_mismatch INTEGER NOT NULL DEFAULT 0,
+    -- The object's ETag when listed (object-storage roots only; see MIGRATIONS 7 -> 8).
+    etag TEXT,
     UNIQUE (root_id, path)
 );
 -- Status changes touch no index: the queues walk (dataset_id, id) and check the status,
