@@ -104,6 +104,7 @@ def test_image_and_thumbnail_of_object_samples(
     assert len(big) > 4 << 20
     objects = {"g/a.png": random_image((90, 60), "PNG", 1), "g/big.bmp": big}
     objects["g/sub/c.jpg"] = random_image((640, 480), "JPEG", 2)
+    objects["g/gone.gif"] = random_image((30, 20), "GIF", 3)
     moto_server.put(bucket, objects)
     db = tmp_path / "s.db"
     ds = fastindex.Dataset.create("b", db=db)
@@ -113,9 +114,12 @@ def test_image_and_thumbnail_of_object_samples(
         "a.png": "indexed",
         "big.bmp": "indexed",
         "sub/c.jpg": "indexed",
+        "gone.gif": "indexed",
     }
     with start_server(db, port=0, allowed_roots=[f"s3://{bucket}/"]) as server:
         for path, s in samples.items():
+            if path == "gone.gif":
+                continue
             r = httpx.get(f"{server.url}/api/samples/{s.id}/image", timeout=30)
             assert r.status_code == 200, r.text
             assert r.content == objects[f"g/{path}"]
@@ -130,10 +134,10 @@ def test_image_and_thumbnail_of_object_samples(
         ] == "image/png"
 
         # Gone from the bucket since it was indexed: a 404 with a message, not a traceback.
-        moto_server.delete(bucket, "g/sub/c.jpg")
-        gone = samples["sub/c.jpg"].id
+        moto_server.delete(bucket, "g/gone.gif")
+        gone = samples["gone.gif"].id
         for route in ("image", "thumbnail"):
-            r = httpx.get(f"{server.url}/api/samples/{gone}/{route}?fresh={route}")
+            r = httpx.get(f"{server.url}/api/samples/{gone}/{route}")
             assert r.status_code == 404, r.text
             assert "no longer in the bucket" in r.json()["message"]
 
@@ -296,7 +300,8 @@ def test_cli_indexes_a_bucket_and_names_a_missing_one_in_one_line(
     assert len(lines) == 1 and "s3://no-such-bucket-here" in lines[0], r.stderr
     assert "Traceback" not in r.stderr
     # Nothing left behind by the refused call.
-    assert [d["name"] for d in json.loads(_cli("list", "--db", db, "--json").stdout)] == [
+    listed = json.loads(_cli("list", "--db", db, "--json").stdout)["datasets"]
+    assert [d["name"] for d in listed] == [
         "photos"
     ]
 

@@ -368,12 +368,12 @@ class ServerState:
         """
         if not images_path:
             raise InvalidArgumentError("images_path: empty")
-        if is_object_uri(images_path):
-            pass  # a bucket prefix: the scan says at once if it cannot be listed
-        elif not os.path.exists(images_path):
-            raise PathNotFoundError(f"images_path: {images_path} does not exist")
-        if not os.path.isdir(images_path):
-            raise InvalidArgumentError(f"images_path: {images_path} is not a folder")
+        # A bucket prefix is checked by the scan, which says at once if it cannot be listed.
+        if not is_object_uri(images_path):
+            if not os.path.exists(images_path):
+                raise PathNotFoundError(f"images_path: {images_path} does not exist")
+            if not os.path.isdir(images_path):
+                raise InvalidArgumentError(f"images_path: {images_path} is not a folder")
         if annotations_json is not None and not is_object_uri(annotations_json):
             if not os.path.exists(annotations_json):
                 raise PathNotFoundError(f"annotations_json: {annotations_json} does not exist")
