@@ -108,8 +108,14 @@ def child_fastindex(args: argparse.Namespace) -> dict[str, Any]:
     job.wait()
     total = time.perf_counter() - t0
     p = ds.get_loading_progress()
-    return {"listed_s": listed, "total_s": total, "rows": p["total"], "failed": p["failed"],
-            "indexed": p["indexed"], "error": job.error()}
+    return {
+        "listed_s": listed,
+        "total_s": total,
+        "rows": p["total"],
+        "failed": p["failed"],
+        "indexed": p["indexed"],
+        "error": job.error(),
+    }
 
 
 def child_baseline(args: argparse.Namespace) -> dict[str, Any]:
@@ -137,8 +143,12 @@ def child_baseline(args: argparse.Namespace) -> dict[str, Any]:
     with ThreadPoolExecutor(32) as pool:
         sizes = list(pool.map(size, keys))
     total = time.perf_counter() - t0
-    return {"listed_s": listed, "total_s": total, "rows": len(keys),
-            "failed": sum(s is None for s in sizes)}
+    return {
+        "listed_s": listed,
+        "total_s": total,
+        "rows": len(keys),
+        "failed": sum(s is None for s in sizes),
+    }
 
 
 # -- the driver ------------------------------------------------------------------------------
@@ -195,30 +205,57 @@ def main() -> None:
     rows += [
         ("objects (generated into moto)", f"{n:,}", "100,000", f"{gen_s:.0f} s to generate"),
         ("fastindex phases 1+2, loopback", f"{fi['total_s']:.1f} s", "", fi_note(fi)),
-        ("baseline s3fs + PIL, 32 threads, loopback", f"{base['total_s'] * scale:.1f} s",
-         "", f"LIST {base['listed_s']:.1f} s{scaled}"),
+        (
+            "baseline s3fs + PIL, 32 threads, loopback",
+            f"{base['total_s'] * scale:.1f} s",
+            "",
+            f"LIST {base['listed_s']:.1f} s{scaled}",
+        ),
         ("speed-up, loopback", speedup(fi, base), ">= 20x", ""),
-        (f"fastindex phases 1+2, +{d}/request", f"{fi_d['total_s']:.1f} s", "< 30 s",
-         fi_note(fi_d)),
-        (f"baseline, +{d}/request", f"{base_d['total_s'] * scale:.1f} s", "",
-         f"LIST {base_d['listed_s']:.1f} s{scaled}"),
+        (
+            f"fastindex phases 1+2, +{d}/request",
+            f"{fi_d['total_s']:.1f} s",
+            "< 30 s",
+            fi_note(fi_d),
+        ),
+        (
+            f"baseline, +{d}/request",
+            f"{base_d['total_s'] * scale:.1f} s",
+            "",
+            f"LIST {base_d['listed_s']:.1f} s{scaled}",
+        ),
         (f"speed-up, +{d}/request", speedup(fi_d, base_d), "", ""),
     ]
     gets = per_object(fi_bytes, listing=False)
     bgets = per_object(base_bytes, listing=False)
     rows += [
-        ("phase 2 bytes per response, median", f"{statistics.median(gets) / 1024:.1f} KiB"
-         if gets else "-", "< 8 KiB", f"{len(gets):,} responses for {n:,} objects (headers in)"),
-        ("baseline bytes per response, median", f"{statistics.median(bgets) / 1024:.1f} KiB"
-         if bgets else "-", "", f"{len(bgets):,} responses for {nb:,} objects"),
-        ("LIST responses fastindex / baseline",
-         f"{len(per_object(fi_bytes, listing=True))} / {len(per_object(base_bytes, listing=True))}",
-         "", ""),
+        (
+            "phase 2 bytes per response, median",
+            f"{statistics.median(gets) / 1024:.1f} KiB" if gets else "-",
+            "< 8 KiB",
+            f"{len(gets):,} responses for {n:,} objects (headers in)",
+        ),
+        (
+            "baseline bytes per response, median",
+            f"{statistics.median(bgets) / 1024:.1f} KiB" if bgets else "-",
+            "",
+            f"{len(bgets):,} responses for {nb:,} objects",
+        ),
+        (
+            "LIST responses fastindex / baseline",
+            f"{len(per_object(fi_bytes, listing=True))} / "
+            f"{len(per_object(base_bytes, listing=True))}",
+            "",
+            "",
+        ),
     ]
-    print(f"\nbench_s3: {os.cpu_count()} CPUs, load average before {load[0]:.2f} "
-          f"{load[1]:.2f} {load[2]:.2f}, after {os.getloadavg()[0]:.2f}\n")
-    widths = [max(len(r[i]) for r in [*rows, ("measure", "value", "goal", "note")])
-              for i in range(4)]
+    print(
+        f"\nbench_s3: {os.cpu_count()} CPUs, load average before {load[0]:.2f} "
+        f"{load[1]:.2f} {load[2]:.2f}, after {os.getloadavg()[0]:.2f}\n"
+    )
+    widths = [
+        max(len(r[i]) for r in [*rows, ("measure", "value", "goal", "note")]) for i in range(4)
+    ]
     for r in [("measure", "value", "goal", "note"), *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 

@@ -61,9 +61,7 @@ def image_pool(seed: int = 0, n: int = 48) -> list[tuple[bytes, str]]:
 def object_names(n: int, prefix: str, per_dir: int = 1000) -> list[tuple[str, int]]:
     """`(key, pool index)` of `n` objects in `per_dir`-sized "folders" under `prefix`."""
     rng = random.Random(1)
-    return [
-        (f"{prefix}d{i // per_dir:04d}/img_{i:07d}", rng.randrange(48)) for i in range(n)
-    ]
+    return [(f"{prefix}d{i // per_dir:04d}/img_{i:07d}", rng.randrange(48)) for i in range(n)]
 
 
 def _fast_listing() -> None:

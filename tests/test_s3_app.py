@@ -18,14 +18,19 @@ import fastindex
 import httpx
 import numpy as np
 import pytest
+import s3_support
 from embed_helpers import make_folder, vectors_by_path
 from fastindex import testing
 from fastindex.errors import ObjectStoreError
 from fastindex.objects import OBJECT_SCHEMES, is_object_uri
 from fastindex.server import start_server
 from PIL import Image
-from s3_support import MotoServer, bucket, moto_server, random_image  # noqa: F401
+from s3_support import MotoServer, random_image
 from server_support import make_coco, make_images, wait_until
+
+# The fixtures of s3_support: a moto server for the session, a fresh bucket per test.
+moto_server = s3_support.moto_server
+bucket = s3_support.bucket
 
 #: A hang guard only: each wait here finishes in well under a second when things work.
 WAIT_S = 60
@@ -129,9 +134,12 @@ def test_image_and_thumbnail_of_object_samples(
             with Image.open(io.BytesIO(t.content)) as im:
                 assert im.format == "JPEG" and max(im.size) <= 320
                 assert im.size[0] / im.size[1] == pytest.approx(s.width / s.height, rel=0.05)
-        assert httpx.get(f"{server.url}/api/samples/{samples['a.png'].id}/image").headers[
-            "content-type"
-        ] == "image/png"
+        assert (
+            httpx.get(f"{server.url}/api/samples/{samples['a.png'].id}/image").headers[
+                "content-type"
+            ]
+            == "image/png"
+        )
 
         # Gone from the bucket since it was indexed: a 404 with a message, not a traceback.
         moto_server.delete(bucket, "g/gone.gif")
@@ -301,9 +309,7 @@ def test_cli_indexes_a_bucket_and_names_a_missing_one_in_one_line(
     assert "Traceback" not in r.stderr
     # Nothing left behind by the refused call.
     listed = json.loads(_cli("list", "--db", db, "--json").stdout)["datasets"]
-    assert [d["name"] for d in listed] == [
-        "photos"
-    ]
+    assert [d["name"] for d in listed] == ["photos"]
 
 
 # -- the page --------------------------------------------------------------------------------

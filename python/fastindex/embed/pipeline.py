@@ -18,9 +18,9 @@ import numpy as np
 
 from .. import _core, leases
 from ..errors import CancelledError
+from ..objects import is_object_uri
 from .decode_cpu import _decode_into
 from .decode_gpu import _TorchJpegDecoder
-from ..objects import is_object_uri
 from .read import _JPEG_MAGIC, _DecodeError, _reason, _try_read, _try_read_objects
 
 if TYPE_CHECKING:
@@ -258,11 +258,12 @@ class _Pipeline:
         objs = [i for i, p in enumerate(paths) if is_object_uri(p)]
         files = [i for i, p in enumerate(paths) if not is_object_uri(p)]
         if files:
-            for i, got in zip(files, io_pool.map(_try_read, [paths[i] for i in files])):
-                out[i] = got
+            read = io_pool.map(_try_read, [paths[i] for i in files])
+            for i, file in zip(files, read, strict=True):
+                out[i] = file
         if objs:
-            for i, got in zip(objs, _try_read_objects([paths[i] for i in objs]), strict=True):
-                out[i] = got
+            for i, obj in zip(objs, _try_read_objects([paths[i] for i in objs]), strict=True):
+                out[i] = obj
         return out
 
     def _buffer(self) -> np.ndarray:

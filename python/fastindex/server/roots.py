@@ -20,8 +20,12 @@ from .errors import ForbiddenError
 def real_roots(roots: Iterable[str | os.PathLike[str]] | None) -> tuple[str, ...]:
     """The allowed roots as real paths (links resolved), so a check compares like with like;
     bucket prefixes as URIs with one trailing `/`."""
-    return tuple(_object_root(os.fspath(r)) if is_object_uri(os.fspath(r))
-                 else os.path.realpath(os.fspath(r)) for r in roots or ())
+    return tuple(
+        _object_root(os.fspath(r))
+        if is_object_uri(os.fspath(r))
+        else os.path.realpath(os.fspath(r))
+        for r in roots or ()
+    )
 
 
 def _object_root(uri: str) -> str:
@@ -36,8 +40,7 @@ def is_inside(path: str, root: str) -> bool:
 
 
 def _check_uri(what: str, uri: str) -> str:
-    scheme, _, rest = uri.partition("://")
-    parts = rest.split("/")
+    parts = uri.partition("://")[2].split("/")
     if not parts[0] or any(p in (".", "..") for p in parts):
         raise InvalidArgumentError(f"{what}: {uri} is not a plain bucket URI")
     return uri
