@@ -61,6 +61,8 @@ class MotoServer:
         self._thread: threading.Thread | None = None
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
+        #: Requests served since start (all starts), by HTTP method.
+        self.requests: dict[str, int] = {}
 
     @property
     def endpoint(self) -> str:
@@ -90,7 +92,8 @@ class MotoServer:
             protocol_version = "HTTP/1.1"
 
             def log_request(self, *args: Any, **kwargs: Any) -> None:
-                pass
+                with owner._lock:
+                    owner.requests[self.command] = owner.requests.get(self.command, 0) + 1
 
             def setup(self) -> None:
                 super().setup()
@@ -174,15 +177,34 @@ class MotoServer:
         self.client().create_bucket(Bucket=name)
         return name
 
-    def put(self, bucket: str, objects: dict[str, bytes], *, threads: int = 8) -> None:
-        """Put every `key: bytes` of `objects` into `bucket`."""
-        client = self.client()
+    def put(
+        self,
+        bucket: str,
+        objects: dict[str, bytes],
+        *,
+        threads: int = 8,
+        access_key: str = ACCESS_KEY,
+        secret_key: str = SECRET_KEY,
+    ) -> None:
+        """Put every `key: bytes` of `objects` into `bucket` (with other keys where moto
+        checks them, see `auth_enforced`)."""
+        client = self.client(aws_access_key_id=access_key, aws_secret_access_key=secret_key)
 
         def one(item: tuple[str, bytes]) -> None:
             client.put_object(Bucket=bucket, Key=item[0], Body=item[1])
 
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(one, objects.items()))
+
+    def put_direct(self, bucket: str, objects: dict[str, bytes]) -> None:
+        """Put objects straight into moto's in-process backend (no HTTP: ~50x faster than
+        `put`, for tests that need thousands of keys)."""
+        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.s3.models import s3_backends
+
+        backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+        for key, data in objects.items():
+            backend.put_object(bucket, key, data)
 
     def get(self, bucket: str, key: str) -> bytes:
         body: bytes = self.client().get_object(Bucket=bucket, Key=key)["Body"].read()
