@@ -109,12 +109,13 @@ def child_fastindex(args: argparse.Namespace) -> dict[str, Any]:
     total = time.perf_counter() - t0
     p = ds.get_loading_progress()
     return {
+        "cpu_s": time.process_time(),
         "listed_s": listed,
         "total_s": total,
         "rows": p["total"],
         "failed": p["failed"],
         "indexed": p["indexed"],
-        "error": job.error(),
+        "error": job.error,
     }
 
 
@@ -144,6 +145,7 @@ def child_baseline(args: argparse.Namespace) -> dict[str, Any]:
         sizes = list(pool.map(size, keys))
     total = time.perf_counter() - t0
     return {
+        "cpu_s": time.process_time(),
         "listed_s": listed,
         "total_s": total,
         "rows": len(keys),
@@ -152,10 +154,19 @@ def child_baseline(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- the driver ------------------------------------------------------------------------------
-def measure(port: int, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    fi = run_child("fastindex", port, "--tmp", args.tmp)
-    base = run_child("baseline", port, "--limit", str(args.baseline_objects or 0))
-    return fi, base
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(kind: str, port: int, servers: list[Child], *extra: str) -> dict[str, Any]:
+    """One measured process against `port`, with the CPU the `servers` used meanwhile."""
+    before = [cpu_s(c.p.pid) for c in servers]
+    out = run_child(kind, port, *extra)
+    out["server_cpu_s"] = sum(cpu_s(c.p.pid) - b for c, b in zip(servers, before, strict=True))
+    return out
 
 
 def per_object(responses: list[list[Any]], *, listing: bool) -> list[int]:
@@ -174,89 +185,79 @@ def main() -> None:
     t = time.perf_counter()
     moto = Child("serve", "--objects", str(args.objects), "--bucket", BUCKET, "--prefix", PREFIX)
     gen_s = time.perf_counter() - t
-    rows: list[tuple[str, str, str, str]] = []
+    limit = ("--limit", str(args.baseline_objects or 0))
     try:
-        fi, base = measure(moto.port, args)
+        fi = run("fastindex", moto.port, [moto], "--tmp", args.tmp)
+        base = run("baseline", moto.port, [moto], *limit)
         proxy = Child("proxy", "--upstream", str(moto.port), "--delay-ms", str(args.delay_ms))
         try:
             proxy.ask("reset")
-            fi_d = run_child("fastindex", proxy.port, "--tmp", args.tmp)
+            fi_d = run("fastindex", proxy.port, [moto], "--tmp", args.tmp)
             fi_bytes = json.loads(proxy.ask("dump"))
             proxy.ask("reset")
-            base_d = run_child("baseline", proxy.port, "--limit", str(args.baseline_objects or 0))
+            base_d = run("baseline", proxy.port, [moto], *limit)
             base_bytes = json.loads(proxy.ask("dump"))
         finally:
             proxy.close()
     finally:
         moto.close()
-
-    n = args.objects
-    nb = base["rows"]
+    n, nb = args.objects, base["rows"]
     scale = n / nb if nb else 1.0
-    scaled = f" (ran {nb:,}, x{scale:.0f})" if nb != n else ""
+    scaled = f"; ran {nb:,}, time x{scale:.0f}" if nb != n else ""
+    d = f"+{args.delay_ms:g} ms/request"
 
-    def speedup(f: dict[str, Any], b: dict[str, Any]) -> str:
+    def fi_row(what: str, f: dict[str, Any], goal: str) -> tuple[str, str, str, str]:
+        note = f"LIST {f['listed_s']:.1f} s; {f['indexed']:,} indexed, {f['failed']} failed"
+        return (f"fastindex phases 1+2, {what}", f"{f['total_s']:.1f} s", goal, note)
+
+    def base_row(what: str, b: dict[str, Any]) -> tuple[str, str, str, str]:
+        note = f"LIST {b['listed_s']:.1f} s{scaled}"
+        return (f"s3fs + PIL, 32 threads, {what}", f"{b['total_s'] * scale:.1f} s", "", note)
+
+    def ratio(f: dict[str, Any], b: dict[str, Any]) -> str:
         return f"{b['total_s'] * scale / f['total_s']:.1f}x"
 
-    def fi_note(f: dict[str, Any]) -> str:
-        return f"LIST {f['listed_s']:.1f} s; {f['indexed']:,} indexed, {f['failed']} failed"
+    def ms(x: float, k: int) -> str:
+        return f"{x / k * 1000:.3f} ms"
 
-    d = f"{args.delay_ms:g} ms"
-    rows += [
+    def median_kib(v: list[int]) -> str:
+        return f"{statistics.median(v) / 1024:.1f} KiB" if v else "-"
+
+    gets, bgets = per_object(fi_bytes, listing=False), per_object(base_bytes, listing=False)
+    n_lists = (len(per_object(fi_bytes, listing=True)), len(per_object(base_bytes, listing=True)))
+    rows = [
         ("objects (generated into moto)", f"{n:,}", "100,000", f"{gen_s:.0f} s to generate"),
-        ("fastindex phases 1+2, loopback", f"{fi['total_s']:.1f} s", "", fi_note(fi)),
-        (
-            "baseline s3fs + PIL, 32 threads, loopback",
-            f"{base['total_s'] * scale:.1f} s",
-            "",
-            f"LIST {base['listed_s']:.1f} s{scaled}",
-        ),
-        ("speed-up, loopback", speedup(fi, base), ">= 20x", ""),
-        (
-            f"fastindex phases 1+2, +{d}/request",
-            f"{fi_d['total_s']:.1f} s",
-            "< 30 s",
-            fi_note(fi_d),
-        ),
-        (
-            f"baseline, +{d}/request",
-            f"{base_d['total_s'] * scale:.1f} s",
-            "",
-            f"LIST {base_d['listed_s']:.1f} s{scaled}",
-        ),
-        (f"speed-up, +{d}/request", speedup(fi_d, base_d), "", ""),
-    ]
-    gets = per_object(fi_bytes, listing=False)
-    bgets = per_object(base_bytes, listing=False)
-    rows += [
+        fi_row("loopback", fi, ""),
+        base_row("loopback", base),
+        ("speed-up, loopback", ratio(fi, base), ">= 20x", ""),
+        fi_row(d, fi_d, "< 30 s"),
+        base_row(d, base_d),
+        (f"speed-up, {d}", ratio(fi_d, base_d), "", ""),
         (
             "phase 2 bytes per response, median",
-            f"{statistics.median(gets) / 1024:.1f} KiB" if gets else "-",
+            median_kib(gets),
             "< 8 KiB",
-            f"{len(gets):,} responses for {n:,} objects (headers in)",
+            f"{len(gets):,} GETs for {n:,} objects (headers in)",
         ),
         (
             "baseline bytes per response, median",
-            f"{statistics.median(bgets) / 1024:.1f} KiB" if bgets else "-",
+            median_kib(bgets),
             "",
-            f"{len(bgets):,} responses for {nb:,} objects",
+            f"{len(bgets):,} GETs for {nb:,} objects",
         ),
-        (
-            "LIST responses fastindex / baseline",
-            f"{len(per_object(fi_bytes, listing=True))} / "
-            f"{len(per_object(base_bytes, listing=True))}",
-            "",
-            "",
-        ),
+        ("LIST requests fastindex / baseline", f"{n_lists[0]} / {n_lists[1]}", "", ""),
+        ("client CPU per object, fastindex", ms(fi["cpu_s"], n), "", "loopback run"),
+        ("client CPU per object, baseline", ms(base["cpu_s"], nb), "", "loopback run"),
+        ("moto CPU per object, fastindex", ms(fi["server_cpu_s"], n), "", "the server's"),
+        ("moto CPU per object, baseline", ms(base["server_cpu_s"], nb), "", "the server's"),
     ]
     print(
         f"\nbench_s3: {os.cpu_count()} CPUs, load average before {load[0]:.2f} "
         f"{load[1]:.2f} {load[2]:.2f}, after {os.getloadavg()[0]:.2f}\n"
     )
-    widths = [
-        max(len(r[i]) for r in [*rows, ("measure", "value", "goal", "note")]) for i in range(4)
-    ]
-    for r in [("measure", "value", "goal", "note"), *rows]:
+    head = ("measure", "value", "goal", "note")
+    widths = [max(len(r[i]) for r in [*rows, head]) for i in range(4)]
+    for r in [head, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 

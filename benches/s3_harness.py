@@ -124,13 +124,24 @@ def serve(args: argparse.Namespace) -> None:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     import boto3
     from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.moto_server.werkzeug_app import create_backend_app
     from moto.s3.models import s3_backends
-    from moto.server import ThreadedMotoServer
+    from werkzeug.serving import WSGIRequestHandler, make_server
+
+    class _Handler(WSGIRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as S3 clients expect
+
+        def log_request(self, *args: Any, **kwargs: Any) -> None:
+            pass
 
     _fast_listing()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    port = server.get_host_and_port()[1]
+    # S3's app alone, not moto's dispatcher (which looks the service up for every request
+    # among all of moto's: 40% of a ranged GET's time here). The same S3 code answers.
+    app = create_backend_app("s3")
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=_Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
     client = boto3.client(
         "s3",
         endpoint_url=f"http://127.0.0.1:{port}",
@@ -146,7 +157,7 @@ def serve(args: argparse.Namespace) -> None:
         backend.put_object(args.bucket, f"{key}.{ext}", data)
     print(f"READY {port}", flush=True)
     sys.stdin.read()  # until the bench closes it
-    server.stop()
+    server.shutdown()
 
 
 class _Proxy:
