@@ -149,6 +149,12 @@ def test_image_and_thumbnail_of_object_samples(
             assert r.status_code == 404, r.text
             assert "no longer in the bucket" in r.json()["message"]
 
+        # The store refuses the server's credentials: a 502 naming the bucket.
+        with moto_server.auth_enforced():
+            r = httpx.get(f"{server.url}/api/samples/{samples['a.png'].id}/image")
+        assert r.status_code == 502, r.text
+        assert "credentials refused" in r.json()["message"] and bucket in r.json()["message"]
+
         # A bucket prefix is indexed on request when it lies under an allowed one.
         moto_server.put(bucket, {"h/x.jpg": random_image((50, 40), "JPEG", 3)})
         r = httpx.post(
