@@ -82,7 +82,12 @@ pub fn list_prefix(
     use futures::StreamExt;
     let base = uri.prefix();
     let prefix = (!base.is_empty())
-        .then(|| object_path(&ObjectUri { key: base.clone(), ..uri.clone() }))
+        .then(|| {
+            object_path(&ObjectUri {
+                key: base.clone(),
+                ..uri.clone()
+            })
+        })
         .transpose()?;
     let store = client::client(uri, Patience::Patient)?;
     let work = async {
@@ -163,7 +168,10 @@ impl Root {
 /// size, mtime and image header, from the same open.
 pub fn look(root: &Root, rel: &str) -> Found {
     if let Some(listing) = &root.objects {
-        return listing.get(rel).cloned().map_or(Found::Missing, Found::Object);
+        return listing
+            .get(rel)
+            .cloned()
+            .map_or(Found::Missing, Found::Object);
     }
     #[cfg(target_os = "linux")]
     if let Some(file) = open_beneath(root, rel) {
