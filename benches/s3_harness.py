@@ -9,7 +9,8 @@ competes for the measured process's GIL):
         a TCP proxy in front of it that holds each request for `delay` before passing it on
         (the time to first byte of a real S3 request, 10-50 ms) and counts the bytes of each
         response; prints `READY <port>`, then answers `reset` / `dump` lines on stdin
-        (`dump` prints one JSON line: `[[request line, response bytes], ...]`).
+        (`dump` prints one JSON line: `{"responses": [[request line, response bytes], ...],
+        "max_in_flight", "mean_in_flight"}`, requests sent and not yet answered).
 
 moto's LIST sorts every key of the bucket for every page (2 s a page at 100k keys here), so
 both fastindex and the baseline would measure moto's listing. `serve` replaces moto's
@@ -28,6 +29,7 @@ import logging
 import random
 import sys
 import threading
+import time
 from typing import Any
 
 from PIL import Image
@@ -165,6 +167,21 @@ class _Proxy:
         self.upstream = upstream
         self.delay = delay
         self.responses: list[tuple[str, int]] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.responses = []
+        # Requests sent and not answered yet: the most at once, and the time-weighted mean.
+        self.in_flight = self.max_in_flight = 0
+        self.since = self.last = time.monotonic()
+        self.area = 0.0
+
+    def _in_flight(self, delta: int) -> None:
+        now = time.monotonic()
+        self.area += self.in_flight * (now - self.last)
+        self.last = now
+        self.in_flight += delta
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
     async def handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         try:
@@ -172,7 +189,7 @@ class _Proxy:
         except OSError:
             cw.close()
             return
-        state: dict[str, Any] = {"new": True, "line": "", "bytes": 0}
+        state: dict[str, Any] = {"new": True, "line": "", "bytes": 0, "waiting": False}
 
         def finish() -> None:
             if state["bytes"]:
@@ -184,6 +201,8 @@ class _Proxy:
                 if state["new"]:  # the first bytes of a request
                     finish()
                     state["new"] = False
+                    state["waiting"] = True
+                    self._in_flight(+1)
                     state["line"] = data.split(b"\r\n", 1)[0].decode("latin-1")
                     await asyncio.sleep(self.delay)
                 sw.write(data)
@@ -192,6 +211,9 @@ class _Proxy:
 
         async def down() -> None:
             while data := await sr.read(1 << 16):
+                if state["waiting"]:  # the first bytes of its answer
+                    state["waiting"] = False
+                    self._in_flight(-1)
                 state["bytes"] += len(data)
                 state["new"] = True
                 cw.write(data)
@@ -204,6 +226,8 @@ class _Proxy:
             pass
         finally:
             finish()
+            if state["waiting"]:
+                self._in_flight(-1)
             sw.close()
             cw.close()
 
@@ -211,9 +235,12 @@ class _Proxy:
         loop = asyncio.get_running_loop()
         while line := await loop.run_in_executor(None, sys.stdin.readline):
             if line.strip() == "reset":
-                self.responses.clear()
+                self._reset()
             elif line.strip() == "dump":
-                print(json.dumps(self.responses), flush=True)
+                self._in_flight(0)
+                mean = self.area / max(self.last - self.since, 1e-9)
+                out = {"responses": self.responses, "max_in_flight": self.max_in_flight}
+                print(json.dumps({**out, "mean_in_flight": mean}), flush=True)
             print("OK", flush=True)
 
     async def main(self) -> None:
