@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -158,7 +157,10 @@ def iam_user_keys(moto_server: MotoServer) -> dict[str, str]:  # noqa: F811
     }
     iam.put_user_policy(UserName=name, PolicyName="p", PolicyDocument=json.dumps(policy))
     key = iam.create_access_key(UserName=name)["AccessKey"]
-    return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+    return {
+        "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+        "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+    }
 
 
 def test_403_on_one_object_fails_that_row(
@@ -193,9 +195,9 @@ def test_wrong_credentials_fail_at_once_writing_nothing(
     moto_server.put(bucket, generated_images(3, seed=4))
     ds = fastindex.Dataset.create("b", db=db)
     before = table_counts(db)
-    with moto_server.auth_enforced():  # the test key is unknown to moto's IAM
-        with pytest.raises(fastindex.ObjectStoreError) as e:
-            ds.add_images_from_path(f"s3://{bucket}/", embed=False)
+    # while moto checks requests, the test key is unknown to its IAM
+    with moto_server.auth_enforced(), pytest.raises(fastindex.ObjectStoreError) as e:
+        ds.add_images_from_path(f"s3://{bucket}/", embed=False)
     msg = str(e.value)
     assert "\n" not in msg
     assert msg.startswith(f"s3://{bucket}: credentials refused (403 InvalidAccessKeyId)"), msg
@@ -324,7 +326,7 @@ def test_read_object_and_objects_return_the_exact_bytes(
     objects = generated_images(20, prefix="r/", seed=6)
     moto_server.put(bucket, objects)
     uris = [f"s3://{bucket}/{k}" for k in objects]
-    key, data = next(iter(objects.items()))
+    data = next(iter(objects.values()))
     assert _core.read_object(uris[0]) == data
     assert _core.read_object(uris[0], 3, 10) == data[3:10]
     assert _core.read_object(uris[0], 5) == data[5:]
