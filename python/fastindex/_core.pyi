@@ -18,6 +18,8 @@ __all__ = [
     "image_size",
     "probe_bytes",
     "probe_image",
+    "read_object",
+    "read_objects",
 ]
 __version__: Final[str]
 SCHEMA_VERSION: Final[int]

@@ -188,8 +188,15 @@ class Dataset:
         with the GIL released); phase 2 (and phase 3 with `embed`) then run in background
         threads. Adding a folder again adds only new files.
 
+        `path` may also be an object-store URI, `s3://bucket/prefix/` (`gs://`, `az://`
+        likewise): the keys under the prefix are listed instead of walked, with the same
+        rules, and phase 2 reads the first bytes of each object with ranged requests, many
+        in flight. Credentials and endpoint come from the standard places (`AWS_*`
+        variables, `AWS_ENDPOINT_URL` for MinIO/Ceph/R2, `AWS_PROFILE` from `~/.aws`,
+        instance metadata). Adding a bucket again adds only new keys.
+
         Args:
-            path: the folder to walk.
+            path: the folder to walk, or the object-store URI to list.
             embed: an `EmbeddingModel`, True for the default model, False for none, None
                 for the default model when torch and open_clip are installed. The default
                 model is imported, built and loaded in the embed thread: the call returns
@@ -200,6 +207,8 @@ class Dataset:
         Raises:
             PathNotFoundError: `path` does not exist.
             InvalidArgumentError: `path` is not a folder, or an option is wrong.
+            ObjectStoreError: the bucket cannot be listed (missing, credentials refused,
+                unreachable); nothing was written.
         """
         root = _check_path_arg("path", path)
         model = _resolve_embed(embed)

@@ -361,9 +361,10 @@ mod tests {
         {
             let c = Connection::open(&p).unwrap();
             c.execute_batch(SCHEMA).unwrap();
-            // version 1 had no job heartbeat and no dataset high-water mark
+            // version 1 had no job heartbeat, no dataset high-water mark and no ETag
             c.execute_batch(
                 "ALTER TABLE jobs DROP COLUMN heartbeat;
+                 ALTER TABLE samples DROP COLUMN etag;
                  INSERT INTO meta VALUES ('schema_version', '1');
                  INSERT INTO datasets (id, name, created_at) VALUES (7, 'old', 0);
                  INSERT INTO jobs (dataset_id, kind, source, created_at, running_owner)

@@ -28,7 +28,7 @@ pub fn read_object<'py>(
 
 /// Every object of `uris`, in order: its bytes, or the reason it could not be read (str).
 #[pyfunction]
-#[pyo3(signature = (uris, max_in_flight=read::READ_IN_FLIGHT))]
+#[pyo3(signature = (uris, max_in_flight=64))]
 pub fn read_objects<'py>(
     py: Python<'py>,
     uris: Vec<String>,

@@ -98,7 +98,12 @@ fn retry(p: Patience) -> RetryConfig {
                 max_backoff: Duration::from_secs(5),
                 base: 2.0,
             },
-            max_retries: 10,
+            // `FASTINDEX_OBJECT_RETRIES` (0..=100) changes it: tests set 0 to see how a phase
+            // ends and resumes when the retries give up.
+            max_retries: std::env::var("FASTINDEX_OBJECT_RETRIES")
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .map_or(10, |n| n.min(100)),
             retry_timeout: Duration::from_secs(120),
         },
     }
@@ -109,7 +114,10 @@ fn retry(p: Patience) -> RetryConfig {
 fn env_fingerprint() -> u64 {
     let mut vars: Vec<(String, String)> = std::env::vars()
         .filter(|(k, _)| {
-            k.starts_with("AWS_") || k.starts_with("GOOGLE_") || k.starts_with("AZURE_")
+            k.starts_with("AWS_")
+                || k.starts_with("GOOGLE_")
+                || k.starts_with("AZURE_")
+                || k == "FASTINDEX_OBJECT_RETRIES"
         })
         .collect();
     vars.sort();

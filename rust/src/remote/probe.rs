@@ -7,14 +7,14 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::stream::{self, StreamExt, TryStreamExt};
+use futures::stream::{self, StreamExt};
 use object_store::{GetOptions, GetRange, ObjectStore};
 
 use super::client::{self, block_on, Patience};
 use super::failure::{classify, Failure};
 use super::read::object_path;
 use super::{is_object_path, ObjectUri, Scheme};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::header::{self, ImageInfo, Reason, Source};
 use crate::scan::{probe_files, Pending, Probed};
 
@@ -133,13 +133,17 @@ async fn probe_object(store: &Arc<dyn ObjectStore>, uri: &ObjectUri) -> Outcome 
     unreachable!("the loop returns")
 }
 
+/// Rows probed, and the error that ended the batch early, if one did.
+pub type BatchResult = (Vec<Probed>, Option<Error>);
+
 /// Probe a batch whose rows may be files or objects. Files go to the I/O pool as before;
 /// objects are read with up to `IN_FLIGHT` requests at once. `Ok(None)` as soon as one of
-/// `stops` is set; `Err` (naming the bucket) when the object store cannot be used at all, so
-/// the phase ends and its rows stay `pending`.
-pub fn probe_batch(batch: &[Pending], stops: &[&AtomicBool]) -> Result<Option<Vec<Probed>>> {
+/// `stops` is set. When the object store cannot be used at all (unreachable, credentials
+/// refused) the batch ends early with the rows probed so far and the error (naming the
+/// bucket): the caller writes those, then ends the phase; the other rows stay `pending`.
+pub fn probe_batch(batch: &[Pending], stops: &[&AtomicBool]) -> Result<Option<BatchResult>> {
     if !batch.iter().any(|p| is_object_path(&p.path)) {
-        return Ok(probe_files(batch, stops));
+        return Ok(probe_files(batch, stops).map(|v| (v, None)));
     }
     let (objects, files): (Vec<&Pending>, Vec<&Pending>) =
         batch.iter().partition(|p| is_object_path(&p.path));
@@ -179,21 +183,30 @@ pub fn probe_batch(batch: &[Pending], stops: &[&AtomicBool]) -> Result<Option<Ve
         work.push((p.id, p.job_id, uri, store));
     }
     let n = client::in_flight(IN_FLIGHT);
-    let probed = stream::iter(work)
-        .map(|(id, job_id, uri, store)| async move {
-            match probe_object(&store, &uri).await {
-                Outcome::Done(result) => Ok(Probed { id, job_id, result }),
-                Outcome::Stop(f, bucket) => Err(f.into_error(&bucket)),
+    let probed = async {
+        let mut done = Vec::with_capacity(work.len());
+        let mut results = stream::iter(work)
+            .map(|(id, job_id, uri, store)| async move {
+                match probe_object(&store, &uri).await {
+                    Outcome::Done(result) => Ok(Probed { id, job_id, result }),
+                    Outcome::Stop(f, bucket) => Err(f.into_error(&bucket)),
+                }
+            })
+            .buffer_unordered(n);
+        while let Some(r) = results.next().await {
+            match r {
+                Ok(p) => done.push(p),
+                // The requests still in flight are dropped; what was read is kept.
+                Err(e) => return (done, Some(e)),
             }
-        })
-        .buffer_unordered(n)
-        .try_collect::<Vec<Probed>>();
+        }
+        (done, None)
+    };
     match block_on(probed, stops) {
         None => Ok(None),
-        Some(Err(e)) => Err(e),
-        Some(Ok(v)) => {
-            out.extend(v);
-            Ok(Some(out))
+        Some((done, error)) => {
+            out.extend(done);
+            Ok(Some((out, error)))
         }
     }
 }

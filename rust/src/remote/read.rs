@@ -11,9 +11,6 @@ use super::failure::{classify, Failure, Kind};
 use super::ObjectUri;
 use crate::error::{Error, Result};
 
-/// Requests `read_objects` keeps in flight unless told otherwise.
-pub const READ_IN_FLIGHT: usize = 64;
-
 /// The object key of `uri` as object_store addresses it (any unicode; no empty, `.` or `..`
 /// segment).
 pub fn object_path(uri: &ObjectUri) -> Result<ObjectPath> {
