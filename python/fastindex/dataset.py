@@ -242,10 +242,18 @@ class Dataset:
         If the call fails or is cancelled part way, the rows already committed stay, and
         adding the same file again finishes the work (nothing is added twice).
 
+        Either may be an object-store URI (`s3://bucket/instances.json`,
+        `s3://bucket/images/`): the file is read with one ranged request of at most the
+        limit (plus one byte), and the images are looked at by listing the prefix once
+        (size, last-modified, ETag; an image the bucket lacks is in `summary["missing"]`);
+        their rows are written `pending` and phase 2 reads their headers.
+
         Raises:
             CocoError: the file is malformed (with the reason and where), is not a regular
                 file, or is larger than the limit.
             PathNotFoundError: the file or the folder does not exist.
+            ObjectStoreError: a bucket cannot be read or listed (missing, credentials
+                refused, unreachable), or the file is not in it; nothing was written.
         """
         ann = _check_path_arg("annotations_json", annotations_json)
         images = _check_path_arg("images_path", images_path)
