@@ -362,6 +362,36 @@ def test_a_stopped_phase_2_resumes(
     assert ds.get_loading_progress()["indexed"] == len(images)
 
 
+def test_credentials_and_endpoint_from_an_aws_profile(
+    moto_server: MotoServer,  # noqa: F811
+    bucket: str,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = random_image((6, 5), "PNG", 9)
+    moto_server.put(bucket, {"a.png": data})
+    keys = iam_user_keys(moto_server)
+    aws = tmp_path / ".aws"
+    aws.mkdir()
+    (aws / "credentials").write_text(
+        "[default]\naws_access_key_id = wrong\naws_secret_access_key = wrong\n\n"
+        f"[dev]\naws_access_key_id = {keys['AWS_ACCESS_KEY_ID']}\n"
+        f"aws_secret_access_key = {keys['AWS_SECRET_ACCESS_KEY']}\n"
+    )
+    (aws / "config").write_text(
+        f"[profile dev]\nregion = us-east-1\nendpoint_url = {moto_server.endpoint}\n"
+    )
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("AWS_PROFILE", "dev")
+    with moto_server.auth_enforced():  # only the profile's keys are accepted now
+        assert _core.read_object(f"s3://{bucket}/a.png") == data
+        monkeypatch.setenv("AWS_PROFILE", "nope")
+        with pytest.raises(fastindex.ObjectStoreError, match="AWS_PROFILE=nope: no such profile"):
+            _core.read_object(f"s3://{bucket}/a.png")
+
+
 # -- the reader ----------------------------------------------------------------------------------
 def test_read_object_and_objects_return_the_exact_bytes(
     moto_server: MotoServer,  # noqa: F811

@@ -200,6 +200,7 @@ import sqlite3, sys
 con = sqlite3.connect(sys.argv[1])
 con.executescript('''
     ALTER TABLE jobs DROP COLUMN heartbeat;
+    ALTER TABLE samples DROP COLUMN etag;  -- added by 7 -> 8
     DELETE FROM meta WHERE key = 'last_dataset_id';
     UPDATE meta SET value = '1' WHERE key = 'schema_version';
 ''')
