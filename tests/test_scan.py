@@ -497,7 +497,7 @@ def test_wrong_schema_version(tmp_path: Path, db: Path) -> None:
             call()
         assert isinstance(e.value, fastindex.StoreError)
     assert table_counts(db) == before
-    assert fastindex.SCHEMA_VERSION == 6
+    assert fastindex.SCHEMA_VERSION == 7
 
 
 def test_bad_reads_and_names(db: Path) -> None:

@@ -18,6 +18,8 @@ __all__ = [
     "image_size",
     "probe_bytes",
     "probe_image",
+    "read_object",
+    "read_objects",
 ]
 __version__: Final[str]
 SCHEMA_VERSION: Final[int]
@@ -32,6 +34,27 @@ def probe_image(path: str | bytes | PathLike[str] | PathLike[bytes]) -> dict[str
 
 def probe_bytes(data: bytes) -> dict[str, Any]:
     """The same for an image in memory. Raises `ImageError`."""
+
+def read_object(uri: str, start: int | None = None, end: int | None = None) -> bytes:
+    """The bytes of the object at `uri` (`s3://bucket/key`, `gs://`, `az://`), from `start`
+    (default 0) to `end` (exclusive; default the end of the object).
+
+    Blocks with the GIL released; Ctrl-C raises `KeyboardInterrupt` while the request is in
+    flight. Credentials and endpoint come from the environment (`AWS_*`, `~/.aws` profiles,
+    instance metadata). 5xx and throttling are retried with backoff.
+
+    Raises:
+        ObjectStoreError: the object or bucket is not there, access is denied, or the store
+            cannot be reached (one line naming the object).
+        InvalidArgumentError: `uri` is not an object URI.
+    """
+
+def read_objects(uris: list[str], max_in_flight: int = 64) -> list[bytes | str]:
+    """Every object of `uris`, in order, with up to `max_in_flight` requests at once: its
+    bytes, or the one-line reason it could not be read (`"not found (404): s3://b/k"`).
+
+    Blocks with the GIL released; Ctrl-C raises `KeyboardInterrupt`.
+    """
 
 @final
 class StopFlag:
@@ -85,6 +108,14 @@ class Store:
         walk cannot take (a broken link, a link loop, an unreadable folder) becomes a
         `failed` row with its reason. Returns `{"job_id", "found", "added", "existing",
         "errors"}` (the counts include those rows).
+
+        `root` may be an object-store URI (`s3://bucket/prefix/`, `gs://`, `az://`): the
+        keys under the prefix are listed (pages of 1000, first-level common prefixes in
+        parallel) with the same hidden-name and extension rules; each row's `path` is the
+        key relative to the prefix, with size, last-modified (`mtime_ns`) and ETag; the root
+        is stored as the normalised URI with a trailing `/`. A bucket that cannot be listed
+        (missing, credentials refused, unreachable) raises `ObjectStoreError` before
+        anything is written.
 
         The work runs on a worker thread; this thread waits with the GIL released, renews the
         job's "still adding" mark, and checks for signals: Ctrl-C stops the walk and raises

@@ -12,6 +12,7 @@ from typing import Any
 
 from . import cli_curate
 from .errors import FastIndexError
+from .objects import is_object_uri
 
 PHASES = (
     ("scan", "1 scan"),
@@ -25,8 +26,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     ix = sub.add_parser("index", help="index a folder of images (and a COCO file)")
-    ix.add_argument("path", help="folder of images (with --coco: the images folder)")
-    ix.add_argument("--coco", metavar="JSON", help="COCO detection annotations for the images")
+    ix.add_argument(
+        "path",
+        help="folder of images, or a bucket prefix (s3://bucket/photos/); with --coco: the "
+        "images folder",
+    )
+    ix.add_argument(
+        "--coco", metavar="JSON", help="COCO detection annotations for the images (or s3://...)"
+    )
     ix.add_argument("--db", default="fastindex.db", help="the store (default: %(default)s)")
     ix.add_argument("--name", help="dataset name (default: the folder's name)")
     ix.add_argument("--no-embed", action="store_true", help="skip phase 3 (CLIP embeddings)")
@@ -175,7 +182,11 @@ def cmd_index(args: argparse.Namespace) -> int:
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     if args.name is not None and _not_utf8(args.name):
         raise InvalidArgumentError(f"--name {safe_text(args.name)} is not valid UTF-8")
-    name = args.name or os.path.basename(os.path.abspath(args.path)) or "dataset"
+    if is_object_uri(args.path):  # s3://bucket/photos/ -> "photos", s3://bucket -> "bucket"
+        last = args.path.partition("://")[2].rstrip("/").rsplit("/", 1)[-1]
+        name = args.name or last or "dataset"
+    else:
+        name = args.name or os.path.basename(os.path.abspath(args.path)) or "dataset"
     # A folder whose name is not valid UTF-8 names its dataset as well as it can.
     name = safe_text(name)
     embed = _embed_arg(args)

@@ -204,8 +204,15 @@ class Dataset:
         with the GIL released); phase 2 (and phase 3 with `embed`) then run in background
         threads. Adding a folder again adds only new files.
 
+        `path` may also be an object-store URI, `s3://bucket/prefix/` (`gs://`, `az://`
+        likewise): the keys under the prefix are listed instead of walked, with the same
+        rules, and phase 2 reads the first bytes of each object with ranged requests, many
+        in flight. Credentials and endpoint come from the standard places (`AWS_*`
+        variables, `AWS_ENDPOINT_URL` for MinIO/Ceph/R2, `AWS_PROFILE` from `~/.aws`,
+        instance metadata). Adding a bucket again adds only new keys.
+
         Args:
-            path: the folder to walk.
+            path: the folder to walk, or the object-store URI to list.
             embed: an `EmbeddingModel`, True for the default model, False for none, None
                 for the default model when torch and open_clip are installed. The default
                 model is imported, built and loaded in the embed thread: the call returns
@@ -218,6 +225,8 @@ class Dataset:
         Raises:
             PathNotFoundError: `path` does not exist.
             InvalidArgumentError: `path` is not a folder, or an option is wrong.
+            ObjectStoreError: the bucket cannot be listed (missing, credentials refused,
+                unreachable); nothing was written.
         """
         root = _check_path_arg("path", path)
         model = _resolve_embed(embed)
@@ -254,10 +263,18 @@ class Dataset:
 
         `engine` runs phase 3 on a cluster, as for `add_images_from_path`.
 
+        Either may be an object-store URI (`s3://bucket/instances.json`,
+        `s3://bucket/images/`): the file is read with one ranged request of at most the
+        limit (plus one byte), and the images are looked at by listing the prefix once
+        (size, last-modified, ETag; an image the bucket lacks is in `summary["missing"]`);
+        their rows are written `pending` and phase 2 reads their headers.
+
         Raises:
             CocoError: the file is malformed (with the reason and where), is not a regular
                 file, or is larger than the limit.
             PathNotFoundError: the file or the folder does not exist.
+            ObjectStoreError: a bucket cannot be read or listed (missing, credentials
+                refused, unreachable), or the file is not in it; nothing was written.
         """
         ann = _check_path_arg("annotations_json", annotations_json)
         images = _check_path_arg("images_path", images_path)

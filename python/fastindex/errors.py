@@ -47,6 +47,17 @@ class SchemaVersionError(StoreError):
     """The store was written by a fastindex with another schema version."""
 
 
+class ObjectStoreError(FastIndexError, OSError):
+    """An object store (`s3://`, `gs://`, `az://`) cannot be used: the bucket does not exist,
+    the credentials are refused, the endpoint cannot be reached, or (from `read_object`) the
+    object is not there. The one-line message names the bucket (or the object) and the
+    status, e.g. `s3://photos: credentials refused (403 InvalidAccessKeyId): ...`.
+
+    Raised before anything is written when a bucket is added; raised by phase 2 when the
+    store becomes unusable part way (its rows stay `pending` for the next run).
+    """
+
+
 class CancelledError(FastIndexError):
     """The work was cancelled."""
 
@@ -71,6 +82,7 @@ __all__ = [
     "InvalidArgumentError",
     "LeaseLostError",
     "NoEmbeddingsError",
+    "ObjectStoreError",
     "PathNotFoundError",
     "SchemaVersionError",
     "StoreError",

@@ -57,6 +57,10 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// An object store (s3://, gs://, az://) cannot be used: no bucket, credentials refused,
+    /// unreachable. `uri` names the bucket (or the object).
+    #[error("{uri}: {reason}")]
+    ObjectStore { uri: String, reason: String },
     /// The work was cancelled through its stop flag.
     #[error("cancelled")]
     Cancelled,

@@ -9,6 +9,7 @@ pub mod header;
 pub mod paths;
 pub mod pools;
 pub mod query;
+pub mod remote;
 pub mod scan;
 pub mod throughput;
 pub mod vectors;
@@ -17,6 +18,7 @@ pub mod walk;
 mod leases;
 mod open;
 mod py;
+mod py_remote;
 mod schema;
 
 use pyo3::prelude::*;
@@ -33,5 +35,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py::image_size, m)?)?;
     m.add_function(wrap_pyfunction!(py::probe_image, m)?)?;
     m.add_function(wrap_pyfunction!(py::probe_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(py_remote::read_object, m)?)?;
+    m.add_function(wrap_pyfunction!(py_remote::read_objects, m)?)?;
     Ok(())
 }

@@ -372,12 +372,13 @@ mod tests {
         {
             let c = Connection::open(&p).unwrap();
             c.execute_batch(SCHEMA).unwrap();
-            // version 1 had no job heartbeat and no dataset high-water mark
+            // version 1 had no job heartbeat, no dataset high-water mark and no ETag
             c.execute_batch(
                 "ALTER TABLE jobs DROP COLUMN heartbeat;
                  DROP INDEX samples_suspect;
                  ALTER TABLE samples DROP COLUMN lease_id;
                  ALTER TABLE samples DROP COLUMN attempts;
+                 ALTER TABLE samples DROP COLUMN etag;
                  INSERT INTO meta VALUES ('schema_version', '1');
                  INSERT INTO datasets (id, name, created_at) VALUES (7, 'old', 0);
                  INSERT INTO jobs (dataset_id, kind, source, created_at, running_owner)

@@ -34,6 +34,7 @@ fn to_py(e: Error) -> PyErr {
             "PathNotFoundError"
         }
         Error::Io { .. } => "InvalidArgumentError",
+        Error::ObjectStore { .. } => "ObjectStoreError",
         Error::Cancelled => "CancelledError",
     };
     let msg = e.to_string();
@@ -100,7 +101,7 @@ impl Drop for SetOnDrop<'_> {
 /// (a `KeyboardInterrupt` from the handler) it sets `stop`, joins the worker (whose loops
 /// check `stop` often enough to end within ~0.2 s) and returns the signal's exception. Every
 /// `BEAT_EVERY` it runs `beat` (GIL released) to renew what the call holds in the store.
-fn run_interruptibly<T: Send>(
+pub(crate) fn run_interruptibly<T: Send>(
     py: Python<'_>,
     stop: &AtomicBool,
     mut beat: Option<db::Heartbeat>,
@@ -389,7 +390,8 @@ impl Store {
             .collect())
     }
 
-    /// Phase 1 for a folder; returns after the rows are committed.
+    /// Phase 1 for a folder, or an object-store root (`s3://bucket/prefix/`); returns after
+    /// the rows are committed.
     #[pyo3(signature = (dataset_id, root, *, include_hidden=false, follow_links=false, stop=None))]
     fn scan<'py>(
         &self,
@@ -403,6 +405,12 @@ impl Store {
         let stop = stop.unwrap_or_default();
         let beat = db::Heartbeat::jobs(&self.path, &self.job_owner);
         let s: ScanSummary = run_interruptibly(py, &stop.flag, Some(beat), || {
+            if let Some(uri) = crate::remote::ObjectUri::from_path(&root.0) {
+                let uri = uri?;
+                return self
+                    .lock()
+                    .scan_objects(dataset_id, &uri, include_hidden, &stop.flag);
+            }
             let root = scan::absolute_dir(&root.0)?;
             self.lock()
                 .scan(dataset_id, &root, include_hidden, follow_links, &stop.flag)
@@ -429,9 +437,19 @@ impl Store {
         let stop = stop.unwrap_or_default();
         let beat = db::Heartbeat::jobs(&self.path, &self.job_owner);
         let s: CocoSummary = run_interruptibly(py, &stop.flag, Some(beat), || {
-            let root = scan::absolute_dir(&images_root)?;
-            let json = std::path::absolute(&annotations_json)
-                .map_err(|e| Error::io(Path::new(&annotations_json), e))?;
+            // A bucket URI is taken as it is (the ingest parses and checks it).
+            let remote = |s: &str| crate::remote::is_object_path(Path::new(s));
+            let root = if remote(&images_root) {
+                PathBuf::from(&images_root)
+            } else {
+                scan::absolute_dir(&images_root)?
+            };
+            let json = if remote(&annotations_json) {
+                PathBuf::from(&annotations_json)
+            } else {
+                std::path::absolute(&annotations_json)
+                    .map_err(|e| Error::io(Path::new(&annotations_json), e))?
+            };
             self.lock()
                 .ingest_coco(dataset_id, &json, &root, &stop.flag)
         })?;

@@ -515,11 +515,18 @@ impl Store {
                     break Ok(());
                 };
                 after = last.id;
-                let Some(probed) = probe_files(&batch, &[stop, halt]) else {
-                    continue; // stopped inside the batch: the checks above say why
-                };
+                // Object-store rows (s3://...) are read by `remote`, files by the I/O pool.
+                let (probed, failed) =
+                    match crate::remote::probe::probe_batch(&batch, &[stop, halt]) {
+                        Ok(Some(p)) => p,
+                        Ok(None) => continue, // stopped inside the batch: the checks above say why
+                        Err(e) => break Err(e),
+                    };
                 if tx.send(probed).is_err() {
                     break Ok(()); // the writer stopped; its result says why
+                }
+                if let Some(e) = failed {
+                    break Err(e); // what was probed is written first
                 }
             };
             // Close the channel before joining: the writer ends when it has drained it.

@@ -3,7 +3,7 @@
 
 /// Bumped whenever the schema changes. An older store is migrated in place on open (additive
 /// changes only, see `MIGRATIONS`); a newer one is refused.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// Written into the SQLite header of every store (`PRAGMA application_id`), so a store is
 /// known as one by its first 100 bytes ("FIDX").
@@ -128,6 +128,10 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
             batches_sql!()
         ),
     ),
+    // 6 -> 7 (issue 9, object-storage roots): the ETag an object had when it was listed, so
+    // that adding a bucket again can tell a changed object from the same one (objects are
+    // compared by ETag and size, not by last-modified). NULL for files.
+    (6, "ALTER TABLE samples ADD COLUMN etag TEXT;"),
 ];
 
 /// Recent commits per phase, for rates (see `throughput.rs`): a few dozen rows per phase.
@@ -197,6 +201,8 @@ CREATE TABLE IF NOT EXISTS samples (
     -- died with it.
     lease_id INTEGER,
     attempts INTEGER NOT NULL DEFAULT 0,
+    -- The object's ETag when listed (object-storage roots only; see MIGRATIONS 6 -> 7).
+    etag TEXT,
     UNIQUE (root_id, path)
 );
 -- Pages in id order walk (dataset_id, id). The queue statuses and `failed` have partial

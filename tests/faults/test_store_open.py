@@ -203,6 +203,7 @@ con.executescript('''
     DROP INDEX samples_suspect;
     ALTER TABLE samples DROP COLUMN lease_id;
     ALTER TABLE samples DROP COLUMN attempts;
+    ALTER TABLE samples DROP COLUMN etag;  -- added by 6 -> 7
     DELETE FROM meta WHERE key = 'last_dataset_id';
     UPDATE meta SET value = '1' WHERE key = 'schema_version';
 ''')

@@ -21,16 +21,22 @@ from ..sample import Sample
 from .errors import JSONResponse, install_error_handlers, refuse_websocket, status_of
 from .guard import LocalOnly, SafeStaticFiles
 from .media import (
+    OBJECT_CHUNK,
+    OBJECT_READ_BUDGET,
+    OBJECT_READS,
     THUMB_WORKERS,
     DecodeBudget,
+    ObjectResponse,
     OpenFileResponse,
     ThumbnailCache,
     cache_key,
     content_type,
     decode_cost,
     etag,
+    is_object_sample,
     open_image,
     open_sample_file,
+    read_object_for_thumbnail,
     render_thumbnail,
 )
 from .roots import allowed_path, real_roots
@@ -127,7 +133,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        budget[:] = [DecodeBudget()]
+        budget[:] = [DecodeBudget(), DecodeBudget(pixels=OBJECT_READ_BUDGET, jobs=OBJECT_READS)]
         app.state.decode_budget = budget[0]
         state.store()  # open the event loop thread's connection now, not on a first request
         yield
@@ -350,6 +356,16 @@ def create_app(
         """The original file of an indexed sample, with its content type. 403 if its path
         now leads outside its dataset's folder (a link swapped in after indexing)."""
         sample = await run_in_threadpool(state.indexed_sample, sample_id)
+        if is_object_sample(sample):
+            return await run_in_threadpool(
+                ObjectResponse.start,
+                sample,
+                media_type=content_type(sample),
+                headers={
+                    "X-Content-Type-Options": "nosniff",
+                    "Cache-Control": "private, max-age=3600",
+                },
+            )
         f = await run_in_threadpool(open_sample_file, sample)
         try:
             return OpenFileResponse(
@@ -396,7 +412,12 @@ def create_app(
             del making[key]
 
     async def _thumbnail(sample: Sample) -> bytes:
-        f = await run_in_threadpool(open_sample_file, sample)
+        if is_object_sample(sample):
+            # Read whole before decoding: object bytes in flight are bounded as pixels are.
+            async with budget[1].hold(sample.size_bytes or OBJECT_CHUNK):
+                f = await run_in_threadpool(read_object_for_thumbnail, sample)
+        else:
+            f = await run_in_threadpool(open_sample_file, sample)
         try:
             name = f"sample {sample.id}: {sample.path}"
             img = await run_in_threadpool(open_image, f, name=name)

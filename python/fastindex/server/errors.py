@@ -31,6 +31,7 @@ from ..errors import (
     ImageError,
     InvalidArgumentError,
     NoEmbeddingsError,
+    ObjectStoreError,
 )
 
 log = logging.getLogger("fastindex.server")
@@ -71,6 +72,9 @@ STATUS_OF: tuple[tuple[type[FastIndexError], int], ...] = (
     (EmbeddingError, 409),
     (CancelledError, 409),
     (ImageError, 422),
+    # An object store behind the server that cannot be used (unreachable, credentials): the
+    # server works, what it reads from does not.
+    (ObjectStoreError, 502),
 )
 
 

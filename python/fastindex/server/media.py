@@ -15,7 +15,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from email.utils import formatdate
-from typing import IO, cast
+from typing import IO, Any, cast
 from urllib.parse import quote
 
 from PIL import Image, ImageOps
@@ -23,7 +23,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from ..errors import ImageError
+from ..errors import FastIndexError, ImageError
+from ..objects import is_object_uri, object_uri
 from ..sample import Sample
 from .errors import ForbiddenError, NotFoundError
 from .roots import is_inside
@@ -170,12 +171,7 @@ class OpenFileResponse(Response):
         self.init_headers(headers)
         self.headers["content-length"] = str(st.st_size)
         self.headers["last-modified"] = formatdate(st.st_mtime, usegmt=True)
-        # The name as bytes: a name that is not UTF-8 is sent byte for byte, %-escaped.
-        quoted = quote(os.fsencode(filename))
-        if quoted == filename:
-            self.headers["content-disposition"] = f'inline; filename="{filename}"'
-        else:
-            self.headers["content-disposition"] = f"inline; filename*=utf-8''{quoted}"
+        self.headers["content-disposition"] = _disposition(filename)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gone = asyncio.Event()
@@ -200,6 +196,155 @@ class OpenFileResponse(Response):
         finally:
             watcher.cancel()
             self.file.close()
+
+
+# -- samples under an object root (s3://bucket/prefix/) ---------------------------------------
+# The server streams an object's bytes through the Rust reader rather than redirecting the
+# browser to a presigned URL: the page then only ever loads images from its own origin (a
+# `img-src 'self'` policy holds; no bucket host to allow), credentials and signed URLs (bearer
+# tokens for their lifetime, kept in browser history and logs) never reach the browser, a
+# browser that cannot reach the endpoint (a private VPC endpoint, MinIO on the server's
+# network, moto on loopback in the tests) still sees the images, the URL stays stable so the
+# browser's cache and our ETag work (a signature changes every time), and thumbnails, which
+# the server must decode anyway, share the same path. A big original is sent in ranged reads
+# of `OBJECT_CHUNK` bytes, so a request holds at most one chunk at a time.
+
+#: An original is read in ranges of this many bytes (the first range answers most images
+#: whole).
+OBJECT_CHUNK = 4 << 20
+#: The largest object a thumbnail is made of (it is read whole before decoding); larger is a
+#: 422, and the original is still served.
+MAX_THUMB_OBJECT_BYTES = 256 << 20
+#: Object bytes all thumbnail reads in flight may hold together, and how many run at once.
+OBJECT_READ_BUDGET = 512 << 20
+OBJECT_READS = 32
+
+
+def is_object_sample(sample: Sample) -> bool:
+    """The sample lives in an object store (its root is an `s3://...` URI)."""
+    return is_object_uri(sample.root)
+
+
+def _object_error(sample: Sample, e: FastIndexError) -> FastIndexError:
+    """A failed read as the client should see it: 404 when the object is gone, else the
+    store's own error (502: the server works, the store behind it does not)."""
+    msg = str(e)
+    low = msg.lower()
+    if any(k in low for k in ("not found", "nosuchkey", "404", "no such key")):
+        return NotFoundError(f"sample {sample.id}: {sample.path} is no longer in the bucket")
+    return e
+
+
+def read_sample_object(sample: Sample, start: int | None = None, end: int | None = None) -> bytes:
+    """Bytes `[start, end)` of the sample's object (all of it by default). Blocks (the
+    GIL is released while the request runs).
+
+    Raises:
+        NotFoundError: the object is gone.
+        ObjectStoreError: the store cannot be reached, or refused the read.
+    """
+    from .. import _core
+
+    try:
+        return _core.read_object(object_uri(sample.root, sample.path), start, end)
+    except FastIndexError as e:
+        raise _object_error(sample, e) from e
+
+
+def read_object_for_thumbnail(sample: Sample) -> IO[bytes]:
+    """The sample's object, read whole into memory (at most `MAX_THUMB_OBJECT_BYTES`).
+
+    Raises:
+        ImageError: the object is too large to make a thumbnail of.
+        NotFoundError, ObjectStoreError: as `read_sample_object`.
+    """
+    size = sample.size_bytes or 0
+    if size > MAX_THUMB_OBJECT_BYTES:
+        raise ImageError(
+            f"sample {sample.id}: {sample.path}: cannot make a thumbnail of a {size:,}-byte "
+            f"object (at most {MAX_THUMB_OBJECT_BYTES:,}; the original is still served)"
+        )
+    data = read_sample_object(sample, 0, MAX_THUMB_OBJECT_BYTES + 1)
+    if len(data) > MAX_THUMB_OBJECT_BYTES:
+        raise ImageError(
+            f"sample {sample.id}: {sample.path}: cannot make a thumbnail of an object over "
+            f"{MAX_THUMB_OBJECT_BYTES:,} bytes (the original is still served)"
+        )
+    return io.BytesIO(data)
+
+
+class ObjectResponse(Response):
+    """Sends a sample's object: `first` (read before answering, so that a missing object or
+    an unreachable store is a JSON error, not a cut response), then the rest in ranged reads
+    of `OBJECT_CHUNK` bytes. A read that fails part way ends the response short, as a file
+    that shrank does."""
+
+    def __init__(
+        self,
+        sample: Sample,
+        first: bytes,
+        *,
+        media_type: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.sample = sample
+        self.first = first
+        self.status_code = 200
+        self.media_type = media_type
+        self.background = None
+        self.init_headers(headers)
+        # Short of a chunk: that is the whole object, its length known.
+        self.whole = len(first) < OBJECT_CHUNK
+        if self.whole:
+            self.headers["content-length"] = str(len(first))
+        if sample.mtime_ns:
+            self.headers["last-modified"] = formatdate(sample.mtime_ns / 1e9, usegmt=True)
+        self.headers["content-disposition"] = _disposition(sample.file_name)
+
+    @classmethod
+    def start(cls, sample: Sample, **kw: Any) -> ObjectResponse:
+        """Read the first chunk and make the response. Blocks.
+
+        Raises:
+            NotFoundError, ObjectStoreError: as `read_sample_object`.
+        """
+        return cls(sample, read_sample_object(sample, 0, OBJECT_CHUNK), **kw)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gone = asyncio.Event()
+
+        async def watch() -> None:  # the client left: stop reading the object
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            chunk, at = self.first, 0
+            while True:
+                at += len(chunk)
+                last = len(chunk) < OBJECT_CHUNK or gone.is_set()
+                await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+                if last:
+                    break
+                try:
+                    chunk = await run_in_threadpool(
+                        read_sample_object, self.sample, at, at + OBJECT_CHUNK
+                    )
+                except FastIndexError:  # gone or unreachable part way: end it short
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    break
+        finally:
+            watcher.cancel()
+
+
+def _disposition(filename: str) -> str:
+    # The name as bytes: a name that is not UTF-8 is sent byte for byte, %-escaped.
+    quoted = quote(os.fsencode(filename))
+    if quoted == filename:
+        return f'inline; filename="{filename}"'
+    return f"inline; filename*=utf-8''{quoted}"
 
 
 # -- thumbnails ------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from ..errors import (
     PathNotFoundError,
 )
 from ..jobs import Pipeline, pipeline_for, progress_of
+from ..objects import is_object_uri
 from ..sample import Annotation, Sample
 from .errors import NotFoundError, NotReadyError
 
@@ -378,11 +379,13 @@ class ServerState:
         """
         if not images_path:
             raise InvalidArgumentError("images_path: empty")
-        if not os.path.exists(images_path):
-            raise PathNotFoundError(f"images_path: {images_path} does not exist")
-        if not os.path.isdir(images_path):
-            raise InvalidArgumentError(f"images_path: {images_path} is not a folder")
-        if annotations_json is not None:
+        # A bucket prefix is checked by the scan, which says at once if it cannot be listed.
+        if not is_object_uri(images_path):
+            if not os.path.exists(images_path):
+                raise PathNotFoundError(f"images_path: {images_path} does not exist")
+            if not os.path.isdir(images_path):
+                raise InvalidArgumentError(f"images_path: {images_path} is not a folder")
+        if annotations_json is not None and not is_object_uri(annotations_json):
             if not os.path.exists(annotations_json):
                 raise PathNotFoundError(f"annotations_json: {annotations_json} does not exist")
             if not os.path.isfile(annotations_json):

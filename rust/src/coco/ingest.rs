@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 use rusqlite::params;
 
-use super::parse::{max_bytes, parse, read_limited, Coco};
-use super::paths::{look, Found, Root};
+use super::parse::{max_bytes, parse, read_limited, Coco, MAX_COCO_BYTES_ENV};
+use super::paths::{list_prefix, look, Found, Root};
 use super::plan::Plan;
 use super::write::{Cursor, Tally, Target, TX_PAUSE, TX_TIME};
 use super::CocoSummary;
 use crate::db::Store;
 use crate::error::{Error, Result, StoreContext};
+use crate::remote::ObjectUri;
 use crate::scan::io_pool;
 
 /// Listed files looked at per step while the previous step's rows are written.
@@ -38,14 +39,34 @@ impl Store {
         let json_str = annotations_json.to_str().ok_or_else(|| {
             Error::InvalidArgument(format!("{}: path is not utf-8", annotations_json.display()))
         })?;
-        let bytes = read_limited(annotations_json, max_bytes(), stop)?;
+        let bytes = match ObjectUri::parse(json_str) {
+            Some(uri) => read_object_limited(&uri?, max_bytes(), stop)?,
+            None => read_limited(annotations_json, max_bytes(), stop)?,
+        };
         let coco = parse(annotations_json, &bytes, stop)?;
-        // The real folder: every listed file's real path must lie inside it.
-        let root = std::fs::canonicalize(images_root).map_err(|e| Error::io(images_root, e))?;
-        let root_str = root.to_str().ok_or_else(|| {
-            Error::InvalidArgument(format!("{}: path is not utf-8", root.display()))
-        })?;
         let plan = Plan::new(&coco, stop)?;
+        let root = images_root.to_str().and_then(ObjectUri::parse);
+        let (root, root_str) = match root {
+            // A bucket prefix, as the scan stores it, listed before anything is written (a
+            // bucket that cannot be listed is refused with nothing written).
+            Some(uri) => {
+                let uri = uri?;
+                check_listable(&uri, stop)?;
+                let wanted = plan.names.iter().map(String::as_str).collect();
+                let listing = list_prefix(&uri, &wanted, stop)?;
+                (Root::objects(&uri.root(), listing), uri.root())
+            }
+            // The real folder: every listed file's real path must lie inside it.
+            None => {
+                let root =
+                    std::fs::canonicalize(images_root).map_err(|e| Error::io(images_root, e))?;
+                let root_str = root.to_str().map(str::to_string).ok_or_else(|| {
+                    Error::InvalidArgument(format!("{}: path is not utf-8", root.display()))
+                })?;
+                (Root::new(&root), root_str)
+            }
+        };
+        let root_str = root_str.as_str();
         if stop.load(Ordering::Relaxed) {
             return Err(Error::Cancelled);
         }
@@ -66,10 +87,15 @@ impl Store {
         // The category facet, for what was committed (even by an ingest stopped part way).
         let counted = self.count_categories(dataset_id);
         tally.rejected.sort();
+        let place = if ObjectUri::parse(root_str).is_some() {
+            "in the bucket"
+        } else {
+            "on disk"
+        };
         let mut warnings: Vec<String> = tally
             .missing
             .iter()
-            .map(|m| format!("{m}: listed in the COCO file but not found on disk"))
+            .map(|m| format!("{m}: listed in the COCO file but not found {place}"))
             .chain(
                 tally
                     .rejected
@@ -115,7 +141,7 @@ impl Store {
         json_str: &str,
         root_id: i64,
         prefix: &str,
-        root: &Path,
+        root: &Root,
         coco: &Coco<'_>,
         plan: &Plan,
         tally: &mut Tally,
@@ -152,13 +178,12 @@ impl Store {
     fn look_and_write(
         &mut self,
         target: &Target<'_>,
-        root: &Path,
+        root: &Root,
         coco: &Coco<'_>,
         plan: &Plan,
         tally: &mut Tally,
         stop: &AtomicBool,
     ) -> Result<()> {
-        let root = &Root::new(root);
         let quit = AtomicBool::new(false);
         let (found_tx, found_rx) = sync_channel::<Vec<Found>>(2);
         std::thread::scope(|scope| {
@@ -314,6 +339,39 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// A COCO file in a bucket, read with one ranged GET of at most `limit + 1` bytes: a larger
+/// object is refused without being read whole.
+fn read_object_limited(uri: &ObjectUri, limit: u64, stop: &AtomicBool) -> Result<Vec<u8>> {
+    let name = uri.to_string();
+    let bytes = crate::remote::read::read_object(&name, Some(0), Some(limit + 1), stop)?
+        .ok_or(Error::Cancelled)?;
+    if bytes.len() as u64 > limit {
+        return Err(Error::coco(
+            Path::new(&name),
+            format!(
+                "the object is more than {limit} bytes, the limit \
+                 (set {MAX_COCO_BYTES_ENV} to allow more)"
+            ),
+        ));
+    }
+    Ok(bytes.to_vec())
+}
+
+/// A bucket that cannot be listed (missing, credentials refused, unreachable) fails at once,
+/// with one line naming it, before the (patient) listing would retry.
+fn check_listable(uri: &ObjectUri, stop: &AtomicBool) -> Result<()> {
+    let base = uri.prefix();
+    let prefix = (!base.is_empty())
+        .then(|| {
+            crate::remote::read::object_path(&ObjectUri {
+                key: base,
+                ..uri.clone()
+            })
+        })
+        .transpose()?;
+    crate::remote::list::check_listable(uri, prefix.as_ref(), stop)
 }
 
 #[cfg(test)]

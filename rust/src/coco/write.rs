@@ -7,9 +7,9 @@ use rusqlite::types::{ToSqlOutput, Value, ValueRef};
 use rusqlite::{params, OptionalExtension};
 
 use super::parse::Coco;
-use super::paths::{Found, ESCAPES};
+use super::paths::{Found, Listed, ESCAPES};
 use super::plan::Plan;
-use crate::db::{bump, multi_row_insert, Store, FAILED, INDEXED};
+use crate::db::{bump, multi_row_insert, Store, FAILED, INDEXED, PENDING};
 use crate::error::{Error, Result, StoreContext};
 use crate::throughput;
 
@@ -27,7 +27,7 @@ pub const TX_PAUSE: Duration = Duration::from_millis(3);
 /// cost, not SQLite's per-row work, dominates at 100k files and 700k boxes.
 const ROWS_PER_STATEMENT: usize = 64;
 
-const SAMPLE_COLUMNS: [&str; 15] = [
+const SAMPLE_COLUMNS: [&str; 16] = [
     "dataset_id",
     "job_id",
     "root_id",
@@ -43,6 +43,7 @@ const SAMPLE_COLUMNS: [&str; 15] = [
     "orientation",
     "error",
     "size_mismatch",
+    "etag",
 ];
 
 /// A row already there keeps its status and header; the COCO file's declared size is taken.
@@ -171,7 +172,7 @@ impl Store {
             next_id,
         };
         let mut done = Tally::default();
-        let (mut n_indexed, mut n_failed) = (0i64, 0i64);
+        let (mut n_pending, mut n_indexed, mut n_failed) = (0i64, 0i64, 0i64);
         let end = base + found.len();
         loop {
             write_open_boxes(&tx, &path, t, coco, plan, cur, &mut step, &mut done)?;
@@ -179,7 +180,7 @@ impl Store {
                 break;
             }
             let group = cur.name..end.min(cur.name + ROWS_PER_STATEMENT);
-            let mut rels: Vec<(String, usize, bool)> = Vec::new();
+            let mut rels: Vec<(String, usize, &str)> = Vec::new();
             let mut values: Vec<Value> = Vec::new();
             for k in group.clone() {
                 match &found[k - base] {
@@ -207,11 +208,7 @@ impl Store {
                         }
                         done.skipped += plan.boxes.get(k).len() as u64;
                     }
-                    Found::File {
-                        size,
-                        mtime_ns,
-                        probed,
-                    } => {
+                    found @ (Found::File { .. } | Found::Object(_)) => {
                         let rel = if t.prefix.is_empty() {
                             plan.names[k].clone()
                         } else {
@@ -219,9 +216,8 @@ impl Store {
                         };
                         // The first listing's declared size is the one kept.
                         let im = &coco.images[plan.images.get(k)[0] as usize];
-                        let ok = probed.is_ok();
-                        sample_values(&mut values, t, &rel, *size, *mtime_ns, im, probed);
-                        rels.push((rel, k, ok));
+                        let status = sample_values(&mut values, t, &rel, found, im);
+                        rels.push((rel, k, status));
                     }
                 }
             }
@@ -246,13 +242,13 @@ impl Store {
             let mut del = tx
                 .prepare_cached("DELETE FROM annotations WHERE sample_id = ?1 AND file_id = ?2")
                 .store(&path)?;
-            for ((_, k, ok), (id, owner)) in rels.iter().zip(ids) {
+            for ((_, k, status), (id, owner)) in rels.iter().zip(ids) {
                 if owner == t.job_id {
                     done.added += 1;
-                    if *ok {
-                        n_indexed += 1;
-                    } else {
-                        n_failed += 1;
+                    match *status {
+                        INDEXED => n_indexed += 1,
+                        PENDING => n_pending += 1,
+                        _ => n_failed += 1,
                     }
                 } else {
                     // Ingesting a file again replaces its boxes instead of adding them twice
@@ -270,6 +266,7 @@ impl Store {
             [step.next_id.to_string()],
         )
         .store(&path)?;
+        bump(&tx, t.dataset_id, t.job_id, PENDING, n_pending).store(&path)?;
         bump(&tx, t.dataset_id, t.job_id, INDEXED, n_indexed).store(&path)?;
         bump(&tx, t.dataset_id, t.job_id, FAILED, n_failed).store(&path)?;
         if n_indexed + n_failed > 0 {
@@ -283,27 +280,51 @@ impl Store {
     }
 }
 
+/// The row of a file looked at (`indexed` or `failed`), or of an object not looked at
+/// (`pending`, for phase 2); returns its status.
 fn sample_values(
     values: &mut Vec<Value>,
     t: &Target<'_>,
     rel: &str,
-    size: u64,
-    mtime_ns: i64,
+    found: &Found,
     im: &super::parse::Image,
-    probed: &std::result::Result<crate::header::ImageInfo, String>,
-) {
+) -> &'static str {
     use Value::{Integer, Null, Text};
     let opt = |v: Option<i64>| v.map_or(Null, Integer);
-    let (status, w, h, fmt, orient, err) = match probed {
-        Ok(info) => (
-            INDEXED,
-            Some(i64::from(info.width)),
-            Some(i64::from(info.height)),
-            Some(info.format.name()),
-            info.orientation.map(i64::from),
-            None,
+    let (size, mtime_ns, (status, w, h, fmt, orient, err)) = match found {
+        Found::File {
+            size,
+            mtime_ns,
+            probed: Ok(info),
+        } => (
+            Some(i64::try_from(*size).unwrap_or(i64::MAX)),
+            Some(*mtime_ns),
+            (
+                INDEXED,
+                Some(i64::from(info.width)),
+                Some(i64::from(info.height)),
+                Some(info.format.name()),
+                info.orientation.map(i64::from),
+                None,
+            ),
         ),
-        Err(reason) => (FAILED, None, None, None, None, Some(reason.clone())),
+        Found::File {
+            size,
+            mtime_ns,
+            probed: Err(reason),
+        } => (
+            Some(i64::try_from(*size).unwrap_or(i64::MAX)),
+            Some(*mtime_ns),
+            (FAILED, None, None, None, None, Some(reason.clone())),
+        ),
+        Found::Object(o) => (
+            Some(i64::try_from(o.size).unwrap_or(i64::MAX)),
+            Some(o.mtime_ns),
+            (PENDING, None, None, None, None, None),
+        ),
+        Found::Missing | Found::Escapes | Found::Skipped => {
+            unreachable!("only found files and objects get a row")
+        }
     };
     let mismatch = im.width.is_some() && w.is_some() && (im.width, im.height) != (w, h);
     values.extend([
@@ -311,8 +332,8 @@ fn sample_values(
         Integer(t.job_id),
         Integer(t.root_id),
         Text(rel.to_string()),
-        Integer(i64::try_from(size).unwrap_or(i64::MAX)),
-        Integer(mtime_ns),
+        opt(size),
+        opt(mtime_ns),
         opt(im.width),
         opt(im.height),
         Text(status.to_string()),
@@ -322,7 +343,12 @@ fn sample_values(
         opt(orient),
         err.map_or(Null, Text),
         Integer(i64::from(mismatch)),
+        match found {
+            Found::Object(Listed { etag: Some(e), .. }) => Text(e.clone()),
+            _ => Null,
+        },
     ]);
+    status
 }
 
 /// Boxes of the rows in `cur.open`, until they are all in or the budget is spent.
