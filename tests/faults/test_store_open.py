@@ -14,7 +14,7 @@ from pathlib import Path
 
 import fastindex
 import pytest
-from testkit import sql, table_counts, tmpfs
+from testkit import UNDO_LATER_COLUMNS, sql, table_counts, tmpfs
 
 #: Every way to open a store that a user has.
 OPENERS: dict[str, Callable[[Path], object]] = {
@@ -200,16 +200,13 @@ import sqlite3, sys
 con = sqlite3.connect(sys.argv[1])
 con.executescript('''
     ALTER TABLE jobs DROP COLUMN heartbeat;
-    DROP INDEX samples_suspect;
-    ALTER TABLE samples DROP COLUMN lease_id;
-    ALTER TABLE samples DROP COLUMN attempts;
-    ALTER TABLE samples DROP COLUMN etag;  -- added by 6 -> 7
+    {undo};
     DELETE FROM meta WHERE key = 'last_dataset_id';
     UPDATE meta SET value = '1' WHERE key = 'schema_version';
 ''')
 con.commit()
 con.close()
-"""
+""".replace("{undo}", ";\n    ".join(UNDO_LATER_COLUMNS))
 
 
 def test_a_version_1_store_is_migrated_in_place(tmp_path: Path) -> None:
