@@ -4,6 +4,7 @@ Every call releases the GIL while it works. Calls on one `Store` take turns (one
 connection each); open one `Store` per thread that writes.
 """
 
+from collections.abc import Buffer
 from os import PathLike
 from pathlib import Path
 from typing import Any, Final, final
@@ -233,3 +234,12 @@ class Store:
     def load_embeddings(
         self, dataset_id: int, model_id: int, after: int = 0
     ) -> tuple[int, list[int], bytes]: ...
+    def count_embeddings(self, dataset_id: int, model_id: int, after: int = 0) -> int:
+        """How many embeddings were stored after row `after` (to size a reader's arrays)."""
+
+    def read_embeddings(
+        self, dataset_id: int, model_id: int, after: int, ids: Buffer, out: Buffer
+    ) -> tuple[int, int]:
+        """Read up to `len(ids)` embeddings stored after row `after`, in row order, straight
+        into `ids` (writable int64) and `out` (writable bytes, `len(ids)` rows of float16);
+        returns `(cursor, rows read)`. Pass the cursor back to read on."""
