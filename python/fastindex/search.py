@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -199,6 +200,10 @@ class VectorIndex:
     last one (`refresh`), so results include samples embedded a moment ago.
     """
 
+    #: Called by the background build once its index holds the rows it started with, before
+    #: it takes the lock to catch up and switch (tests hold the build here).
+    _before_switch: Callable[[], object] | None = None
+
     def __init__(
         self,
         dataset: Dataset,
@@ -299,6 +304,8 @@ class VectorIndex:
         try:
             ann = AnnIndex(self.dim, n)
             ann.build(n, self._rows.take, self._rows.span, _to_f32)
+            if self._before_switch is not None:
+                self._before_switch()
             with self._lock:
                 for start in range(ann.n, self._rows.n, CHUNK):
                     ann.add(_to_f32(self._rows.span(start, min(self._rows.n, start + CHUNK))))
