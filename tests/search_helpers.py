@@ -14,7 +14,9 @@ from fastindex import testing
 from fastindex.search import VectorIndex
 
 
-def clustered(n: int, dim: int, *, seed: int = 0, start: int = 0, clusters: int = 200) -> np.ndarray:
+def clustered(
+    n: int, dim: int, *, seed: int = 0, start: int = 0, clusters: int = 200
+) -> np.ndarray:
     """Unit vectors around cluster centres that share a mean direction and live in a
     low-rank subspace, with isotropic noise: random pairs score ~0.3, neighbours ~0.85."""
     g = np.random.default_rng(seed)
@@ -91,7 +93,9 @@ import sqlite3, sys
 con = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
 rows = con.execute(
     "SELECT e.sample_id, e.vector FROM embeddings e JOIN samples s ON s.id = e.sample_id"
-    " WHERE e.model_id = ? AND s.dataset_id = ? ORDER BY e.id", (int(sys.argv[3]), int(sys.argv[2])))
+    " WHERE e.model_id = ? AND s.dataset_id = ? ORDER BY e.id",
+    (int(sys.argv[3]), int(sys.argv[2])),
+)
 for i, v in rows:
     print(i, v.hex())
 """
@@ -119,4 +123,6 @@ def vector_index(
 
 
 def recall_at(found: list[list[int]], truth: list[list[int]], k: int = 10) -> float:
-    return float(np.mean([len(set(f[:k]) & set(t[:k])) / k for f, t in zip(found, truth, strict=True)]))
+    return float(
+        np.mean([len(set(f[:k]) & set(t[:k])) / k for f, t in zip(found, truth, strict=True)])
+    )

@@ -72,7 +72,7 @@ def test_read_embeddings_checks_its_buffers(tmp_path: Path) -> None:
     insert_vectors(ds, model, clustered(10, 16).astype("<f2"))
     store = ds._store
     ids = np.zeros(4, np.int64)
-    with pytest.raises(InvalidArgumentError, match="do.* not hold"):
+    with pytest.raises(InvalidArgumentError, match="does not hold"):
         store.read_embeddings(ds.id, model, 0, ids, np.zeros(4 * 32 + 1, np.uint8))
     with pytest.raises(InvalidArgumentError, match="has 32 bytes, the reader expects 64"):
         store.read_embeddings(ds.id, model, 0, ids, np.zeros(4 * 64, np.uint8))
@@ -198,4 +198,4 @@ def test_loading_costs_about_one_copy_of_the_vectors(tmp_path: Path) -> None:
     # where the one-shot path held two to three.
     cache = 64 << 20
     assert grew["index"] < 1.1 * nbytes + cache, grew
-    assert grew["one-shot"] > 2 * nbytes + cache, grew
+    assert grew["one-shot"] > 2 * nbytes, grew

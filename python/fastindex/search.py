@@ -262,33 +262,37 @@ class VectorIndex:
         with self._lock:
             store, ds, model = self._store, self.dataset.id, self.model_id
             new = store.count_embeddings(ds, model, after=self._cursor)
-            if new == 0:
-                return 0
-            rows, n = self._rows, self._rows.n
-            if n + new > len(self._ids):
-                grown = np.empty(max(n + new, n + n // 16, 1024), np.int64)
-                grown[:n] = self._ids[:n]
-                self._ids = grown
-            got = 0
-            while got < new:
-                rows.reserve(new - got)
-                tail = rows.tail()
-                k = min(len(tail), CHUNK, new - got, len(self._ids) - n - got)
-                # One row per (model, sample) in the store, and an upsert keeps its row id:
-                # a sample is never read twice.
-                cursor, m = store.read_embeddings(
-                    ds, model, self._cursor, self._ids[n + got : n + got + k], tail[:k].view(np.uint8)
-                )
-                if m == 0:
-                    break
-                rows.commit(m)
-                self._cursor = int(cursor)
-                if self._ann is not None:
-                    self._ann.add(_to_f32(tail[:m]))
-                got += m
-            if self._ann_state == "off" and 0 < self.ann_min <= rows.n:
+            got = self._read(new) if new else 0
+            if self._ann_state == "off" and 0 < self.ann_min <= self._rows.n:
                 self._start_build()
             return got
+
+    def _read(self, new: int) -> int:
+        """Read about `new` rows after the cursor into the segments (the lock is held)."""
+        store, ds, model = self._store, self.dataset.id, self.model_id
+        rows, n = self._rows, self._rows.n
+        if n + new > len(self._ids):
+            grown = np.empty(max(n + new, n + n // 16, 1024), np.int64)
+            grown[:n] = self._ids[:n]
+            self._ids = grown
+        got = 0
+        while got < new:
+            rows.reserve(new - got)
+            tail = rows.tail()
+            k = min(len(tail), CHUNK, new - got, len(self._ids) - n - got)
+            # One row per (model, sample) in the store, and an upsert keeps its row id:
+            # a sample is never read twice.
+            cursor, m = store.read_embeddings(
+                ds, model, self._cursor, self._ids[n + got : n + got + k], tail[:k].view(np.uint8)
+            )
+            if m == 0:
+                break
+            rows.commit(m)
+            self._cursor = int(cursor)
+            if self._ann is not None:
+                self._ann.add(_to_f32(tail[:m]))
+            got += m
+        return got
 
     def _start_build(self) -> None:
         if not isinstance(self._rows, _FaissRows):
