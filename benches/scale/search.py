@@ -140,13 +140,14 @@ during = []
 while not index.wait_ann(0):  # exact keeps answering while the index builds
     if len(during) < 5:
         q = queries[len(during)]
-        t1 = time.perf_counter(); index.search_vector(q, 10); during.append(time.perf_counter() - t1)
+        t1 = time.perf_counter(); index.search_vector(q, 10)
+        during.append(time.perf_counter() - t1)
     else:
         index.wait_ann(5)
 out["build_s"] = time.perf_counter() - t
 out["during_ms"] = [x * 1e3 for x in during]
 out["state"], out["error"], out["mode"] = index.ann_state, index.ann_error, index.mode
-out["nlist"], out["nprobe"] = index._ann.nlist, index._ann.index.nprobe
+out["nlist"], out["nprobe"] = index._ann.nlist, fastindex.ann.nprobe()
 out["build_hwm"] = status("VmHWM")
 lat, rec = [], []
 more = clustered(3 * nq, dim, start=10**9 + 1)
@@ -214,7 +215,8 @@ def run(args: argparse.Namespace) -> list[Row]:
             "search: load peak RSS",
             f"{r['load_hwm'] * mb:,.0f} MB",
             f"~{gb * 1e3:,.0f} MB + base",
-            f"grew {(r['load_hwm'] - r['rss_before']) * mb:,.0f} MB; base {r['rss_before'] * mb:,.0f} MB",
+            f"grew {(r['load_hwm'] - r['rss_before']) * mb:,.0f} MB;"
+            f" base {r['rss_before'] * mb:,.0f} MB",
         ),
         (
             "search: exact p50",

@@ -4,7 +4,6 @@ Every call releases the GIL while it works. Calls on one `Store` take turns (one
 connection each); open one `Store` per thread that writes.
 """
 
-from collections.abc import Buffer
 from os import PathLike
 from pathlib import Path
 from typing import Any, Final, final
@@ -238,7 +237,7 @@ class Store:
         """How many embeddings were stored after row `after` (to size a reader's arrays)."""
 
     def read_embeddings(
-        self, dataset_id: int, model_id: int, after: int, ids: Buffer, out: Buffer
+        self, dataset_id: int, model_id: int, after: int, ids: Any, out: Any
     ) -> tuple[int, int]:
         """Read up to `len(ids)` embeddings stored after row `after`, in row order, straight
         into `ids` (writable int64) and `out` (writable bytes, `len(ids)` rows of float16);

@@ -3,11 +3,12 @@ scalar-quantised codes (`IVF{nlist},SQ8`, inner product).
 
 Why IVF-SQ8 (measured on this project's 2-core CI machine, 1M clustered 512-d vectors,
 `benches/scale/search.py` for 10M): HNSW's build is hours at 10M on 2 cores and holds its own
-float32 copy; IVF-flat would be a float32 copy (20 GB at 10M x 512); IVF-PQ and 4-bit fast-scan
-codes are smaller but rank poorly enough that recall@10 after reranking 100 candidates was
-0.43 on the same data, while IVF-SQ8 kept recall 1.0 at nprobe 8-64 for 1 byte per value
-(5 GB at 10M x 512, beside the 10 GB float16 copy the exact engine holds). The candidates are
-reranked exactly against that float16 copy, so scores match exact search's.
+float32 copy; IVF-flat would be a float32 copy (20 GB at 10M x 512); IVF-PQ codes are smaller
+but rank poorly enough that recall@10 after reranking 100 candidates was 0.60 (PQ64, whose
+training took 460 s) and 0.43 (4-bit fast-scan PQ64x4) on the same data, while IVF-SQ8 kept
+recall 1.0 at nprobe 8-64 for 1 byte per value (5 GB at 10M x 512, beside the 10 GB float16
+copy the exact engine holds). The candidates are reranked exactly against that float16
+copy, so scores match exact search's.
 
 Built from the float16 rows in chunks (float32 only for one chunk at a time); the caller runs
 `build` in a background thread (faiss releases the GIL) and adds later rows with `add`.
@@ -59,7 +60,7 @@ class AnnIndex:
         self.dim = dim
         self.nlist = nlist_for(n)
         self.index = faiss.index_factory(dim, f"IVF{self.nlist},SQ8", faiss.METRIC_INNER_PRODUCT)
-        self.index.nprobe = nprobe()
+        faiss.extract_index_ivf(self.index).nprobe = nprobe()
 
     @property
     def n(self) -> int:

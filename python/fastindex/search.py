@@ -391,7 +391,8 @@ class VectorIndex:
 
     def _vector_of(self, pos: int) -> np.ndarray:
         with self._lock:
-            return _to_f32(self._rows.take(np.array([pos], np.int64)))[0]
+            row: np.ndarray = _to_f32(self._rows.take(np.array([pos], np.int64)))[0]
+        return row
 
     def _samples(self, hits: list[tuple[int, float]]) -> list[tuple[Sample, float]]:
         by_id = {s.id: s for s in self.dataset.samples_by_id([i for i, _ in hits])}
