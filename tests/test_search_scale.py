@@ -176,7 +176,7 @@ CHILD = textwrap.dedent(
 
 
 def test_loading_costs_about_one_copy_of_the_vectors(tmp_path: Path) -> None:
-    dim, n = 256, 300_000  # 150 MB of float16
+    dim, n = 256, 200_000  # 100 MB of float16
     db = tmp_path / "a.db"
     ds, model = new_dataset(db, dim=dim)
     for start in range(0, n, 100_000):
