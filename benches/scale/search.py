@@ -195,10 +195,10 @@ def run(args: argparse.Namespace) -> list[Row]:
     if child.returncode != 0:
         raise SystemExit(f"search child failed:\n{child.stderr[-3000:]}")
     r = json.loads(child.stdout.strip().splitlines()[-1])
-    gb = n * dim * 2 / 1e9
-    mb = 1 / 2**20
+    mib = n * dim * 2 / 2**20  # the float16 copy
+    mb = 1 / 2**20  # bytes -> MiB
     rows: list[Row] = [
-        ("search: vectors", f"{r['n']:,} x {dim}", "10M x 512", f"float16 copy {gb:.1f} GB"),
+        ("search: vectors", f"{r['n']:,} x {dim}", "10M x 512", f"float16 copy {mib:,.0f} MiB"),
     ]
     if fill_s is not None:
         rows.append(
@@ -213,10 +213,10 @@ def run(args: argparse.Namespace) -> list[Row]:
         ),
         (
             "search: load peak RSS",
-            f"{r['load_hwm'] * mb:,.0f} MB",
-            f"~{gb * 1e3:,.0f} MB + base",
-            f"grew {(r['load_hwm'] - r['rss_before']) * mb:,.0f} MB;"
-            f" base {r['rss_before'] * mb:,.0f} MB",
+            f"{r['load_hwm'] * mb:,.0f} MiB",
+            f"~{mib:,.0f} MiB + base",
+            f"grew {(r['load_hwm'] - r['rss_before']) * mb:,.0f} MiB;"
+            f" base {r['rss_before'] * mb:,.0f} MiB",
         ),
         (
             "search: exact p50",
@@ -252,9 +252,9 @@ def run(args: argparse.Namespace) -> list[Row]:
         ),
         (
             "search: peak RSS (load + index)",
-            f"{r['hwm'] * mb:,.0f} MB",
+            f"{r['hwm'] * mb:,.0f} MiB",
             "one copy + index",
-            f"SQ8 codes ~{gb / 2 * 1e3:,.0f} MB",
+            f"SQ8 codes ~{mib / 2:,.0f} MiB",
         ),
     ]
     return rows
