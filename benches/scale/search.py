@@ -5,7 +5,8 @@ The store is a real fastindex store (dataset and model made by fastindex); its 1
 and embedding rows are written with Python's sqlite3 (in this parent process, which opens no
 fastindex store), because making them through phase 3 would mean embedding 10M images.
 Everything measured runs in a fresh child process that reads the store through fastindex.
-Needs about 16 GB of RAM at 10M x 512: run under `flock /work/helpers/bigbench.lock`.
+Needs about 18 GB of RAM at 10M x 512 (peak 17.3 GiB measured): run under
+`flock /work/helpers/bigbench.lock`.
 """
 
 from __future__ import annotations
