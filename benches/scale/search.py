@@ -38,7 +38,8 @@ def clustered(
 ) -> np.ndarray:
     """Unit vectors clustered like CLIP's: centres in a low-rank subspace sharing a mean
     direction, isotropic noise (random pairs score ~0.3, nearest neighbours ~0.85). Chunks
-    with different `start` come from the same clusters (tests/search_helpers.py: the same)."""
+    with different `start` come from the same clusters (tests/search_helpers.py has the same
+    generator, with fewer clusters for its smaller sets)."""
     g = np.random.default_rng(seed)
     rank = min(dim, 96)
     basis = g.standard_normal((rank, dim)).astype(np.float32) / np.sqrt(rank)
