@@ -302,3 +302,12 @@ class Store:
     def load_embeddings(
         self, dataset_id: int, model_id: int, after: int = 0
     ) -> tuple[int, list[int], bytes]: ...
+    def count_embeddings(self, dataset_id: int, model_id: int, after: int = 0) -> int:
+        """How many embeddings were stored after row `after` (to size a reader's arrays)."""
+
+    def read_embeddings(
+        self, dataset_id: int, model_id: int, after: int, ids: Any, out: Any
+    ) -> tuple[int, int]:
+        """Read up to `len(ids)` embeddings stored after row `after`, in row order, straight
+        into `ids` (writable int64) and `out` (writable bytes, `len(ids)` rows of float16);
+        returns `(cursor, rows read)`. Pass the cursor back to read on."""

@@ -342,7 +342,8 @@ class Dataset:
         self._pipeline.kick(resolved, engine=engine)
 
     def embeddings(self, model: EmbeddingModel | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """`(ids, vectors)`: the L2-normalised float32 embeddings stored so far."""
+        """`(ids, vectors)`: the L2-normalised float32 embeddings stored so far (a float32
+        copy of all of them: 2 GB a million 512-d vectors)."""
         from .search import index_for
 
         return index_for(self, model).snapshot()
@@ -350,7 +351,9 @@ class Dataset:
     def search(
         self, text: str, *, k: int = 20, model: EmbeddingModel | None = None
     ) -> list[tuple[Sample, float]]:
-        """The `k` samples whose embeddings best match `text` (exact cosine search)."""
+        """The `k` samples whose embeddings best match `text` (cosine: exact search, or past
+        `FASTINDEX_ANN_MIN` vectors, default 2M, an approximate index's candidates scored
+        exactly once it is built in the background; see `fastindex.search`)."""
         from .search import index_for
 
         return index_for(self, model).search_text(text, k=k)

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
@@ -804,6 +805,53 @@ impl Store {
         r(py.detach(|| {
             self.lock()
                 .release_batch(dataset_id, batch, &ids, worker_died, max_attempts, &owner)
+        }))
+    }
+
+    /// How many embeddings were stored after `after` (to size the arrays of a reader).
+    #[pyo3(signature = (dataset_id, model_id, after=0))]
+    fn count_embeddings(
+        &self,
+        py: Python<'_>,
+        dataset_id: i64,
+        model_id: i64,
+        after: i64,
+    ) -> Res<i64> {
+        r(py.detach(|| self.lock().count_embeddings(dataset_id, model_id, after)))
+    }
+
+    /// Read up to `len(ids)` embeddings stored after `after` straight into `ids` (writable
+    /// int64 buffer) and `out` (writable bytes, `len(ids)` rows); returns `(cursor, rows)`.
+    fn read_embeddings(
+        &self,
+        py: Python<'_>,
+        dataset_id: i64,
+        model_id: i64,
+        after: i64,
+        ids: PyBuffer<i64>,
+        out: PyBuffer<u8>,
+    ) -> Res<(i64, usize)> {
+        for (name, readonly, contiguous) in [
+            ("ids", ids.readonly(), ids.is_c_contiguous()),
+            ("out", out.readonly(), out.is_c_contiguous()),
+        ] {
+            if readonly || !contiguous {
+                return Err(to_py(Error::InvalidArgument(format!(
+                    "read_embeddings: {name} must be a writable C-contiguous buffer"
+                ))));
+            }
+        }
+        // The buffers stay alive (and exported) for the whole call; the GIL is released
+        // while SQLite reads, so the pointers cross into the closure as plain addresses.
+        let (ids_at, ids_len) = (ids.buf_ptr() as usize, ids.item_count());
+        let (out_at, out_len) = (out.buf_ptr() as usize, out.item_count());
+        r(py.detach(|| {
+            // SAFETY: both regions are writable, contiguous and held by `ids`/`out` until
+            // this function returns; fastindex does not touch them from Python meanwhile.
+            let ids = unsafe { std::slice::from_raw_parts_mut(ids_at as *mut i64, ids_len) };
+            let out = unsafe { std::slice::from_raw_parts_mut(out_at as *mut u8, out_len) };
+            self.lock()
+                .read_embeddings(dataset_id, model_id, after, ids, out)
         }))
     }
 

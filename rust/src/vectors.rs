@@ -19,6 +19,12 @@ pub(crate) const CLAIM: &str = "UPDATE samples SET status = 'embedding'
                   ORDER BY id LIMIT ?2)
      RETURNING id, job_id, root_id, path";
 
+/// The rows after a cursor, driven by the rowid range (`+` keeps SQLite off the
+/// `(model_id, sample_id)` index, which would visit every row of the model): O(rows after).
+/// Parameters: model, dataset, cursor.
+const AFTER_CURSOR: &str = "FROM embeddings e CROSS JOIN samples s ON s.id = e.sample_id
+     WHERE e.id > ?3 AND +e.model_id = ?1 AND s.dataset_id = ?2";
+
 impl Store {
     /// The id of a model, registered on first use. A second model's embeddings live beside
     /// the first's.
@@ -258,9 +264,72 @@ impl Store {
         Ok(moves.values().sum::<i64>() as u64)
     }
 
+    /// How many embeddings of a dataset's samples by one model were stored after row
+    /// `after`: what a reader preallocates before `read_embeddings`. O(rows counted).
+    pub fn count_embeddings(&self, dataset_id: i64, model_id: i64, after: i64) -> Result<i64> {
+        self.conn
+            .prepare_cached(&format!("SELECT count(*) {AFTER_CURSOR}"))
+            .store(&self.path)?
+            .query_row(params![model_id, dataset_id, after], |r| r.get(0))
+            .store(&self.path)
+    }
+
+    /// Read the next embeddings of a dataset's samples by one model stored after row `after`,
+    /// in row order, straight into the caller's buffers: at most `ids.len()` rows, their
+    /// sample ids into `ids` and their float16 bytes into `out` (`ids.len()` rows of
+    /// `out.len() / ids.len()` bytes each). Returns `(cursor, rows read)`; pass the cursor
+    /// back to read on. A reader that calls this in chunks holds one copy of the vectors.
+    pub fn read_embeddings(
+        &self,
+        dataset_id: i64,
+        model_id: i64,
+        after: i64,
+        ids: &mut [i64],
+        out: &mut [u8],
+    ) -> Result<(i64, usize)> {
+        if ids.is_empty() || out.len() % ids.len() != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "read_embeddings: a buffer of {} bytes does not hold {} whole rows",
+                out.len(),
+                ids.len()
+            )));
+        }
+        let row_bytes = out.len() / ids.len();
+        let mut st = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT e.id, e.sample_id, e.vector {AFTER_CURSOR} ORDER BY e.id LIMIT ?4"
+            ))
+            .store(&self.path)?;
+        let mut rows = st
+            .query(params![model_id, dataset_id, after, ids.len() as i64])
+            .store(&self.path)?;
+        let (mut cursor, mut n) = (after, 0);
+        while let Some(r) = rows.next().store(&self.path)? {
+            let v = r
+                .get_ref(2)
+                .store(&self.path)?
+                .as_blob()
+                .map_err(rusqlite::Error::from)
+                .store(&self.path)?;
+            if v.len() != row_bytes {
+                return Err(Error::InvalidArgument(format!(
+                    "embedding of sample {} has {} bytes, the reader expects {row_bytes}",
+                    r.get::<_, i64>(1).store(&self.path)?,
+                    v.len()
+                )));
+            }
+            cursor = r.get(0).store(&self.path)?;
+            ids[n] = r.get(1).store(&self.path)?;
+            out[n * row_bytes..(n + 1) * row_bytes].copy_from_slice(v);
+            n += 1;
+        }
+        Ok((cursor, n))
+    }
+
     /// Embeddings of a dataset's samples by one model, inserted after row `after` (pass 0 for
-    /// all; pass the returned cursor to read only what came since).
-    /// Returns `(cursor, sample ids, float16 bytes)`.
+    /// all; pass the returned cursor to read only what came since), all at once.
+    /// Returns `(cursor, sample ids, float16 bytes)`. Search reads with `read_embeddings`.
     pub fn load_embeddings(
         &self,
         dataset_id: i64,
@@ -272,10 +341,9 @@ impl Store {
         // and sorts them before the first new one comes out.
         let mut st = self
             .conn
-            .prepare_cached(
-                "SELECT e.id, e.sample_id, e.vector FROM embeddings e JOIN samples s ON s.id = e.sample_id
-                 WHERE +e.model_id = ?1 AND s.dataset_id = ?2 AND e.id > ?3 ORDER BY e.id",
-            )
+            .prepare_cached(&format!(
+                "SELECT e.id, e.sample_id, e.vector {AFTER_CURSOR} ORDER BY e.id"
+            ))
             .store(&self.path)?;
         let mut rows = st
             .query(params![model_id, dataset_id, after])
