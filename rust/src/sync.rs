@@ -128,10 +128,10 @@ struct Tally {
 }
 
 impl Tally {
-    fn moved(&mut self, job: i64, from: &str, to: &str) {
-        if from != to {
+    fn moved(&mut self, (job, from): (i64, &str), (to_job, to): (i64, &str)) {
+        if (job, from) != (to_job, to) {
             *self.moves.entry((job, from.to_string())).or_default() -= 1;
-            *self.moves.entry((job, to.to_string())).or_default() += 1;
+            *self.moves.entry((to_job, to.to_string())).or_default() += 1;
         }
     }
 
@@ -149,18 +149,20 @@ impl Tally {
     }
 }
 
-/// Back to `pending` with what phases 2 and 3 wrote dropped (a changed file is a new image).
+/// Back to `pending` with what phases 2 and 3 wrote dropped (a changed file is a new image),
+/// in job `job` (the sync's, so that waiting for it waits for the row; `None`: its own).
 /// Only if the row is still as `k` says (another writer may have moved it since it was read).
 fn reset(
     tx: &Transaction<'_>,
     k: &Known,
-    size: Option<u64>,
-    mtime_ns: Option<i64>,
+    file: Option<(u64, i64)>,
+    job: Option<i64>,
     t: &mut Tally,
 ) -> rusqlite::Result<bool> {
+    let job = job.unwrap_or(k.job_id);
     let n = tx
         .prepare_cached(
-            "UPDATE samples SET status = 'pending', size_bytes = COALESCE(?3, size_bytes),
+            "UPDATE samples SET status = 'pending', job_id = ?6, size_bytes = COALESCE(?3, size_bytes),
                  mtime_ns = COALESCE(?4, mtime_ns), width = NULL, height = NULL, format = NULL,
                  orientation = NULL, error = NULL, size_mismatch = 0
              WHERE id = ?1 AND status = ?2 AND format IS ?5",
@@ -168,9 +170,10 @@ fn reset(
         .execute(params![
             k.id,
             k.status,
-            size.map(|s| s as i64),
-            mtime_ns,
-            k.format
+            file.map(|f| f.0 as i64),
+            file.map(|f| f.1),
+            k.format,
+            job
         ])?;
     if n == 0 {
         return Ok(false);
@@ -183,7 +186,7 @@ fn reset(
     if let Some(f) = &k.format {
         *t.formats.entry(f.clone()).or_default() += 1;
     }
-    t.moved(k.job_id, &k.status, PENDING);
+    t.moved((k.job_id, &k.status), (job, PENDING));
     Ok(true)
 }
 
@@ -195,7 +198,7 @@ fn mark_missing(tx: &Transaction<'_>, k: &Known, t: &mut Tally) -> rusqlite::Res
         .prepare_cached("UPDATE samples SET status = 'missing' WHERE id = ?1 AND status = ?2")?
         .execute(params![k.id, k.status])?;
     if n > 0 {
-        t.moved(k.job_id, &k.status, MISSING);
+        t.moved((k.job_id, &k.status), (k.job_id, MISSING));
         t.counts.removed += 1;
     }
     Ok(())
@@ -267,7 +270,7 @@ fn apply_files(
                 seen(k.id);
                 if unchanged(&k, *size, *mtime) {
                     t.counts.unchanged += 1;
-                } else if reset(tx, &k, Some(*size), Some(*mtime), t)? {
+                } else if reset(tx, &k, Some((*size, *mtime)), Some(job_id), t)? {
                     t.counts.changed += 1;
                 }
             }
