@@ -117,23 +117,33 @@ def test_sync_matches_a_clean_index(tmp_path: Path, new_dataset: Any, db: Path) 
     assert rows(ds)["bad.png"] == ("indexed", 6, 6, "PNG")
     assert ds.retry_failed() == 0
     assert rows(ds) == rows(clean_index(db, root))
-    assert testkit.progress_counts(ds.get_loading_progress()) == testkit.status_counts(
-        ds.db, ds.id
-    )
+    assert testkit.progress_counts(ds.get_loading_progress()) == testkit.status_counts(ds.db, ds.id)
     # the format facet follows: no count is left for the BMP's old probe or missing rows' loss
     (formats,) = testkit.sql(
         db,
-        ("SELECT format, COUNT(*) FROM samples WHERE dataset_id = ? AND format IS NOT NULL"
-         " GROUP BY format", [ds.id]),
+        (
+            "SELECT format, COUNT(*) FROM samples WHERE dataset_id = ? AND format IS NOT NULL"
+            " GROUP BY format",
+            [ds.id],
+        ),
     )
     assert ds.facets()["format"] == dict(formats)
 
 
 AUDIT = [
     ("CREATE TABLE audit (op TEXT)", []),
-    ("CREATE TRIGGER audit_i AFTER INSERT ON samples BEGIN INSERT INTO audit VALUES ('i'); END", []),
-    ("CREATE TRIGGER audit_u AFTER UPDATE ON samples BEGIN INSERT INTO audit VALUES ('u'); END", []),
-    ("CREATE TRIGGER audit_d AFTER DELETE ON samples BEGIN INSERT INTO audit VALUES ('d'); END", []),
+    (
+        "CREATE TRIGGER audit_i AFTER INSERT ON samples BEGIN INSERT INTO audit VALUES ('i'); END",
+        [],
+    ),
+    (
+        "CREATE TRIGGER audit_u AFTER UPDATE ON samples BEGIN INSERT INTO audit VALUES ('u'); END",
+        [],
+    ),
+    (
+        "CREATE TRIGGER audit_d AFTER DELETE ON samples BEGIN INSERT INTO audit VALUES ('d'); END",
+        [],
+    ),
 ]
 
 
@@ -298,9 +308,22 @@ def test_cli_index_again_syncs_and_retries_on_request(tmp_path: Path) -> None:
 
     def index(*extra: str) -> str:
         done = subprocess.run(
-            [sys.executable, "-m", "fastindex.cli", "index", str(root), "--db", str(db),
-             "--no-embed", "--quiet", *extra],
-            capture_output=True, text=True, timeout=120, check=False,
+            [
+                sys.executable,
+                "-m",
+                "fastindex.cli",
+                "index",
+                str(root),
+                "--db",
+                str(db),
+                "--no-embed",
+                "--quiet",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
         assert done.returncode in (0, 1), done.stderr
         return done.stderr
@@ -367,7 +390,10 @@ def test_phase_one_memory_does_not_grow_with_the_files(tmp_path: Path) -> None:
             db = mnt / f"s{levels}.db"
             done = subprocess.run(
                 [sys.executable, "-c", MEASURE, os.fspath(tree), os.fspath(db)],
-                capture_output=True, text=True, timeout=300, check=False,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
             )
             assert done.returncode == 0, done.stderr
             peak, added = map(int, done.stdout.split())
@@ -377,4 +403,3 @@ def test_phase_one_memory_does_not_grow_with_the_files(tmp_path: Path) -> None:
     (small, small_db), (big, big_db) = peaks
     beyond_cache = (big - small) - (big_db - small_db)
     assert beyond_cache < 12e6, (peaks, beyond_cache)
-

@@ -22,6 +22,7 @@ would leave a row in the audit table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -73,13 +74,22 @@ def _pool(dest: Path) -> list[Path]:
     return out
 
 
+BLOCK = 1_000_000
+
+
 def rel_name(i: int, pool: list[Path]) -> str:
-    d = i // PER_DIR
-    return f"a{d // 100:04d}/b{d % 100:02d}/img_{i:08d}{pool[i % len(pool)].suffix}"
+    """Name of file `i`: blocks of a million files under ten top folders each, 1,000 files
+    per folder; block k is a copy (hard links, `cp -al`) of block 0."""
+    k, j = divmod(i, BLOCK)
+    d = j // PER_DIR
+    return f"a{k * 10 + d // 100:04d}/b{d % 100:02d}/img_{j:08d}{pool[j % len(pool)].suffix}"
 
 
 def make_tree(data: Path, n: int) -> Path:
-    """`data/tree-N`: N hard links to the pool's images, 1,000 per folder."""
+    """`data/tree-N`: N hard links to the pool's images, 1,000 per folder (N up to a million,
+    or a multiple of it)."""
+    if n > BLOCK and n % BLOCK:
+        raise SystemExit(f"--phase1-files: up to {BLOCK:,} or a multiple of it, got {n:,}")
     root = data / f"tree-{n}"
     marker = data / f"tree-{n}.complete"
     if marker.exists():
@@ -87,18 +97,25 @@ def make_tree(data: Path, n: int) -> Path:
     pool = _pool(data / "pool")
     t0 = time.perf_counter()
     made: set[str] = set()
-    for i in range(n):
+    for i in range(min(n, BLOCK)):
         rel = rel_name(i, pool)
         folder = rel.rsplit("/", 1)[0]
         if folder not in made:
             os.makedirs(root / folder, exist_ok=True)
             made.add(folder)
-        try:
+        with contextlib.suppress(FileExistsError):
             os.link(pool[i % len(pool)], root / rel)
-        except FileExistsError:
-            pass
-        if i % 1_000_000 == 999_999:
-            print(f"  tree: {i + 1:,} links, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    for k in range(1, n // BLOCK):
+        for top in range(10):
+            dest = root / f"a{k * 10 + top:04d}"
+            if not dest.exists():
+                tmp = dest.with_name(dest.name + ".part")
+                shutil.rmtree(tmp, ignore_errors=True)
+                subprocess.run(["cp", "-al", str(root / f"a{top:04d}"), str(tmp)], check=True)
+                tmp.rename(dest)
+        print(
+            f"  tree: {(k + 1) * BLOCK:,} links, {time.perf_counter() - t0:.0f} s", file=sys.stderr
+        )
     marker.write_text(str(n))
     return root
 
@@ -126,7 +143,8 @@ def change_tree(root: Path, n: int, fraction: float) -> dict[str, list[str]]:
 def undo_changes(root: Path, n: int, done: dict[str, list[str]]) -> None:
     pool = _pool(root.parent / "pool")
     for rel in done["changed"] + done["removed"]:
-        i = int(rel.rsplit("_", 1)[1].split(".")[0])
+        j = int(rel.rsplit("_", 1)[1].split(".")[0])  # the index in its block
+        i = j
         p = root / rel
         if p.exists():
             os.unlink(p)
@@ -241,7 +259,7 @@ def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
                 f"phase 1 (baseline build), {tag}",
                 f"{b['seconds']:.1f} s, {mb(b['hwm'])}",
                 "",
-                f"peak RSS (VmHWM); {str(args.phase1_baseline)}",
+                f"peak RSS (VmHWM); {args.phase1_baseline}",
             )
         )
     fresh()
