@@ -18,8 +18,7 @@ use crate::throughput;
 use crate::walk::{self, FileEntry, Problem, WalkOptions};
 
 /// Rows per transaction when inserting scanned files: small enough that a stop (Ctrl-C) is
-/// seen within ~20 ms, and that other writers wait no longer than that. Also the size of the
-/// sorted chunks the walk streams into the store.
+/// seen within ~20 ms, and that other writers wait no longer than that.
 const INSERT_CHUNK: usize = 16_384;
 /// Files the writer gathers from the walk before it sorts and writes them (in transactions
 /// of `INSERT_CHUNK`): with the batches in flight (`CHANNEL_BATCHES` of up to
@@ -79,7 +78,10 @@ impl Store {
     /// ones `missing` (see `sync.rs`). Returns once every row is committed.
     ///
     /// Memory stays bounded at any number of files: the walk streams its files through a
-    /// bounded channel, and this thread writes them in sorted chunks of `INSERT_CHUNK`.
+    /// bounded channel, and this thread sorts them in runs of `WRITE_BUFFER` and writes them
+    /// in transactions of `INSERT_CHUNK`. A folder with rows is synced chunk by chunk (see
+    /// `Store::sync_chunk`), then its rows the walk did not see are marked `missing` (only
+    /// after a complete walk).
     pub fn scan(
         &mut self,
         dataset_id: i64,
