@@ -260,7 +260,7 @@ def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
                 f"phase 1 (baseline build), {tag}",
                 f"{b['seconds']:.1f} s, {mb(b['hwm'])}",
                 "",
-                f"peak RSS (VmHWM); {args.phase1_baseline}",
+                f"cpu {b['cpu']:.1f} s; peak RSS (VmHWM); {args.phase1_baseline}",
             )
         )
     fresh()
@@ -270,7 +270,8 @@ def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
             f"phase 1, {tag}",
             f"{p1['seconds']:.1f} s ({n / p1['seconds']:,.0f}/s)",
             "",
-            f"add_images_from_path(embed=False); tree made in {gen_s:.0f} s (0 if reused)",
+            f"cpu {p1['cpu']:.1f} s; add_images_from_path(embed=False); "
+            f"tree made in {gen_s:.0f} s (0 if reused)",
         )
     )
     rows.append(
@@ -288,8 +289,8 @@ def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
             f"re-index unchanged, {tag}",
             f"{same['seconds']:.1f} s ({same['seconds'] / p1['seconds']:.2f}x phase 1)",
             "<= phase 1",
-            f"sample rows written: {sum(writes.values())}; unchanged {s['unchanged']:,}, "
-            f"peak {mb(same['hwm'])}",
+            f"cpu {same['cpu']:.1f} s; sample rows written: {sum(writes.values())}; "
+            f"unchanged {s['unchanged']:,}, peak {mb(same['hwm'])}",
         )
     )
     done = change_tree(root, n, 0.001)
@@ -303,8 +304,9 @@ def run(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
             f"re-index after 0.1% changed, {tag}",
             f"{moved['seconds']:.1f} s ({moved['seconds'] / same['seconds']:.2f}x unchanged)",
             "< 2x unchanged",
-            f"added {s['added']:,}, changed {s['changed']:,}, removed {s['removed']:,}; "
-            f"sample rows written {sum(writes.values()):,}; peak {mb(moved['hwm'])}",
+            f"cpu {moved['cpu']:.1f} s; added {s['added']:,}, changed {s['changed']:,}, "
+            f"removed {s['removed']:,}; sample rows written {sum(writes.values()):,}; "
+            f"peak {mb(moved['hwm'])}",
         )
     )
     if args.phase1_probe:
