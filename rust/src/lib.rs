@@ -11,6 +11,7 @@ pub mod pools;
 pub mod query;
 pub mod remote;
 pub mod scan;
+pub mod sync;
 pub mod throughput;
 pub mod vectors;
 pub mod walk;

@@ -26,7 +26,7 @@ export async function api(path, { method = "GET", body, signal } = {}) {
   return data;
 }
 
-export const STATUSES = ["pending", "indexed", "embedding", "ready", "failed"];
+export const STATUSES = ["pending", "indexed", "embedding", "ready", "failed", "missing"];
 
 // Every dataset, read page by page by key (a store holds few).
 export async function datasets() {
