@@ -12,6 +12,7 @@ pub mod scan;
 pub mod throughput;
 pub mod vectors;
 pub mod walk;
+pub mod watch;
 
 mod leases;
 mod open;
