@@ -43,6 +43,8 @@ pub struct WatchOptions {
     pub queue: usize,
     /// Also take names starting with `.` (the walk's rule).
     pub include_hidden: bool,
+    /// Enter symlinked folders (the walk's option).
+    pub follow_links: bool,
     /// Sync every root in full first: changes made while nobody watched.
     pub catch_up: bool,
 }
@@ -55,6 +57,7 @@ impl Default for WatchOptions {
             max_batch: 5_000,
             queue: 65_536,
             include_hidden: false,
+            follow_links: false,
             catch_up: true,
         }
     }
@@ -213,8 +216,7 @@ impl Watcher {
             tx,
             shared: Arc::clone(&shared),
         };
-        // Symlinked folders are not entered, as the walk does by default.
-        let config = Config::default().with_follow_symlinks(false);
+        let config = Config::default().with_follow_symlinks(opts.follow_links);
         let mut notify =
             RecommendedWatcher::new(handler, config).map_err(|e| watch_error(&roots[0], e))?;
         let mut ids = Vec::with_capacity(roots.len());
@@ -456,21 +458,16 @@ impl<S: Sink> Batcher<S> {
             return None;
         }
         let name = rel.file_name()?.as_bytes();
-        let is_dir = match std::fs::symlink_metadata(abs) {
-            Ok(m) => m.is_dir(),
-            Err(_) => false,
+        let meta = if self.opts.follow_links {
+            std::fs::metadata(abs)
+        } else {
+            std::fs::symlink_metadata(abs)
         };
-        if is_dir || is_image_name(name) {
-            return Some(Change {
-                rel: rel.to_path_buf(),
-                is_dir,
-            });
-        }
-        // Gone, with no image name: it may have been a folder of samples.
-        let gone = std::fs::symlink_metadata(abs).is_err();
-        gone.then(|| Change {
+        let is_dir = meta.as_ref().is_ok_and(std::fs::Metadata::is_dir);
+        // A name that is gone and not an image's may have been a folder of samples.
+        (is_dir || is_image_name(name) || meta.is_err()).then(|| Change {
             rel: rel.to_path_buf(),
-            is_dir: false,
+            is_dir,
         })
     }
 
