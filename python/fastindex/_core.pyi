@@ -14,6 +14,7 @@ __all__ = [
     "STATUSES",
     "StopFlag",
     "Store",
+    "Watcher",
     "__version__",
     "image_size",
     "probe_bytes",
@@ -233,3 +234,41 @@ class Store:
     def load_embeddings(
         self, dataset_id: int, model_id: int, after: int = 0
     ) -> tuple[int, list[int], bytes]: ...
+
+@final
+class Watcher:
+    """Follows folders of a dataset (inotify, through the `notify` crate) and applies their
+    changes to the store in batches (one short transaction per folder and batch), on threads
+    of its own; a full sync of a folder when it starts (unless not `catch_up`) and whenever
+    events may have been lost (the kernel's queue, or this one of `queue` paths, overflowed).
+    Construction blocks while the watches are placed (a walk of the folders; GIL released).
+    Raises `PathNotFoundError`, `InvalidArgumentError` (not a folder, unknown dataset, too
+    many folders to watch), `StoreError`."""
+
+    def __init__(
+        self,
+        db: str,
+        dataset_id: int,
+        roots: list[str | bytes | PathLike[str] | PathLike[bytes]],
+        *,
+        queue: int = 65536,
+        quiet_ms: int = 50,
+        max_delay_ms: int = 250,
+        max_batch: int = 5000,
+        include_hidden: bool = False,
+        follow_links: bool = False,
+        catch_up: bool = True,
+    ) -> None: ...
+    def stop(self) -> None:
+        """Stop and join the watcher's thread (within one batch or sync step). Idempotent."""
+
+    @property
+    def running(self) -> bool: ...
+    def wait_change(self, seen: int, timeout: float) -> int:
+        """Block (GIL released) until the generation (bumped by each batch or sync that
+        changed rows) differs from `seen`, the watcher stops, or `timeout` seconds pass;
+        returns the generation."""
+
+    def stats(self) -> dict[str, Any]:
+        """`{"running", "events", "dropped", "overflows", "batches", "full_syncs", "paths",
+        "changed", "errors", "generation", "last_error", "missing_roots", "last_sync"}`."""
