@@ -20,6 +20,7 @@ from testkit import small_png, write
 
 PNG = small_png(1)
 BIGGER = small_png(2, size=(31, 17))
+CLI = (sys.executable, "-m", "fastindex.cli")
 
 
 @pytest.fixture
@@ -205,8 +206,7 @@ def _index_watch(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], li
     """`fastindex index photos --watch` in a child; returns it once it says it watches, and
     the list its stderr lines keep going into."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fastindex.cli", "index", "photos", "--db", "w.db"]
-        + ["--no-embed", "--watch", "--quiet", *extra],
+        [*CLI, "index", "photos", "--db", "w.db", "--no-embed", "--watch", "--quiet", *extra],
         cwd=tmp_path,
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
@@ -249,8 +249,16 @@ def test_cli_index_watch_follows_and_stops_on_ctrl_c(photos: Path, tmp_path: Pat
 
 def test_cli_watch_with_coco_is_a_bad_argument(tmp_path: Path) -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "fastindex.cli", "index", str(tmp_path), "--coco", "x.json"]
-        + ["--watch", "--db", str(tmp_path / "c.db")],
+        [
+            *CLI,
+            "index",
+            str(tmp_path),
+            "--coco",
+            "x.json",
+            "--watch",
+            "--db",
+            str(tmp_path / "c.db"),
+        ],
         capture_output=True,
         text=True,
         timeout=60,

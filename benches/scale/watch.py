@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,7 @@ def make_tree(root: Path, n: int) -> Path:
 
 def _pct(xs: list[float], q: float) -> float:
     s = sorted(xs)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
 def _ms(xs: list[float]) -> str:
@@ -141,7 +141,12 @@ def run(args: argparse.Namespace) -> list[Row]:
         assert ds.wait(3600)
         indexed_s = time.perf_counter() - t
         rows.append(
-            (f"tree: {n:,} rows (hard links)", f"{indexed_s:.1f} s", "", f"phases 1+2; made in {made:.0f} s")
+            (
+                f"tree: {n:,} rows (hard links)",
+                f"{indexed_s:.1f} s",
+                "",
+                f"phases 1+2; made in {made:.0f} s",
+            )
         )
 
         (tree / "incoming").mkdir()
@@ -169,10 +174,10 @@ def run(args: argparse.Namespace) -> list[Row]:
                 tmpname = tree / "incoming" / f".part-{i}"
                 tmpname.write_bytes(png)
                 rel = f"incoming/r{i:04d}.png"
-                renamed.append(_land_one(ds, rel, lambda: os.rename(tmpname, tree / rel)))
+                renamed.append(_land_one(ds, rel, partial(os.rename, tmpname, tree / rel)))
             else:
                 rel = f"incoming/c{i:04d}.jpg"
-                copied.append(_land_one(ds, rel, lambda: shutil.copyfile(src, tree / rel)))
+                copied.append(_land_one(ds, rel, partial(shutil.copyfile, src, tree / rel)))
         goal = "p99 < 1 s to indexed"
         for name, got in (("temp name + rename", renamed), ("plain copy", copied)):
             vis, idx = [v for v, _ in got], [x for _, x in got]

@@ -403,7 +403,10 @@ impl<S: Sink> Batcher<S> {
     }
 
     fn may_retry(&self) -> bool {
-        self.retry_at.is_none_or(|t| Instant::now() >= t)
+        match self.retry_at {
+            Some(t) => Instant::now() >= t,
+            None => true,
+        }
     }
 
     fn failed(&mut self, msg: String) {

@@ -66,7 +66,10 @@ impl Sink for Collect {
 fn until(what: &str, mut f: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !f() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "gave up waiting: {what}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "gave up waiting: {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -107,7 +110,9 @@ fn rename_delete_and_rewrite_name_their_paths() {
     write(&dir.path().join("a.jpg"), b"one");
     let (_w, sink) = start(dir.path(), WatchOptions::default());
     fs::rename(dir.path().join("a.jpg"), dir.path().join("b.jpg")).unwrap();
-    until("both names of a rename", || sink.has("a.jpg") && sink.has("b.jpg"));
+    until("both names of a rename", || {
+        sink.has("a.jpg") && sink.has("b.jpg")
+    });
     sink.clear();
     write(&dir.path().join("b.jpg"), b"rewritten");
     until("a rewrite", || sink.has("b.jpg"));
@@ -134,7 +139,11 @@ fn move_in_from_outside_and_a_new_folder() {
     for c in sink.calls() {
         if let Call::Paths(p) = c {
             if p.contains(&PathBuf::from("sub")) {
-                assert!(p.iter().all(|r| r == Path::new("sub") || !r.starts_with("sub")), "{p:?}");
+                assert!(
+                    p.iter()
+                        .all(|r| r == Path::new("sub") || !r.starts_with("sub")),
+                    "{p:?}"
+                );
             }
         }
     }
@@ -173,7 +182,10 @@ fn a_full_queue_drops_events_and_syncs_in_full() {
         sink.count(&Call::Root) >= 1
     });
     let s = w.stats();
-    assert!(s.dropped > 0 && s.overflows >= 1 && s.full_syncs >= 1, "{s:?}");
+    assert!(
+        s.dropped > 0 && s.overflows >= 1 && s.full_syncs >= 1,
+        "{s:?}"
+    );
 }
 
 #[test]
@@ -185,9 +197,14 @@ fn a_root_deleted_is_reported_and_watched_again_when_back() {
     let (w, sink) = start(&root, WatchOptions::default());
     fs::remove_dir_all(&root).unwrap();
     until("the root reported gone", || sink.count(&Call::Gone) == 1);
-    assert_eq!(w.stats().missing_roots, vec![fs::canonicalize(top.path()).unwrap().join("r")]);
+    assert_eq!(
+        w.stats().missing_roots,
+        vec![fs::canonicalize(top.path()).unwrap().join("r")]
+    );
     fs::create_dir(&root).unwrap();
-    until("a full sync once it is back", || sink.count(&Call::Root) == 2);
+    until("a full sync once it is back", || {
+        sink.count(&Call::Root) == 2
+    });
     assert!(w.stats().missing_roots.is_empty());
     sink.clear();
     write(&root.join("b.jpg"), b"x");
