@@ -582,6 +582,17 @@ impl<S: Sink> Batcher<S> {
     }
 }
 
+impl crate::db::Store {
+    /// Every row under `root` (a folder of the dataset, or one inside one) becomes `missing`:
+    /// the folder itself is gone. In short transactions; returns how many rows changed.
+    pub fn root_missing(&mut self, dataset_id: i64, root: &Path, stop: &AtomicBool) -> Result<u64> {
+        let (root_id, prefix, _nested) = self.root_for_path(dataset_id, root)?;
+        // No row was seen on disk: all of them are gone.
+        let seen = crate::sync::Seen::upto(self.max_sample_id()?);
+        self.mark_unseen_missing(dataset_id, root_id, &prefix, &seen, &[], stop)
+    }
+}
+
 /// The relative paths of a batch, sorted, without those inside a folder of the batch (the
 /// folder's sync covers them).
 fn collapse(changes: Vec<Change>) -> Vec<PathBuf> {
