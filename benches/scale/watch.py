@@ -28,6 +28,7 @@ from typing import Any
 Row = tuple[str, str, str, str]
 
 PER_DIR = 1000
+LINKS_PER_SOURCE = 8 * 50_000
 POLL_S = 0.002
 
 
@@ -61,7 +62,8 @@ def _images() -> list[bytes]:
 
 
 def make_tree(root: Path, n: int) -> Path:
-    """`n` names under `root/tree/dNNNN/`, hard links to 8 tiny images; reused when there."""
+    """`n` names under `root/tree/dNNNN/`, hard links to 8 tiny images (fresh copies every
+    400,000 names); reused when there."""
     tree = root / "tree"
     marker = root / f".tree-{n}"
     if marker.exists():
@@ -69,18 +71,22 @@ def make_tree(root: Path, n: int) -> Path:
     shutil.rmtree(root, ignore_errors=True)
     sources = root / "sources"
     sources.mkdir(parents=True)
-    srcs = []
-    for i, data in enumerate(_images()):
-        ext = "png" if i % 2 == 0 else "jpg"
-        p = sources / f"s{i}.{ext}"
-        p.write_bytes(data)
-        srcs.append(p)
-    for d in range((n + PER_DIR - 1) // PER_DIR):
+    images = _images()
+    srcs: list[Path] = []
+    for i in range(n):
+        if i % LINKS_PER_SOURCE == 0:
+            # A file takes at most 65,000 names (ext4): fresh copies for the next block.
+            srcs = []
+            for k, data in enumerate(images):
+                p = sources / f"s{i // LINKS_PER_SOURCE}-{k}.{'png' if k % 2 == 0 else 'jpg'}"
+                p.write_bytes(data)
+                srcs.append(p)
+        d, j = divmod(i, PER_DIR)
         folder = tree / f"d{d:04d}"
-        folder.mkdir(parents=True)
-        for j in range(min(PER_DIR, n - d * PER_DIR)):
-            src = srcs[j % len(srcs)]
-            os.link(src, folder / f"img{j:04d}{src.suffix}")
+        if j == 0:
+            folder.mkdir(parents=True)
+        src = srcs[j % len(srcs)]
+        os.link(src, folder / f"img{j:04d}{src.suffix}")
     marker.touch()
     return tree
 

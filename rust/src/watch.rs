@@ -82,6 +82,8 @@ pub struct Shared {
     running: AtomicBool,
     /// Events may have been lost: the next step of the batch thread is a full sync.
     overflowed: AtomicBool,
+    /// Paths the batch thread took off the queue (see `Handler::last`).
+    taken: AtomicU64,
     events: AtomicU64,
     dropped: AtomicU64,
     overflows: AtomicU64,
@@ -109,7 +111,8 @@ struct State {
 #[derive(Debug, Clone, Default)]
 pub struct Stats {
     pub running: bool,
-    /// Paths queued by notify's thread (reads are not counted: they change nothing).
+    /// Paths queued by notify's thread (reads are not counted: they change nothing; nor is
+    /// the same path again right after itself).
     pub events: u64,
     /// Paths dropped because the queue was full.
     pub dropped: u64,
@@ -215,6 +218,8 @@ impl Watcher {
         let handler = Handler {
             tx,
             shared: Arc::clone(&shared),
+            sent: 0,
+            last: None,
         };
         let config = Config::default().with_follow_symlinks(opts.follow_links);
         let mut notify =
@@ -309,6 +314,13 @@ fn dir_id(p: &Path) -> Option<(u64, u64)> {
 struct Handler {
     tx: SyncSender<PathBuf>,
     shared: Arc<Shared>,
+    /// Paths queued so far.
+    sent: u64,
+    /// The path queued last, and its number: a file being written comes as create,
+    /// modify(s) and close in a row, and one entry in the queue stands for them all while
+    /// the batch thread has not taken it yet (an event after it took it is queued again, so
+    /// the file's last write is always seen).
+    last: Option<(PathBuf, u64)>,
 }
 
 impl notify::EventHandler for Handler {
@@ -335,9 +347,16 @@ impl notify::EventHandler for Handler {
             _ => {}
         }
         for path in event.paths {
-            match self.tx.try_send(path) {
+            if let Some((last, n)) = &self.last {
+                if *last == path && self.shared.taken.load(Ordering::SeqCst) <= *n {
+                    continue;
+                }
+            }
+            match self.tx.try_send(path.clone()) {
                 Ok(()) => {
                     self.shared.events.fetch_add(1, Ordering::Relaxed);
+                    self.last = Some((path, self.sent));
+                    self.sent += 1;
                 }
                 Err(TrySendError::Full(_)) => {
                     self.shared.dropped.fetch_add(1, Ordering::Relaxed);
@@ -385,7 +404,7 @@ impl<S: Sink> Batcher<S> {
                 self.full_syncs();
                 continue;
             }
-            match self.rx.recv_timeout(IDLE_SLICE) {
+            match self.take(IDLE_SLICE) {
                 Ok(first) => {
                     let batch = self.gather(first);
                     if !self.shared.overflowed.load(Ordering::Relaxed) {
@@ -414,11 +433,18 @@ impl<S: Sink> Batcher<S> {
         self.retry_at = Some(Instant::now() + RETRY_AFTER);
     }
 
+    fn take(&self, wait: Duration) -> std::result::Result<PathBuf, RecvTimeoutError> {
+        let p = self.rx.recv_timeout(wait)?;
+        self.shared.taken.fetch_add(1, Ordering::SeqCst);
+        Ok(p)
+    }
+
     fn drain(&self) {
         for _ in 0..self.opts.queue.max(1) {
             if self.rx.try_recv().is_err() {
                 break;
             }
+            self.shared.taken.fetch_add(1, Ordering::SeqCst);
         }
     }
 
@@ -433,7 +459,7 @@ impl<S: Sink> Batcher<S> {
             let Some(left) = self.opts.max_delay.checked_sub(t0.elapsed()) else {
                 break;
             };
-            match self.rx.recv_timeout(self.opts.quiet.min(left)) {
+            match self.take(self.opts.quiet.min(left)) {
                 Ok(p) => {
                     batch.insert(p);
                 }
