@@ -4,6 +4,7 @@ Every call releases the GIL while it works. Calls on one `Store` take turns (one
 connection each); open one `Store` per thread that writes.
 """
 
+from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any, Final, final
@@ -249,7 +250,7 @@ class Watcher:
         self,
         db: str,
         dataset_id: int,
-        roots: list[str | bytes | PathLike[str] | PathLike[bytes]],
+        roots: Sequence[str | bytes | PathLike[str] | PathLike[bytes]],
         *,
         queue: int = 65536,
         quiet_ms: int = 50,
