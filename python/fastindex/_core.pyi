@@ -82,16 +82,63 @@ class Store:
         follow_links: bool = False,
         stop: StopFlag | None = None,
     ) -> dict[str, Any]:
-        """Phase 1: walk `root`, insert a `pending` row per new image file; blocks until
-        committed. Names are taken byte for byte (a `str` root is os.fsencode'd). What the
-        walk cannot take (a broken link, a link loop, an unreadable folder) becomes a
-        `failed` row with its reason. Returns `{"job_id", "found", "added", "existing",
-        "errors"}` (the counts include those rows).
+        """Phase 1, and the sync of a folder indexed before: walk `root`, insert a `pending`
+        row per new image file, put a file whose size or mtime changed (or that came back)
+        back to `pending` (its probe results and embeddings dropped), mark the rows of files
+        that are gone `missing`, and write nothing for unchanged files. Blocks until
+        committed; memory stays bounded at any number of files (the walk streams sorted
+        chunks into the store). Names are taken byte for byte (a `str` root is
+        os.fsencode'd). What the walk cannot take (a broken link, a link loop, an unreadable
+        folder) becomes a `failed` row with its reason; rows under a folder it cannot read
+        are not marked missing. Returns `{"job_id", "found", "added", "existing", "changed",
+        "removed", "unchanged", "errors"}` (`existing` = `changed + unchanged`; the counts
+        include the walk's failed rows).
 
         The work runs on a worker thread; this thread waits with the GIL released, renews the
         job's "still adding" mark, and checks for signals: Ctrl-C stops the walk and raises
-        `KeyboardInterrupt` within ~0.2 s (rows committed so far stay `pending`; a rerun adds
-        the rest). Raises `CancelledError` once `stop` is set."""
+        `KeyboardInterrupt` within ~0.2 s (rows committed so far stay; nothing is marked
+        missing; a rerun does the rest). Raises `CancelledError` once `stop` is set,
+        `PathNotFoundError` if `root` is gone (nothing is marked missing then)."""
+
+    def sync_root(
+        self,
+        dataset_id: int,
+        root: str | bytes | PathLike[str] | PathLike[bytes],
+        *,
+        include_hidden: bool = False,
+        follow_links: bool = False,
+        stop: StopFlag | None = None,
+    ) -> dict[str, Any]:
+        """`scan` under the name a watcher calls after it lost events: the same full sync."""
+
+    def sync_paths(
+        self,
+        dataset_id: int,
+        root: str | bytes | PathLike[str] | PathLike[bytes],
+        rel_paths: list[str | bytes],
+        *,
+        job_id: int | None = None,
+        include_hidden: bool = False,
+        follow_links: bool = False,
+        stop: StopFlag | None = None,
+    ) -> dict[str, int]:
+        """Sync the paths given (relative to `root`, a root of the dataset or a folder in
+        one) with the disk now, in one short transaction (the disk is read before it opens):
+        an image file gets a `pending` row if new, goes back to `pending` if its size or
+        mtime changed (or it was `missing`), is not written if unchanged; a path that no
+        longer exists takes its row and every row under it (a deleted folder) to
+        `missing`; a folder is walked and its whole subtree synced. Names the walk skips
+        (hidden unless `include_hidden`, not an image) are ignored. New rows go to `job_id`,
+        by default the dataset's `watch` job for `root` (made on first use, never counted as
+        still adding). Blocks (GIL released, Ctrl-C checked). Returns `{"job_id", "added",
+        "changed", "removed", "unchanged"}`.
+
+        Raises `PathNotFoundError` if `root` is gone, `InvalidArgumentError` for a path that
+        is absolute or leads out of `root` (`..`)."""
+
+    def retry_failed(self, dataset_id: int) -> int:
+        """`failed` rows back to `pending` (error and probe results cleared, counters moved
+        in the same transactions of at most 16,384 rows); returns how many."""
 
     def ingest_coco(
         self,

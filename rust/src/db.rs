@@ -14,12 +14,15 @@ pub use crate::leases::local_host;
 pub use crate::schema::SCHEMA_VERSION;
 
 /// The status column's values, in pipeline order. Python reads these from `_core.STATUSES`.
-pub const STATUSES: [&str; 5] = [PENDING, INDEXED, EMBEDDING, READY, FAILED];
+/// `missing`: the file is gone from its folder (found by a sync); the row keeps its
+/// annotations, and goes back to `pending` if the file comes back.
+pub const STATUSES: [&str; 6] = [PENDING, INDEXED, EMBEDDING, READY, FAILED, MISSING];
 pub const PENDING: &str = "pending";
 pub const INDEXED: &str = "indexed";
 pub const EMBEDDING: &str = "embedding";
 pub const READY: &str = "ready";
 pub const FAILED: &str = "failed";
+pub const MISSING: &str = "missing";
 
 pub fn now() -> f64 {
     SystemTime::now()
@@ -32,7 +35,7 @@ pub fn now() -> f64 {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Progress {
     pub dataset_id: i64,
-    pub counts: [i64; 5],
+    pub counts: [i64; 6],
     /// The dataset wants embeddings (an embedding model was asked for).
     pub embed_wanted: bool,
     /// `(phase, message)` for each phase that stopped on an error.

@@ -9,6 +9,7 @@ pub mod paths;
 pub mod pools;
 pub mod query;
 pub mod scan;
+pub mod sync;
 pub mod throughput;
 pub mod vectors;
 pub mod walk;

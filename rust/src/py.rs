@@ -337,6 +337,19 @@ fn progress_dict<'py>(py: Python<'py>, p: &Progress) -> Res<Bound<'py, PyDict>> 
     Ok(d)
 }
 
+fn scan_dict(py: Python<'_>, s: ScanSummary) -> Res<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("job_id", s.job_id)?;
+    d.set_item("found", s.found)?;
+    d.set_item("added", s.added)?;
+    d.set_item("existing", s.existing)?;
+    d.set_item("changed", s.changed)?;
+    d.set_item("removed", s.removed)?;
+    d.set_item("unchanged", s.unchanged)?;
+    d.set_item("errors", PyList::new(py, s.errors)?)?;
+    Ok(d)
+}
+
 type DatasetTuple = (i64, String, f64, Option<String>);
 
 fn dataset_tuple(d: db::DatasetRow) -> DatasetTuple {
@@ -404,13 +417,72 @@ impl Store {
             self.lock()
                 .scan(dataset_id, &root, include_hidden, follow_links, &stop.flag)
         })?;
+        scan_dict(py, s)
+    }
+
+    /// The same as `scan` (a full sync of the folder), under the name a watcher calls after
+    /// it lost events.
+    #[pyo3(signature = (dataset_id, root, *, include_hidden=false, follow_links=false, stop=None))]
+    fn sync_root<'py>(
+        &self,
+        py: Python<'py>,
+        dataset_id: i64,
+        root: FsPath,
+        include_hidden: bool,
+        follow_links: bool,
+        stop: Option<StopFlag>,
+    ) -> Res<Bound<'py, PyDict>> {
+        self.scan(py, dataset_id, root, include_hidden, follow_links, stop)
+    }
+
+    /// Sync a few paths under `root` (see `_core.pyi`) in one short transaction.
+    #[pyo3(signature = (dataset_id, root, rel_paths, *, job_id=None, include_hidden=false,
+        follow_links=false, stop=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn sync_paths<'py>(
+        &self,
+        py: Python<'py>,
+        dataset_id: i64,
+        root: FsPath,
+        rel_paths: Vec<FsPath>,
+        job_id: Option<i64>,
+        include_hidden: bool,
+        follow_links: bool,
+        stop: Option<StopFlag>,
+    ) -> Res<Bound<'py, PyDict>> {
+        use std::os::unix::ffi::OsStrExt;
+        let stop = stop.unwrap_or_default();
+        let rels: Vec<Vec<u8>> = rel_paths
+            .into_iter()
+            .map(|p| p.0.as_os_str().as_bytes().to_vec())
+            .collect();
+        let opts = crate::walk::WalkOptions {
+            include_hidden,
+            follow_dir_links: follow_links,
+            skip_dirs: Vec::new(),
+        };
+        let (job, c) = run_interruptibly(py, &stop.flag, None, || {
+            let root = scan::absolute_dir(&root.0)?;
+            let mut store = self.lock();
+            let job = match job_id {
+                Some(j) => j,
+                None => store.watch_job(dataset_id, &root)?,
+            };
+            let c = store.sync_paths(dataset_id, job, &root, &rels, &opts, &stop.flag)?;
+            Ok((job, c))
+        })?;
         let d = PyDict::new(py);
-        d.set_item("job_id", s.job_id)?;
-        d.set_item("found", s.found)?;
-        d.set_item("added", s.added)?;
-        d.set_item("existing", s.existing)?;
-        d.set_item("errors", PyList::new(py, s.errors)?)?;
+        d.set_item("job_id", job)?;
+        d.set_item("added", c.added)?;
+        d.set_item("changed", c.changed)?;
+        d.set_item("removed", c.removed)?;
+        d.set_item("unchanged", c.unchanged)?;
         Ok(d)
+    }
+
+    /// Failed rows back to `pending`; returns how many.
+    fn retry_failed(&self, py: Python<'_>, dataset_id: i64) -> Res<u64> {
+        r(py.detach(|| self.lock().retry_failed(dataset_id)))
     }
 
     /// Parse, check and ingest a COCO file (nothing is written if it is malformed).

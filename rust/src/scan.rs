@@ -6,39 +6,24 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rayon::prelude::*;
 use rusqlite::params;
-use rusqlite::types::ToSqlOutput;
 use std::os::unix::ffi::OsStrExt;
 
-use crate::db::{bump, bump_moves, multi_row_insert, Store, FAILED, INDEXED, PENDING};
+use crate::db::{bump, bump_moves, Store, FAILED, INDEXED, PENDING};
 use crate::error::{Error, Result, StoreContext};
 use crate::header::{self, ImageInfo};
 use crate::leases::hold_lease;
-use crate::paths::{join_rel, path_bytes, SqlPath, StoredPath};
+use crate::paths::{join_rel, path_bytes, SqlPath};
+use crate::sync::{insert_pending, Seen, SyncCounts};
 use crate::throughput;
 use crate::walk::{self, FileEntry, Problem, WalkOptions};
 
 /// Rows per transaction when inserting scanned files: small enough that a stop (Ctrl-C) is
-/// seen within ~20 ms, and that other writers wait no longer than that.
+/// seen within ~20 ms, and that other writers wait no longer than that. Also the size of the
+/// sorted chunks the walk streams into the store.
 const INSERT_CHUNK: usize = 16_384;
-/// Sample rows bound into one INSERT statement (6 values each).
-const ROWS_PER_INSERT: usize = 128;
-
-fn sample_insert(rows: usize) -> String {
-    let columns = [
-        "dataset_id",
-        "job_id",
-        "root_id",
-        "path",
-        "size_bytes",
-        "mtime_ns",
-    ];
-    multi_row_insert(
-        "samples",
-        &columns,
-        rows,
-        "ON CONFLICT (root_id, path) DO NOTHING",
-    )
-}
+/// Batches (of up to `walk::SINK_BATCH` files) in flight between the walk and the store: with
+/// the chunk being written, what bounds phase 1's memory at any number of files.
+const CHANNEL_BATCHES: usize = 16;
 
 /// Rows probed between two store writes.
 pub const PROBE_BATCH: usize = 8192;
@@ -47,8 +32,16 @@ pub const PROBE_BATCH: usize = 8192;
 pub struct ScanSummary {
     pub job_id: i64,
     pub found: u64,
+    /// New rows (`pending`, or `failed` for what the walk could not take).
     pub added: u64,
+    /// Rows already there (`changed + unchanged`).
     pub existing: u64,
+    /// Rows back to `pending`: their file changed, came back, or is readable again.
+    pub changed: u64,
+    /// Rows that became `missing` (their file is gone).
+    pub removed: u64,
+    /// Rows left as they were (not written).
+    pub unchanged: u64,
     pub errors: Vec<String>,
 }
 
@@ -75,8 +68,12 @@ pub fn absolute_dir(path: impl AsRef<Path>) -> Result<PathBuf> {
 }
 
 impl Store {
-    /// Phase 1: walk `root` and add a `pending` row for each new image file. Returns once
-    /// every row is committed.
+    /// Phase 1, and the sync of a folder indexed before: walk `root`, add a `pending` row for
+    /// each new image file, put changed ones back to `pending` and mark the rows of deleted
+    /// ones `missing` (see `sync.rs`). Returns once every row is committed.
+    ///
+    /// Memory stays bounded at any number of files: the walk streams its files through a
+    /// bounded channel, and this thread writes them in sorted chunks of `INSERT_CHUNK`.
     pub fn scan(
         &mut self,
         dataset_id: i64,
@@ -88,22 +85,20 @@ impl Store {
         // The job is there (and `in_progress`) while the walk runs; a walk or insert that
         // fails removes it again, so a bad root leaves nothing behind. Its `source` is a label
         // (the root's own row keeps the exact bytes).
+        walk::check_root(root)?;
         let job_id = self.create_job(dataset_id, "images", &root.to_string_lossy())?;
-        let done = self.scan_job(dataset_id, job_id, root, include_hidden, follow_links, stop);
-        let (report, added, existing) = match done {
-            Ok(v) => v,
+        let opts = WalkOptions {
+            include_hidden,
+            follow_dir_links: follow_links,
+            skip_dirs: Vec::new(),
+        };
+        match self.scan_job(dataset_id, job_id, root, &opts, stop) {
+            Ok(s) => Ok(s),
             Err(e) => {
                 let _ = self.drop_job(job_id);
-                return Err(e);
+                Err(e)
             }
-        };
-        Ok(ScanSummary {
-            job_id,
-            found: (report.files.len() + report.problems.len()) as u64,
-            added,
-            existing,
-            errors: report.errors,
-        })
+        }
     }
 
     fn scan_job(
@@ -111,36 +106,98 @@ impl Store {
         dataset_id: i64,
         job_id: i64,
         root: &Path,
-        include_hidden: bool,
-        follow_links: bool,
+        opts: &WalkOptions,
         stop: &AtomicBool,
-    ) -> Result<(walk::WalkReport, u64, u64)> {
-        let opts = WalkOptions {
-            include_hidden,
-            follow_dir_links: follow_links,
-            skip_dirs: Vec::new(),
-        };
-        let mut report = walk::walk(root, &opts, stop)?;
+    ) -> Result<ScanSummary> {
         let (root_id, prefix, nested) = self.root_for_path(dataset_id, root)?;
-        if !nested.is_empty() {
-            // Files under other roots of this dataset are already there, under those roots.
-            let nested: Vec<Vec<u8>> = nested
-                .iter()
-                .filter_map(|n| n.strip_prefix(root).ok())
-                .map(|r| join_rel(r.as_os_str().as_bytes(), b""))
-                .collect();
-            let outside = |rel: &[u8]| !nested.iter().any(|n| rel.starts_with(n));
-            report.files.retain(|f| outside(&f.rel_path));
-            report.problems.retain(|p| outside(&p.rel_path));
-        }
-        self.revive_walk_failures(dataset_id, root_id, &prefix, &report.files)?;
-        let (added, existing) =
-            self.insert_files(dataset_id, job_id, root_id, &prefix, &report.files, stop)?;
+        // Files under other roots of this dataset are already there, under those roots.
+        let nested: Vec<Vec<u8>> = nested
+            .iter()
+            .filter_map(|n| n.strip_prefix(root).ok())
+            .map(|r| join_rel(r.as_os_str().as_bytes(), b""))
+            .collect();
+        let outside = |rel: &[u8]| !nested.iter().any(|n| rel.starts_with(n));
+        // A folder with no rows yet is only inserted into; one indexed before is synced.
+        let fresh = !self.has_rows_under(root_id, &prefix)?;
+        let mut seen = Seen::upto(if fresh { 0 } else { self.max_sample_id()? });
+        let mut s = ScanSummary {
+            job_id,
+            ..Default::default()
+        };
+        let mut counts = SyncCounts::default();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<FileEntry>>(CHANNEL_BATCHES);
+        let tail = std::thread::scope(|scope| -> Result<walk::WalkTail> {
+            let walker = scope.spawn(move || {
+                let send = move |batch: Vec<FileEntry>| tx.send(batch).is_ok();
+                walk::walk_into(root, opts, stop, &send)
+            });
+            let mut chunk: Vec<FileEntry> = Vec::with_capacity(INSERT_CHUNK + walk::SINK_BATCH);
+            let mut write = |chunk: &mut Vec<FileEntry>, this: &mut Store| -> Result<()> {
+                if stop.load(Ordering::Relaxed) {
+                    return Err(Error::Cancelled);
+                }
+                chunk.sort_unstable_by(|a, b| a.rel_path.cmp(&b.rel_path));
+                counts += if fresh {
+                    this.insert_chunk(dataset_id, job_id, root_id, &prefix, chunk)?
+                } else {
+                    this.sync_chunk(dataset_id, job_id, root_id, &prefix, chunk, &mut seen)?
+                };
+                chunk.clear();
+                Ok(())
+            };
+            let written: Result<()> = loop {
+                let Ok(mut batch) = rx.recv() else {
+                    break write(&mut chunk, self);
+                };
+                if !nested.is_empty() {
+                    batch.retain(|f| outside(&f.rel_path));
+                }
+                s.found += batch.len() as u64;
+                chunk.append(&mut batch);
+                if chunk.len() >= INSERT_CHUNK {
+                    if let Err(e) = write(&mut chunk, self) {
+                        break Err(e);
+                    }
+                }
+            };
+            // The walk stops at its next batch once no one receives.
+            drop(rx);
+            let walked = walker
+                .join()
+                .unwrap_or_else(|_| Err(Error::InvalidArgument("walk panicked".into())));
+            match (written, walked) {
+                (Err(e), _) | (Ok(()), Err(e)) => Err(e),
+                (Ok(()), Ok(tail)) => Ok(tail),
+            }
+        })?;
+        let problems: Vec<Problem> = tail
+            .problems
+            .into_iter()
+            .filter(|p| outside(&p.rel_path))
+            .collect();
+        s.found += problems.len() as u64;
         let (failed, known) =
-            self.insert_problems(dataset_id, job_id, root_id, &prefix, &report.problems)?;
-        let (added, existing) = (added + failed, existing + known);
-        self.finish_job(job_id, added, existing, &report.errors)?;
-        Ok((report, added, existing))
+            self.insert_problems(dataset_id, job_id, root_id, &prefix, &problems, &mut seen)?;
+        counts.added += failed;
+        counts.unchanged += known;
+        if !fresh {
+            // Only after a complete walk: a stopped one has not seen everything.
+            let keep: Vec<Vec<u8>> = tail
+                .unreadable_dirs
+                .iter()
+                .map(|d| join_rel(&prefix, d))
+                .collect();
+            counts.removed +=
+                self.mark_unseen_missing(dataset_id, root_id, &prefix, &seen, &keep, stop)?;
+        }
+        s.added = counts.added;
+        s.changed = counts.changed;
+        s.unchanged = counts.unchanged;
+        s.removed = counts.removed;
+        s.existing = counts.changed + counts.unchanged;
+        s.errors = tail.errors;
+        self.finish_job(job_id, s.added, s.existing, &s.errors)?;
+        Ok(s)
     }
 
     pub(crate) fn finish_job(
@@ -160,142 +217,58 @@ impl Store {
         Ok(())
     }
 
-    /// Insert files in transactions of `INSERT_CHUNK` rows; a path already in the root is left
-    /// as it is. Paths are stored byte for byte (see [`crate::paths`]); `prefix` goes before
-    /// each. Stops (`Cancelled`) between chunks once `stop` is set; the chunks committed so
-    /// far stay (they are `pending` rows like any other, and a rerun adds the rest).
-    pub fn insert_files(
+    /// Insert one sorted chunk of a walk (paths relative to the walked folder, which is
+    /// `prefix` inside the root) in one transaction; a path already in the root is left as it
+    /// is. Paths are stored byte for byte (see [`crate::paths`]).
+    fn insert_chunk(
         &mut self,
         dataset_id: i64,
         job_id: i64,
         root_id: i64,
         prefix: &[u8],
         files: &[FileEntry],
-        stop: &AtomicBool,
-    ) -> Result<(u64, u64)> {
-        let path = self.path.clone();
-        let mut added = 0u64;
-        let mut joined: Vec<Vec<u8>> = Vec::new();
-        for chunk in files.chunks(INSERT_CHUNK) {
-            if stop.load(Ordering::Relaxed) {
-                return Err(Error::Cancelled);
-            }
-            let tx = self.immediate()?;
-            let mut n = 0i64;
-            // Many rows per INSERT: the per-statement cost dominates at a million rows.
-            for rows in chunk.chunks(ROWS_PER_INSERT) {
-                let mut st = tx.prepare_cached(&sample_insert(rows.len())).store(&path)?;
-                if !prefix.is_empty() {
-                    joined.clear();
-                    joined.extend(rows.iter().map(|f| join_rel(prefix, &f.rel_path)));
-                }
-                // Bound by reference: no copy of the paths.
-                let mut values: Vec<ToSqlOutput<'_>> = Vec::with_capacity(rows.len() * 6);
-                for (i, f) in rows.iter().enumerate() {
-                    let rel = if prefix.is_empty() {
-                        &f.rel_path
-                    } else {
-                        &joined[i]
-                    };
-                    values.extend([
-                        ToSqlOutput::from(dataset_id),
-                        ToSqlOutput::from(job_id),
-                        ToSqlOutput::from(root_id),
-                        ToSqlOutput::Borrowed(SqlPath(rel).value()),
-                        ToSqlOutput::from(f.size as i64),
-                        ToSqlOutput::from(f.mtime_ns),
-                    ]);
-                }
-                // ON CONFLICT DO NOTHING: `changes` counts only the rows really added.
-                n += st
-                    .execute(rusqlite::params_from_iter(values))
-                    .store(&path)? as i64;
-            }
-            bump(&tx, dataset_id, job_id, PENDING, n).store(&path)?;
-            tx.commit().store(&path)?;
-            added += n as u64;
+    ) -> Result<SyncCounts> {
+        if files.is_empty() {
+            return Ok(SyncCounts::default());
         }
-        Ok((added, files.len() as u64 - added))
-    }
-
-    /// A path the walk could not take before (a broken link, a file of an unreadable folder)
-    /// and finds as a file now goes back to `pending`, so adding a folder again after fixing
-    /// it indexes what was fixed. Walk failures are the `failed` rows without a size (nothing
-    /// was read); they are few. Returns the number of rows queued again.
-    fn revive_walk_failures(
-        &mut self,
-        dataset_id: i64,
-        root_id: i64,
-        prefix: &[u8],
-        files: &[FileEntry],
-    ) -> Result<u64> {
         let path = self.path.clone();
-        let stale: Vec<(i64, i64, StoredPath)> = {
-            let mut st = self
-                .conn
-                .prepare_cached(
-                    "SELECT id, job_id, path FROM samples WHERE dataset_id = ?1 AND status = 'failed'
-                     AND root_id = ?2 AND size_bytes IS NULL",
-                )
-                .store(&path)?;
-            let rows = st
-                .query_map(params![dataset_id, root_id], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })
-                .store(&path)?;
-            rows.collect::<rusqlite::Result<_>>().store(&path)?
+        let joined: Vec<Vec<u8>> = if prefix.is_empty() {
+            Vec::new()
+        } else {
+            files
+                .iter()
+                .map(|f| join_rel(prefix, &f.rel_path))
+                .collect()
         };
-        let found: Vec<(i64, i64, &FileEntry)> = stale
-            .iter()
-            .filter_map(|(id, job, p)| {
-                let p = p.0.as_os_str().as_bytes();
-                let rel = if prefix.is_empty() {
-                    p
-                } else {
-                    p.strip_prefix(prefix)?.strip_prefix(b"/")?
-                };
-                let i = files
-                    .binary_search_by(|f| f.rel_path.as_slice().cmp(rel))
-                    .ok()?;
-                Some((*id, *job, &files[i]))
-            })
-            .collect();
-        if found.is_empty() {
-            return Ok(0);
-        }
         let tx = self.immediate()?;
-        let mut moves: HashMap<i64, i64> = HashMap::new();
-        {
-            let mut st = tx
-                .prepare_cached(
-                    "UPDATE samples SET status = 'pending', error = NULL, size_bytes = ?2, mtime_ns = ?3
-                     WHERE id = ?1 AND status = 'failed' AND size_bytes IS NULL",
-                )
-                .store(&path)?;
-            for (id, job, f) in &found {
-                if st
-                    .execute(params![id, f.size as i64, f.mtime_ns])
-                    .store(&path)?
-                    > 0
-                {
-                    *moves.entry(*job).or_default() += 1;
-                }
-            }
-        }
-        bump_moves(&tx, dataset_id, FAILED, PENDING, &moves).store(&path)?;
+        let rows = files.iter().enumerate().map(|(i, f)| {
+            let rel = if prefix.is_empty() {
+                f.rel_path.as_slice()
+            } else {
+                joined[i].as_slice()
+            };
+            (rel, f.size, f.mtime_ns)
+        });
+        let added = insert_pending(&tx, dataset_id, job_id, root_id, rows).store(&path)?;
         tx.commit().store(&path)?;
-        Ok(moves.values().sum::<i64>() as u64)
+        Ok(SyncCounts {
+            added,
+            unchanged: files.len() as u64 - added,
+            ..Default::default()
+        })
     }
 
     /// What the walk could not take becomes `failed` rows with the reason, in one
-    /// transaction; a path already in the root is left as it is. Returns `(added, existing)`.
-    pub fn insert_problems(
+    /// transaction; a path already in the root is left as it is (and marked in `seen`).
+    /// Returns `(added, existing)`.
+    fn insert_problems(
         &mut self,
         dataset_id: i64,
         job_id: i64,
         root_id: i64,
         prefix: &[u8],
         problems: &[Problem],
+        seen: &mut Seen,
     ) -> Result<(u64, u64)> {
         if problems.is_empty() {
             return Ok((0, 0));
@@ -304,6 +277,14 @@ impl Store {
         let tx = self.immediate()?;
         let mut n = 0i64;
         {
+            // What is there already stays as it is (and is not missing).
+            for p in problems {
+                if let Some(id) = crate::sync::row_id(&tx, root_id, &join_rel(prefix, &p.rel_path))
+                    .store(&path)?
+                {
+                    seen.set(id);
+                }
+            }
             let mut st = tx
                 .prepare_cached(
                     "INSERT INTO samples (dataset_id, job_id, root_id, path, status, error)

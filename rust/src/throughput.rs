@@ -277,7 +277,7 @@ mod tests {
     #[test]
     fn phases_and_the_one_completion_waits_on() {
         let mut p = Progress {
-            counts: [10, 20, 4, 6, 0], // pending, indexed, embedding, ready, failed
+            counts: [10, 20, 4, 6, 0, 0], // pending, indexed, embedding, ready, failed, missing
             embed_wanted: true,
             rates: vec![(PROBE.into(), 100.0, 1.0), (EMBED.into(), 2.0, 1.0)],
             ..Progress::default()
@@ -295,7 +295,7 @@ mod tests {
         let top = limiting(&ph).unwrap();
         assert_eq!((top.name, top.rate, top.eta_s), (EMBED, None, None));
         // an ingest runs (rows arrive as `indexed`): phase 2 has nothing to wait on
-        p.counts = [0, 20, 0, 0, 0];
+        p.counts = [0, 20, 0, 0, 0, 0];
         p.adding = true;
         p.embed_wanted = false;
         p.rates = vec![(INGEST.into(), 500.0, 1.0)];
@@ -312,7 +312,7 @@ mod tests {
         p.rates[0].2 = 1.0;
         // a phase stopped on an error is not running: no rate
         p.adding = false;
-        p.counts = [5, 0, 0, 0, 0];
+        p.counts = [5, 0, 0, 0, 0, 0];
         p.rates = vec![(PROBE.into(), 100.0, 1.0)];
         p.errors = vec![(PROBE.into(), "disk is full".into())];
         let ph = phases(&p);

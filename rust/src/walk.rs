@@ -57,7 +57,23 @@ pub struct WalkReport {
     pub problems: Vec<Problem>,
     /// `path: reason` for each problem, and for what is not a row (the root failing mid-walk).
     pub errors: Vec<String>,
+    /// Folders (relative, `""` for the root) the walk could not read in full: what was known
+    /// under them is not known to be gone.
+    pub unreadable_dirs: Vec<Vec<u8>>,
 }
+
+/// What a streaming walk ([`walk_into`]) returns once its files are all handed over.
+#[derive(Debug, Default)]
+pub struct WalkTail {
+    /// Sorted by `rel_path`; one per path.
+    pub problems: Vec<Problem>,
+    pub errors: Vec<String>,
+    pub unreadable_dirs: Vec<Vec<u8>>,
+}
+
+/// Files handed to a streaming walk's sink at a time (at most; a folder's files at least
+/// once): one folder of a million files is not held whole.
+pub const SINK_BATCH: usize = 4096;
 
 pub fn is_image_name(name: &[u8]) -> bool {
     let Some(dot) = name.iter().rposition(|&b| b == b'.') else {
@@ -82,19 +98,26 @@ pub(crate) fn io_reason(e: &io::Error) -> String {
         .to_lowercase()
 }
 
+/// Where a streaming walk hands its files: `false` when nothing more is wanted (the walk
+/// then stops soon).
+pub type Sink<'a> = dyn Fn(Vec<FileEntry>) -> bool + Sync + 'a;
+
 struct Walker<'a> {
     /// The root, links resolved.
     real_root: PathBuf,
     opts: &'a WalkOptions,
     stop: &'a AtomicBool,
+    /// Set once the sink refused a batch.
+    halted: AtomicBool,
+    sink: &'a Sink<'a>,
     visited: Mutex<HashSet<(u64, u64)>>,
-    files: Mutex<Vec<Vec<FileEntry>>>,
     problems: Mutex<Vec<Problem>>,
     errors: Mutex<Vec<String>>,
+    unreadable_dirs: Mutex<Vec<Vec<u8>>>,
 }
 
-/// Walk `root` on the rayon pool. Fails only when `root` itself is not a readable folder.
-pub fn walk(root: &Path, opts: &WalkOptions, stop: &AtomicBool) -> Result<WalkReport> {
+/// Check that `root` is a folder that can be listed; returns its metadata.
+pub fn check_root(root: &Path) -> Result<fs::Metadata> {
     let meta = fs::metadata(root).map_err(|e| Error::io(root, e))?;
     if !meta.is_dir() {
         return Err(Error::InvalidArgument(format!(
@@ -103,27 +126,59 @@ pub fn walk(root: &Path, opts: &WalkOptions, stop: &AtomicBool) -> Result<WalkRe
         )));
     }
     fs::read_dir(root).map_err(|e| Error::io(root, e))?;
+    Ok(meta)
+}
+
+/// Walk `root` on the rayon pool and collect everything, sorted. Fails only when `root`
+/// itself is not a readable folder.
+pub fn walk(root: &Path, opts: &WalkOptions, stop: &AtomicBool) -> Result<WalkReport> {
+    let chunks: Mutex<Vec<Vec<FileEntry>>> = Mutex::new(Vec::new());
+    let tail = walk_into(root, opts, stop, &|batch| {
+        chunks.lock().unwrap_or_else(|p| p.into_inner()).push(batch);
+        true
+    })?;
+    let chunks = chunks.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut files: Vec<FileEntry> = chunks.into_iter().flatten().collect();
+    crate::pools::cpu_pool().install(|| {
+        rayon::slice::ParallelSliceMut::par_sort_unstable_by(&mut files[..], |a, b| {
+            a.rel_path.cmp(&b.rel_path)
+        });
+    });
+    Ok(WalkReport {
+        files,
+        problems: tail.problems,
+        errors: tail.errors,
+        unreadable_dirs: tail.unreadable_dirs,
+    })
+}
+
+/// Walk `root` on the rayon pool, handing the files to `sink` in batches of at most
+/// `SINK_BATCH` as they are found (in no particular order; a bounded channel behind `sink`
+/// bounds the memory). Fails only when `root` itself is not a readable folder, or with
+/// `Cancelled` once `stop` is set.
+pub fn walk_into(
+    root: &Path,
+    opts: &WalkOptions,
+    stop: &AtomicBool,
+    sink: &Sink<'_>,
+) -> Result<WalkTail> {
+    let meta = check_root(root)?;
     let walker = Walker {
         real_root: fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf()),
         opts,
         stop,
+        halted: AtomicBool::new(false),
+        sink,
         visited: Mutex::new(HashSet::from([(meta.dev(), meta.ino())])),
-        files: Mutex::new(Vec::new()),
         problems: Mutex::new(Vec::new()),
         errors: Mutex::new(Vec::new()),
+        unreadable_dirs: Mutex::new(Vec::new()),
     };
     let pool = crate::pools::cpu_pool();
     pool.scope(|s| walker.visit(s, root.to_path_buf(), Vec::new()));
     if stop.load(Ordering::Relaxed) {
         return Err(Error::Cancelled);
     }
-    let chunks = walker.files.into_inner().unwrap_or_else(|p| p.into_inner());
-    let mut files: Vec<FileEntry> = chunks.into_iter().flatten().collect();
-    pool.install(|| {
-        rayon::slice::ParallelSliceMut::par_sort_unstable_by(&mut files[..], |a, b| {
-            a.rel_path.cmp(&b.rel_path)
-        });
-    });
     let mut problems = walker
         .problems
         .into_inner()
@@ -135,10 +190,16 @@ pub fn walk(root: &Path, opts: &WalkOptions, stop: &AtomicBool) -> Result<WalkRe
         .into_inner()
         .unwrap_or_else(|p| p.into_inner());
     errors.sort();
-    Ok(WalkReport {
-        files,
+    let mut unreadable_dirs = walker
+        .unreadable_dirs
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner());
+    unreadable_dirs.sort();
+    unreadable_dirs.dedup();
+    Ok(WalkTail {
         problems,
         errors,
+        unreadable_dirs,
     })
 }
 
@@ -178,11 +239,29 @@ impl<'a> Walker<'a> {
             r if e.raw_os_error() == Some(libc::ELOOP) => r,
             r => format!("unreadable folder: {r}"),
         };
+        self.unreadable_dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(rel.clone());
         self.problem(rel, dir, reason);
     }
 
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed) || self.halted.load(Ordering::Relaxed)
+    }
+
+    /// Hand `found` to the sink; a refusal stops the walk.
+    fn flush(&self, found: &mut Vec<FileEntry>) {
+        if found.is_empty() || self.stopped() {
+            return;
+        }
+        if !(self.sink)(std::mem::take(found)) {
+            self.halted.store(true, Ordering::Relaxed);
+        }
+    }
+
     fn visit<'s>(&'s self, scope: &rayon::Scope<'s>, dir: PathBuf, rel: Vec<u8>) {
-        if self.stop.load(Ordering::Relaxed) {
+        if self.stopped() {
             return;
         }
         let entries = match fs::read_dir(&dir) {
@@ -192,8 +271,11 @@ impl<'a> Walker<'a> {
         let mut found = Vec::new();
         for (i, entry) in entries.enumerate() {
             // One folder can hold a million files: a stop is seen within it too.
-            if i % 1024 == 1023 && self.stop.load(Ordering::Relaxed) {
+            if i % 1024 == 1023 && self.stopped() {
                 return;
+            }
+            if found.len() >= SINK_BATCH {
+                self.flush(&mut found);
             }
             let entry = match entry {
                 Ok(entry) => entry,
@@ -260,12 +342,7 @@ impl<'a> Walker<'a> {
                 }
             }
         }
-        if !found.is_empty() {
-            self.files
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(found);
-        }
+        self.flush(&mut found);
     }
 
     fn enter<'s>(
