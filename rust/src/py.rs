@@ -50,7 +50,7 @@ fn to_py(e: Error) -> PyErr {
 
 type Res<T> = PyResult<T>;
 
-fn r<T>(v: crate::error::Result<T>) -> Res<T> {
+pub(crate) fn r<T>(v: crate::error::Result<T>) -> Res<T> {
     v.map_err(to_py)
 }
 
