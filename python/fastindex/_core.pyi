@@ -293,8 +293,8 @@ class Watcher:
     Raises `PathNotFoundError`, `InvalidArgumentError` (not a folder, unknown dataset, too
     many folders to watch), `StoreError`."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         db: str,
         dataset_id: int,
         roots: Sequence[str | bytes | PathLike[str] | PathLike[bytes]],
@@ -306,7 +306,7 @@ class Watcher:
         include_hidden: bool = False,
         follow_links: bool = False,
         catch_up: bool = True,
-    ) -> None: ...
+    ) -> Watcher: ...
     def stop(self) -> None:
         """Stop and join the watcher's thread (within one batch or sync step). Idempotent."""
 

@@ -51,14 +51,9 @@ impl Sink for StoreSink {
             .iter()
             .map(|p| p.as_os_str().as_bytes().to_vec())
             .collect();
-        let c = self.store.sync_paths(
-            self.dataset_id,
-            job,
-            root,
-            &rels,
-            &self.walk,
-            &self.never,
-        )?;
+        let c =
+            self.store
+                .sync_paths(self.dataset_id, job, root, &rels, &self.walk, &self.never)?;
         Ok(touched(&c))
     }
 
