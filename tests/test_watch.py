@@ -115,6 +115,26 @@ def test_rewrite_in_place_is_pending_again_with_its_new_size(
     assert (s.width, s.height) == (31, 17)
 
 
+def test_a_file_still_being_written_ends_up_whole(
+    watched: tuple[fastindex.Dataset, fastindex.Watcher], tmp_path: Path
+) -> None:
+    ds, w = watched
+    before = w.stats()["batches"]
+    with open(tmp_path / "photos" / "slow.png", "wb") as f:
+        f.write(BIGGER[:40])
+        f.flush()
+        # A batch applies the half-written file (it may even fail phase 2, truncated) ...
+        wait_until(lambda: w.stats()["batches"] > before and "slow.png" in rows(ds))
+        f.write(BIGGER[40:])
+    # ... and the close makes the watcher look again: the row follows the whole file.
+    s = wait_until(
+        lambda: (
+            (s := rows(ds)["slow.png"]).status == "indexed" and s.size_bytes == len(BIGGER) and s
+        )
+    )
+    assert (s.width, s.height) == (31, 17)
+
+
 def test_new_subfolder_with_files(
     watched: tuple[fastindex.Dataset, fastindex.Watcher], tmp_path: Path
 ) -> None:
