@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     ix.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
     ix.add_argument("--include-hidden", action="store_true", help="take hidden files too")
     ix.add_argument("--follow-links", action="store_true", help="enter symlinked folders")
+    ix.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="also put the dataset's failed rows back to pending (a folder indexed again "
+        "re-reads only the files that changed)",
+    )
     ix.add_argument("--serve", action="store_true", help="serve the web page while indexing")
     ix.add_argument(
         "--watch",
@@ -171,6 +177,8 @@ def cmd_index(args: argparse.Namespace) -> int:
                 follow_links=args.follow_links,
             )
         scan_s = time.perf_counter() - t0
+        if args.retry_failed:
+            ds.retry_failed()
         if starting is not None:
             server = starting.result()
             ds.resume()
@@ -389,7 +397,7 @@ def _watch(console: Any, ds: Any, job: Any, scan_s: float, loop: Any) -> dict[st
             phases = p.get("phases", {})
             bar.update(probe, total=total, completed=probed, **speed(phases.get("probe")))
             if wants_embed:
-                todo = total - p["failed"] + (p["failed"] if embedded else 0)
+                todo = total - p["failed"] - p["missing"] + (p["failed"] if embedded else 0)
                 bar.update(
                     embed, total=max(todo, 1), completed=embedded, **speed(phases.get("embed"))
                 )
@@ -416,7 +424,7 @@ def _summary(
         earlier = f"; {verb} {resumed:,} rows left by an earlier run"
     console.print(
         f"[bold]{_m(ds.name)}[/]: {s.get('added', 0):,} added, "
-        f"{s.get('existing', 0):,} already there{earlier}; "
+        f"{s.get('existing', 0):,} already there{_synced(s)}{earlier}; "
         f"indexed {p['indexed'] + p['embedding'] + p['ready']:,}, ready {p['ready']:,}, "
         f"failed {p['failed']:,} in {elapsed:.2f} s (scan {scan_s * 1000:.0f} ms)"
     )
@@ -435,6 +443,16 @@ def _summary(
             console.print(f"  [red]failed[/] {_m(smp.path)}: {_m(smp.error)}")
     if p.get("error"):
         console.print(f"[red]stopped:[/] {_m(p['error'])}")
+
+
+def _synced(s: dict[str, Any]) -> str:
+    """What a folder indexed again found changed (only what there is)."""
+    parts = [
+        f"{s[k]:,} {what}"
+        for k, what in (("changed", "changed"), ("removed", "gone (missing)"))
+        if s.get(k)
+    ]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

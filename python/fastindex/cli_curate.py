@@ -32,7 +32,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _filters(p: argparse.ArgumentParser, format_flag: str = "--format") -> None:
     g = p.add_argument_group("filters (all must match)")
-    g.add_argument("--status", choices=("pending", "indexed", "embedding", "ready", "failed"))
+    g.add_argument(
+        "--status", choices=("pending", "indexed", "embedding", "ready", "failed", "missing")
+    )
     g.add_argument(format_flag, dest="image_format", metavar="FMT", help="JPEG, PNG, ... as probed")
     g.add_argument("--min-width", type=int, metavar="PX")
     g.add_argument("--max-width", type=int, metavar="PX")
@@ -141,7 +143,7 @@ def _filter_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _counts(p: dict[str, Any]) -> dict[str, Any]:
-    keys = ("total", "pending", "indexed", "embedding", "ready", "failed", "status")
+    keys = ("total", "pending", "indexed", "embedding", "ready", "failed", "missing", "status")
     return {k: p[k] for k in keys}
 
 

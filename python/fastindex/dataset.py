@@ -186,8 +186,19 @@ class Dataset:
         """Add every image file under `path` (phase 1) and index them in the background.
 
         Blocks until every file has a `pending` row (the walk and the inserts run in Rust,
-        with the GIL released); phase 2 (and phase 3 with `embed`) then run in background
-        threads. Adding a folder again adds only new files.
+        with the GIL released, in memory bounded at any number of files); phase 2 (and
+        phase 3 with `embed`) then run in background threads.
+
+        Adding a folder again syncs it: each file is compared with its row by size and
+        modification time (ns). A new file is added as `pending`; a changed one goes back to
+        `pending`, its size, format and embedding dropped and recomputed; the row of a file
+        that is gone becomes `missing` (it keeps its annotations, `samples(status="missing")`
+        lists it, and it goes back to `pending` if the file comes back); an unchanged row is
+        not written. A `failed` row is retried only if its file changed (or with
+        `retry_failed`). `job.summary` says `{"added", "changed", "removed", "unchanged",
+        "existing" (changed + unchanged), "found", "errors", "job_id"}`. If the walk cannot
+        read a folder, the rows under it are left as they are; a stopped call (Ctrl-C)
+        marks nothing missing.
 
         Args:
             path: the folder to walk.
@@ -208,6 +219,16 @@ class Dataset:
             self.id, root, include_hidden=bool(include_hidden), follow_links=bool(follow_links)
         )
         return self._started(summary, model)
+
+    def retry_failed(self) -> int:
+        """Put every `failed` sample back to `pending` (its error and probe results cleared)
+        and index them again in the background: for files fixed in place without a change
+        of size or time, or after a fault of the machine (a full disk). Returns how many
+        rows went back. Blocks for the store writes only (short transactions)."""
+        n = int(self._store.retry_failed(self.id))
+        if n:
+            self.resume()
+        return n
 
     def add_samples_from_coco(
         self,
@@ -363,7 +384,8 @@ class Dataset:
     # -- progress ---------------------------------------------------------------------------
     def get_loading_progress(self) -> dict[str, Any]:
         """Counts by status: `{"dataset_id", "total", "pending", "indexed", "embedding",
-        "ready", "failed", "status": "in_progress" | "complete", "errors", "error"}`, and
+        "ready", "failed", "missing", "status": "in_progress" | "complete", "errors",
+        "error"}` (`missing`: files gone from their folder, see `add_images_from_path`), and
         how fast the work goes, as the store recorded it (any process sees the same):
 
         - `"phases"`: `{"probe": {...}, "embed": {...}}` (`"embed"` only when the dataset

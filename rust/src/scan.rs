@@ -217,6 +217,30 @@ impl Store {
         Ok(())
     }
 
+    /// Insert files (sorted by path) in transactions of `INSERT_CHUNK` rows, as phase 1 does
+    /// on a folder with no rows yet; a path already in the root is left as it is. Stops
+    /// (`Cancelled`) between chunks once `stop` is set. Returns `(added, existing)`.
+    pub fn insert_files(
+        &mut self,
+        dataset_id: i64,
+        job_id: i64,
+        root_id: i64,
+        prefix: &[u8],
+        files: &[FileEntry],
+        stop: &AtomicBool,
+    ) -> Result<(u64, u64)> {
+        let mut added = 0;
+        for chunk in files.chunks(INSERT_CHUNK) {
+            if stop.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
+            added += self
+                .insert_chunk(dataset_id, job_id, root_id, prefix, chunk)?
+                .added;
+        }
+        Ok((added, files.len() as u64 - added))
+    }
+
     /// Insert one sorted chunk of a walk (paths relative to the walked folder, which is
     /// `prefix` inside the root) in one transaction; a path already in the root is left as it
     /// is. Paths are stored byte for byte (see [`crate::paths`]).

@@ -128,10 +128,10 @@ struct Tally {
 }
 
 impl Tally {
-    fn moved(&mut self, job: i64, from: &str, to: &str) {
-        if from != to {
+    fn moved(&mut self, (job, from): (i64, &str), (to_job, to): (i64, &str)) {
+        if (job, from) != (to_job, to) {
             *self.moves.entry((job, from.to_string())).or_default() -= 1;
-            *self.moves.entry((job, to.to_string())).or_default() += 1;
+            *self.moves.entry((to_job, to.to_string())).or_default() += 1;
         }
     }
 
@@ -149,18 +149,20 @@ impl Tally {
     }
 }
 
-/// Back to `pending` with what phases 2 and 3 wrote dropped (a changed file is a new image).
+/// Back to `pending` with what phases 2 and 3 wrote dropped (a changed file is a new image),
+/// in job `job` (the sync's, so that waiting for it waits for the row; `None`: its own).
 /// Only if the row is still as `k` says (another writer may have moved it since it was read).
 fn reset(
     tx: &Transaction<'_>,
     k: &Known,
-    size: Option<u64>,
-    mtime_ns: Option<i64>,
+    file: Option<(u64, i64)>,
+    job: Option<i64>,
     t: &mut Tally,
 ) -> rusqlite::Result<bool> {
+    let job = job.unwrap_or(k.job_id);
     let n = tx
         .prepare_cached(
-            "UPDATE samples SET status = 'pending', size_bytes = COALESCE(?3, size_bytes),
+            "UPDATE samples SET status = 'pending', job_id = ?6, size_bytes = COALESCE(?3, size_bytes),
                  mtime_ns = COALESCE(?4, mtime_ns), width = NULL, height = NULL, format = NULL,
                  orientation = NULL, error = NULL, size_mismatch = 0
              WHERE id = ?1 AND status = ?2 AND format IS ?5",
@@ -168,9 +170,10 @@ fn reset(
         .execute(params![
             k.id,
             k.status,
-            size.map(|s| s as i64),
-            mtime_ns,
-            k.format
+            file.map(|f| f.0 as i64),
+            file.map(|f| f.1),
+            k.format,
+            job
         ])?;
     if n == 0 {
         return Ok(false);
@@ -183,7 +186,7 @@ fn reset(
     if let Some(f) = &k.format {
         *t.formats.entry(f.clone()).or_default() += 1;
     }
-    t.moved(k.job_id, &k.status, PENDING);
+    t.moved((k.job_id, &k.status), (job, PENDING));
     Ok(true)
 }
 
@@ -195,7 +198,7 @@ fn mark_missing(tx: &Transaction<'_>, k: &Known, t: &mut Tally) -> rusqlite::Res
         .prepare_cached("UPDATE samples SET status = 'missing' WHERE id = ?1 AND status = ?2")?
         .execute(params![k.id, k.status])?;
     if n > 0 {
-        t.moved(k.job_id, &k.status, MISSING);
+        t.moved((k.job_id, &k.status), (k.job_id, MISSING));
         t.counts.removed += 1;
     }
     Ok(())
@@ -267,7 +270,7 @@ fn apply_files(
                 seen(k.id);
                 if unchanged(&k, *size, *mtime) {
                     t.counts.unchanged += 1;
-                } else if reset(tx, &k, Some(*size), Some(*mtime), t)? {
+                } else if reset(tx, &k, Some((*size, *mtime)), Some(job_id), t)? {
                     t.counts.changed += 1;
                 }
             }
@@ -623,11 +626,9 @@ impl Store {
         for dir in gone.iter().chain(walked_dirs) {
             let dir = in_root(dir);
             // The path itself (a file deleted, or a file that is a folder now).
-            if !dir.is_empty() {
-                if !on_disk.contains(dir.as_slice()) {
-                    if let Some(k) = lookup(&tx, root_id, &dir).store(&path)? {
-                        mark_missing(&tx, &k, &mut t).store(&path)?;
-                    }
+            if !dir.is_empty() && !on_disk.contains(dir.as_slice()) {
+                if let Some(k) = lookup(&tx, root_id, &dir).store(&path)? {
+                    mark_missing(&tx, &k, &mut t).store(&path)?;
                 }
             }
             let mut after: Option<(bool, Vec<u8>)> = None;
@@ -774,4 +775,153 @@ fn normalized(rel: &[u8]) -> Result<Vec<u8>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    fn png(w: u32, h: u32) -> Vec<u8> {
+        let mut v = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
+        v.extend(w.to_be_bytes());
+        v.extend(h.to_be_bytes());
+        v.extend([8, 2, 0, 0, 0]);
+        v
+    }
+
+    fn put(root: &Path, rel: &[u8], data: &[u8]) {
+        let p = root.join(walk::rel_as_path(rel));
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, data).unwrap();
+    }
+
+    /// `(path, status)` of every row, sorted, and a check that the counters agree.
+    fn state(s: &Store, d: i64) -> Vec<(Vec<u8>, String)> {
+        let rows = s.samples(d, &Default::default(), 0, i64::MAX, 0).unwrap();
+        let p = s.progress(d, None).unwrap();
+        for st in crate::db::STATUSES {
+            let n = rows.iter().filter(|r| r.status == st).count() as i64;
+            assert_eq!(p.count(st), n, "counter of {st}");
+        }
+        let mut out: Vec<_> = rows
+            .into_iter()
+            .map(|r| (r.path.as_os_str().as_bytes().to_vec(), r.status))
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn rows_under_a_folder_in_both_storage_classes() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("r");
+        // `a-z` and `a.png` sort between `a` and `a/...`; `a\xff/x` is a BLOB after every TEXT
+        for rel in [
+            &b"a/1.png"[..],
+            b"a/2/3.png",
+            b"a-z/4.png",
+            b"a.png",
+            b"a/\xe9.png",
+            b"a\xff/x.png",
+            b"b.png",
+        ] {
+            put(&root, rel, &png(1, 1));
+        }
+        let mut s = Store::open(t.path().join("s.db").to_str().unwrap()).unwrap();
+        let d = s.create_dataset("d").unwrap();
+        let stop = AtomicBool::new(false);
+        let root = crate::scan::absolute_dir(&root).unwrap();
+        s.scan(d, &root, false, false, &stop).unwrap();
+        let (root_id, _, _) = s.root_for_path(d, &root).unwrap();
+        let under = |dir: &[u8], limit: usize| {
+            let mut out = Vec::new();
+            let mut after: Option<(bool, Vec<u8>)> = None;
+            loop {
+                let page = rows_under(
+                    &s.conn,
+                    root_id,
+                    dir,
+                    after.as_ref().map(|(b, p)| (*b, p.as_slice())),
+                    limit,
+                )
+                .unwrap();
+                let Some(last) = page.last() else { break };
+                after = Some((last.1, last.2.clone()));
+                out.extend(page.into_iter().map(|(_, _, p)| p));
+            }
+            out
+        };
+        for limit in [1, 2, 100] {
+            assert_eq!(
+                under(b"a", limit),
+                [&b"a/1.png"[..], b"a/2/3.png", b"a/\xe9.png"],
+                "{limit}"
+            );
+            assert_eq!(under(b"", limit).len(), 7);
+            assert_eq!(under(b"a\xff", limit), [&b"a\xff/x.png"[..]]);
+        }
+    }
+
+    #[test]
+    fn sync_paths_and_retry_keep_the_counters() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("r");
+        put(&root, b"a.png", &png(1, 1));
+        put(&root, b"dir/b.png", &png(2, 2));
+        put(&root, b"dir/c/d.png", &png(3, 3));
+        put(&root, b"bad.png", b"nope");
+        let mut s = Store::open(t.path().join("s.db").to_str().unwrap()).unwrap();
+        let d = s.create_dataset("d").unwrap();
+        let stop = AtomicBool::new(false);
+        let done = AtomicU64::new(0);
+        let root = crate::scan::absolute_dir(&root).unwrap();
+        s.scan(d, &root, false, false, &stop).unwrap();
+        s.probe_pending(d, &stop, &done, None).unwrap();
+        let job = s.watch_job(d, &root).unwrap();
+        assert_eq!(s.watch_job(d, &root).unwrap(), job);
+        let opts = WalkOptions::default();
+        fs::remove_dir_all(root.join("dir")).unwrap();
+        put(&root, b"a.png", &png(5, 5));
+        put(&root, b"new/e.png", &png(4, 4));
+        let paths: Vec<Vec<u8>> = vec![b"dir".to_vec(), b"./a.png".to_vec(), b"new".to_vec()];
+        let c = s.sync_paths(d, job, &root, &paths, &opts, &stop).unwrap();
+        assert_eq!(
+            c,
+            SyncCounts {
+                added: 1,
+                changed: 1,
+                removed: 2,
+                unchanged: 0
+            }
+        );
+        let st = state(&s, d);
+        let status = |p: &[u8]| st.iter().find(|(q, _)| q == p).unwrap().1.clone();
+        assert_eq!(status(b"dir/c/d.png"), MISSING);
+        assert_eq!(status(b"a.png"), PENDING);
+        assert_eq!(status(b"bad.png"), FAILED);
+        // again: nothing to do
+        let c = s.sync_paths(d, job, &root, &paths, &opts, &stop).unwrap();
+        assert_eq!((c.added, c.changed, c.removed, c.unchanged), (0, 0, 0, 2));
+        assert_eq!(s.retry_failed(d).unwrap(), 1);
+        assert_eq!(status_of(&state(&s, d), b"bad.png"), PENDING);
+        assert!(matches!(
+            s.sync_paths(d, job, &root, &[b"../x".to_vec()], &opts, &stop),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    fn status_of(st: &[(Vec<u8>, String)], p: &[u8]) -> String {
+        st.iter().find(|(q, _)| q == p).unwrap().1.clone()
+    }
+
+    #[test]
+    fn seen_counts_rows_after_its_snapshot_as_seen() {
+        let mut seen = Seen::upto(100);
+        seen.set(3);
+        assert!(seen.has(3) && !seen.has(4) && !seen.has(100));
+        assert!(seen.has(101) && seen.has(1 << 40));
+        assert_eq!(normalized(b"./a//b/").unwrap(), b"a/b");
+        assert!(normalized(b"/a").is_err() && normalized(b"a/../b").is_err());
+    }
 }

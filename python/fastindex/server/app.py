@@ -46,7 +46,7 @@ LOCAL_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost", "::1", "[::1]")
 #: The largest id or offset (SQLite integers are signed 64-bit); larger ones are a 422.
 MAX_INT = 2**63 - 1
 
-Status = Literal["pending", "indexed", "embedding", "ready", "failed"]
+Status = Literal["pending", "indexed", "embedding", "ready", "failed", "missing"]
 #: An id in a URL path: a 64-bit non-negative integer, else 422 before any lookup.
 Id = Annotated[int, Path(ge=0, le=MAX_INT)]
 
@@ -169,7 +169,7 @@ def create_app(
     @app.get("/api/progress/{dataset_id}", tags=["progress"])
     async def get_progress(dataset_id: Id) -> dict[str, Any]:
         """Counts by status: `{dataset_id, total, pending, indexed, embedding, ready, failed,
-        status: in_progress | complete, phases, rate, eta_s, rate_phase, error}` (the rates
+        missing, status: in_progress | complete, phases, rate, eta_s, rate_phase, error}` (the rates
         as `Dataset.get_loading_progress` documents them). O(1) in the number of samples."""
         # Read on the event loop itself: a few indexed point reads on this thread's own
         # connection (WAL readers never wait for the writer), far cheaper than a hop to a

@@ -260,7 +260,7 @@ class ServerState:
         """Samples per status, format and category, from counters (O(distinct values))."""
         p = self.progress(dataset_id)
         f: dict[str, Any] = self.store().facets(dataset_id)
-        f["status"] = {s: p[s] for s in ("pending", "indexed", "embedding", "ready", "failed")}
+        f["status"] = {s: p[s] for s in _core.STATUSES}
         f["dataset_id"] = dataset_id
         f["total"] = p["total"]
         return f

@@ -26,7 +26,7 @@ export async function api(path, { method = "GET", body, signal } = {}) {
   return data;
 }
 
-export const STATUSES = ["pending", "indexed", "embedding", "ready", "failed"];
+export const STATUSES = ["pending", "indexed", "embedding", "ready", "failed", "missing"];
 
 export const datasets = () => api("/api/datasets");
 export const progress = (id) => api(`/api/progress/${id}`);

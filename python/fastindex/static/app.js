@@ -100,7 +100,7 @@ function selectDataset(id) {
 // -- progress ----------------------------------------------------------------------------------
 function finished(p) {
   const wantsEmbeddings = state.ds?.embeddings;
-  return p.failed + (wantsEmbeddings ? p.ready : p.indexed + p.embedding + p.ready);
+  return p.failed + (p.missing ?? 0) + (wantsEmbeddings ? p.ready : p.indexed + p.embedding + p.ready);
 }
 
 function onProgress(p) {

@@ -58,6 +58,8 @@ export function picture(s, { src } = {}) {
     if (svg) pic.append(svg);
   } else if (s.status === "failed") {
     pic.append(h("div", { class: "placeholder" }, s.error ?? "failed"));
+  } else if (s.status === "missing") {
+    pic.append(h("div", { class: "placeholder" }, "file missing from its folder"));
   } else {
     pic.append(h("div", { class: "placeholder" }, "reading header…"));
   }
