@@ -221,6 +221,20 @@ def test_the_folder_deleted_and_made_again(
         assert ds.get_loading_progress()["missing"] == 2
 
 
+def test_a_deleted_dataset_stops_its_watcher(
+    new_dataset: Callable[..., fastindex.Dataset], photos: Path, db: Path
+) -> None:
+    ds = new_dataset()
+    w = ds.watch(photos, embed=False)
+    wait_until(lambda: w.stats()["full_syncs"] >= 1)
+    ds.delete()
+    (photos / "after.png").write_bytes(PNG)
+    wait_until(lambda: not w.running)
+    assert "no dataset" in (w.error or "")
+    assert fastindex._core.Store(str(db)).progress(ds.id)["total"] == 0  # nothing added
+    w.stop()
+
+
 def test_watch_a_new_folder_adds_it_first(
     new_dataset: Callable[..., fastindex.Dataset], tmp_path: Path
 ) -> None:

@@ -34,6 +34,18 @@ fn touched(c: &SyncCounts) -> u64 {
 }
 
 impl StoreSink {
+    /// A deleted dataset takes no more rows (and stops the watcher): looked up before each
+    /// batch, a read by primary key.
+    fn check_dataset(&self) -> Result<()> {
+        match self.store.dataset(self.dataset_id)? {
+            Some(_) => Ok(()),
+            None => Err(Error::DatasetNotFound(
+                format!("#{}", self.dataset_id),
+                self.store.path.clone(),
+            )),
+        }
+    }
+
     fn job(&mut self, root: &Path) -> Result<i64> {
         if let Some(id) = self.jobs.get(root) {
             return Ok(*id);
@@ -46,6 +58,7 @@ impl StoreSink {
 
 impl Sink for StoreSink {
     fn sync_paths(&mut self, root: &Path, rel_paths: &[PathBuf]) -> Result<u64> {
+        self.check_dataset()?;
         let job = self.job(root)?;
         let rels: Vec<Vec<u8>> = rel_paths
             .iter()
@@ -58,6 +71,7 @@ impl Sink for StoreSink {
     }
 
     fn sync_root(&mut self, root: &Path, stop: &AtomicBool) -> Result<u64> {
+        self.check_dataset()?;
         let s = self.store.scan(
             self.dataset_id,
             root,
@@ -69,6 +83,7 @@ impl Sink for StoreSink {
     }
 
     fn root_gone(&mut self, root: &Path) -> Result<u64> {
+        self.check_dataset()?;
         self.store.root_missing(self.dataset_id, root, &self.never)
     }
 }
@@ -118,9 +133,7 @@ impl Watcher {
                 .collect::<Result<Vec<_>>>()?;
             let store = db::Store::open(&db)?;
             if store.dataset(dataset_id)?.is_none() {
-                return Err(Error::InvalidArgument(format!(
-                    "no dataset with id {dataset_id} in {db}"
-                )));
+                return Err(Error::DatasetNotFound(format!("#{dataset_id}"), db.clone()));
             }
             let sink = StoreSink {
                 store,

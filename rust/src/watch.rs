@@ -64,7 +64,8 @@ impl Default for WatchOptions {
 }
 
 /// What applies the batches: the store (`py_watch`), or a collector in the tests. Called on
-/// the batch thread only.
+/// the batch thread only. `Error::DatasetNotFound` from any call stops the watcher: its
+/// dataset was deleted.
 pub trait Sink: Send + 'static {
     /// Apply the sync rules to `rel_paths` (relative to `root`, sorted, each once); a path
     /// that is a folder stands for its whole subtree. Returns the rows it changed.
@@ -428,6 +429,16 @@ impl<S: Sink> Batcher<S> {
         }
     }
 
+    /// The dataset is gone: nothing more can be applied, and the watcher stops.
+    fn fatal(&self, e: &Error) -> bool {
+        if !matches!(e, Error::DatasetNotFound(..)) {
+            return false;
+        }
+        self.shared.error(format!("stopped: {e}"));
+        self.shared.stop.store(true, Ordering::Relaxed);
+        true
+    }
+
     fn failed(&mut self, msg: String) {
         self.shared.error(msg);
         self.retry_at = Some(Instant::now() + RETRY_AFTER);
@@ -524,6 +535,7 @@ impl<S: Sink> Batcher<S> {
                 .fetch_add(rels.len() as u64, Ordering::Relaxed);
             match self.sink.sync_paths(&self.roots[i], &rels) {
                 Ok(n) => self.shared.applied(n),
+                Err(e) if self.fatal(&e) => return,
                 Err(e) => {
                     self.full[i] = true;
                     self.failed(format!("sync of {}: {e}", self.roots[i].display()));
@@ -556,6 +568,7 @@ impl<S: Sink> Batcher<S> {
         self.shared.state().missing_roots.push(root.clone());
         match self.sink.root_gone(&root) {
             Ok(n) => self.shared.applied(n),
+            Err(e) if self.fatal(&e) => {}
             Err(e) => self.shared.error(format!("{}: {e}", root.display())),
         }
     }
@@ -598,6 +611,7 @@ impl<S: Sink> Batcher<S> {
                     self.shared.applied(n);
                 }
                 Err(_) if self.shared.stopped() => return,
+                Err(e) if self.fatal(&e) => return,
                 Err(_) if dir_id(&self.roots[i]).is_none() => {
                     let _ = self.notify.unwatch(&self.roots[i]);
                     self.lose_root(i);

@@ -235,3 +235,29 @@ fn a_missing_root_is_an_error() {
     );
     assert!(matches!(r, Err(Error::Io { .. })));
 }
+
+/// A sink whose dataset was deleted.
+struct Deleted;
+
+impl Sink for Deleted {
+    fn sync_paths(&mut self, _root: &Path, _rel: &[PathBuf]) -> Result<u64> {
+        Err(Error::DatasetNotFound("#1".into(), "store".into()))
+    }
+    fn sync_root(&mut self, _root: &Path, _stop: &AtomicBool) -> Result<u64> {
+        Ok(0)
+    }
+    fn root_gone(&mut self, _root: &Path) -> Result<u64> {
+        Ok(0)
+    }
+}
+
+#[test]
+fn a_deleted_dataset_stops_the_watcher() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = fs::canonicalize(dir.path()).unwrap();
+    let w = Watcher::start(vec![root], Deleted, WatchOptions::default()).unwrap();
+    write(&dir.path().join("a.jpg"), b"x");
+    until("the watcher to stop", || !w.stats().running);
+    let err = w.stats().last_error.unwrap_or_default();
+    assert!(err.starts_with("stopped: no dataset"), "{err}");
+}
