@@ -380,7 +380,8 @@ def _tree(where: Path, levels: int) -> Path:
 def test_phase_one_memory_does_not_grow_with_the_files(tmp_path: Path) -> None:
     """Peak RSS of phase 1 at 64k and 256k files: the growth is the store's own page cache
     (SQLite's, bounded by its `cache_size` of 64 MiB, here about the database's size), not
-    the files. The walk that held every entry before inserting grew ~30 MB more here."""
+    the files: ~8 MB beyond it here, where the walk that held every entry before inserting
+    grew ~36 MB beyond it."""
     with testkit.tmpfs(tmp_path / "mnt", "1g") as mnt:
         peaks = []
         for levels in (6, 8):
@@ -401,5 +402,10 @@ def test_phase_one_memory_does_not_grow_with_the_files(tmp_path: Path) -> None:
             peaks.append((peak, db.stat().st_size))
             shutil.rmtree(where)
     (small, small_db), (big, big_db) = peaks
-    beyond_cache = (big - small) - (big_db - small_db)
-    assert beyond_cache < 12e6, (peaks, beyond_cache)
+
+    def cache(db_bytes: int) -> float:
+        # SQLite's page cache of the store: the pages, ~10% of headers on each, 64 MiB at most
+        return 1.1 * min(db_bytes, 64 << 20)
+
+    beyond_cache = (big - small) - (cache(big_db) - cache(small_db))
+    assert beyond_cache < 16e6, (peaks, beyond_cache)

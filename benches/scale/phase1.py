@@ -172,6 +172,7 @@ if mode in ("index", "reindex"):
     out["seconds"] = time.perf_counter() - t0
     c1 = os.times()
     out["cpu"] = c1.user + c1.system - c0.user - c0.system
+    out["io"] = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
     out["hwm"] = hwm()
     out["summary"] = {k: v for k, v in job.summary.items() if k != "errors"}
     ds.cancel()

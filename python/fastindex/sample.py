@@ -18,7 +18,8 @@ class Sample:
     and `orientation` are known once the sample is `indexed`. `coco_width`/`coco_height` are
     what a COCO file declared; `size_mismatch` is set when they differ from the header. A
     `failed` sample without `size_bytes` is something the walk could not take (a broken link,
-    a link loop, an unreadable folder), with the reason in `error`.
+    a link loop, an unreadable folder), with the reason in `error`. A `missing` sample's file
+    is gone from its folder (a sync found it so); it keeps what was known of it.
     """
 
     id: int

@@ -18,11 +18,16 @@ use crate::throughput;
 use crate::walk::{self, FileEntry, Problem, WalkOptions};
 
 /// Rows per transaction when inserting scanned files: small enough that a stop (Ctrl-C) is
-/// seen within ~20 ms, and that other writers wait no longer than that. Also the size of the
-/// sorted chunks the walk streams into the store.
+/// seen within ~20 ms, and that other writers wait no longer than that.
 const INSERT_CHUNK: usize = 16_384;
-/// Batches (of up to `walk::SINK_BATCH` files) in flight between the walk and the store: with
-/// the chunk being written, what bounds phase 1's memory at any number of files.
+/// Files the writer gathers from the walk before it sorts and writes them (in transactions
+/// of `INSERT_CHUNK`): with the batches in flight (`CHANNEL_BATCHES` of up to
+/// `walk::SINK_BATCH` files), what bounds phase 1's memory at any number of files (~10 MB).
+/// The walk hands files over roughly in path order (it enters folders in name order), and
+/// sorted runs this long keep the path index's inserts near its end: written in the walk's
+/// own order, they cost ~10% more CPU than the old walk-all, sort-all, insert-all.
+const WRITE_BUFFER: usize = 1 << 16;
+/// Batches in flight between the walk and the store.
 const CHANNEL_BATCHES: usize = 16;
 
 /// Rows probed between two store writes.
@@ -73,7 +78,10 @@ impl Store {
     /// ones `missing` (see `sync.rs`). Returns once every row is committed.
     ///
     /// Memory stays bounded at any number of files: the walk streams its files through a
-    /// bounded channel, and this thread writes them in sorted chunks of `INSERT_CHUNK`.
+    /// bounded channel, and this thread sorts them in runs of `WRITE_BUFFER` and writes them
+    /// in transactions of `INSERT_CHUNK`. A folder with rows is synced chunk by chunk (see
+    /// `Store::sync_chunk`), then its rows the walk did not see are marked `missing` (only
+    /// after a complete walk).
     pub fn scan(
         &mut self,
         dataset_id: i64,
@@ -131,18 +139,20 @@ impl Store {
                 let send = move |batch: Vec<FileEntry>| tx.send(batch).is_ok();
                 walk::walk_into(root, opts, stop, &send)
             });
-            let mut chunk: Vec<FileEntry> = Vec::with_capacity(INSERT_CHUNK + walk::SINK_BATCH);
-            let mut write = |chunk: &mut Vec<FileEntry>, this: &mut Store| -> Result<()> {
-                if stop.load(Ordering::Relaxed) {
-                    return Err(Error::Cancelled);
+            let mut chunk: Vec<FileEntry> = Vec::new();
+            let mut write = |buffer: &mut Vec<FileEntry>, this: &mut Store| -> Result<()> {
+                buffer.sort_unstable_by(|a, b| a.rel_path.cmp(&b.rel_path));
+                for chunk in buffer.chunks(INSERT_CHUNK) {
+                    if stop.load(Ordering::Relaxed) {
+                        return Err(Error::Cancelled);
+                    }
+                    counts += if fresh {
+                        this.insert_chunk(dataset_id, job_id, root_id, &prefix, chunk)?
+                    } else {
+                        this.sync_chunk(dataset_id, job_id, root_id, &prefix, chunk, &mut seen)?
+                    };
                 }
-                chunk.sort_unstable_by(|a, b| a.rel_path.cmp(&b.rel_path));
-                counts += if fresh {
-                    this.insert_chunk(dataset_id, job_id, root_id, &prefix, chunk)?
-                } else {
-                    this.sync_chunk(dataset_id, job_id, root_id, &prefix, chunk, &mut seen)?
-                };
-                chunk.clear();
+                buffer.clear();
                 Ok(())
             };
             let written: Result<()> = loop {
@@ -154,7 +164,7 @@ impl Store {
                 }
                 s.found += batch.len() as u64;
                 chunk.append(&mut batch);
-                if chunk.len() >= INSERT_CHUNK {
+                if chunk.len() >= WRITE_BUFFER {
                     if let Err(e) = write(&mut chunk, self) {
                         break Err(e);
                     }

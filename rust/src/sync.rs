@@ -353,9 +353,13 @@ impl Store {
         let path = self.path.clone();
         let mut counts = SyncCounts::default();
         let mut todo: Vec<(Vec<u8>, u64, i64)> = Vec::new();
-        for f in files {
-            let rel = join_rel(prefix, &f.rel_path);
-            match lookup(&self.conn, root_id, &rel).store(&path)? {
+        let rels: Vec<Vec<u8>> = files
+            .iter()
+            .map(|f| join_rel(prefix, &f.rel_path))
+            .collect();
+        let known = known_in_order(&self.conn, root_id, &rels).store(&path)?;
+        for ((f, rel), k) in files.iter().zip(rels).zip(known) {
+            match k {
                 Some(k) if unchanged(&k, f.size, f.mtime_ns) => {
                     seen.set(k.id);
                     counts.unchanged += 1;
@@ -726,6 +730,71 @@ impl Store {
         }
         Ok(total)
     }
+}
+
+/// The rows of `rels` (sorted by bytes), in their order: one pass of the path index over the
+/// range they span per storage class (TEXT paths sort before BLOB ones), merged with them, in
+/// place of a lookup each. A range that holds many more rows than asked for (files of the
+/// chunk far apart in the tree) is looked up path by path instead.
+fn known_in_order(
+    conn: &Connection,
+    root_id: i64,
+    rels: &[Vec<u8>],
+) -> rusqlite::Result<Vec<Option<Known>>> {
+    let mut out: Vec<Option<Known>> = vec![None; rels.len()];
+    for blob in [false, true] {
+        let mine: Vec<usize> = (0..rels.len())
+            .filter(|&i| std::str::from_utf8(&rels[i]).is_err() == blob)
+            .collect();
+        let (Some(&first), Some(&last)) = (mine.first(), mine.last()) else {
+            continue;
+        };
+        fn bound(blob: bool, b: &[u8]) -> ToSqlOutput<'_> {
+            ToSqlOutput::Borrowed(if blob {
+                ValueRef::Blob(b)
+            } else {
+                ValueRef::Text(b)
+            })
+        }
+        let limit = 2 * mine.len() + 64;
+        let mut rows: Vec<(Vec<u8>, Known)> = Vec::with_capacity(mine.len());
+        {
+            let mut st = conn.prepare_cached(
+                "SELECT id, job_id, status, size_bytes, mtime_ns, format, path FROM samples
+                 WHERE root_id = ?1 AND path >= ?2 AND path <= ?3 ORDER BY path LIMIT ?4",
+            )?;
+            let mut q = st.query(params![
+                root_id,
+                bound(blob, &rels[first]),
+                bound(blob, &rels[last]),
+                limit as i64
+            ])?;
+            while let Some(r) = q.next()? {
+                let v = r.get_ref(6)?;
+                let p = path_bytes(v).map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(6, v.data_type(), e.into())
+                })?;
+                rows.push((p.to_vec(), known_row(r)?));
+            }
+        }
+        if rows.len() >= limit {
+            for &i in &mine {
+                out[i] = lookup(conn, root_id, &rels[i])?;
+            }
+            continue;
+        }
+        let mut rows = rows.into_iter().peekable();
+        for &i in &mine {
+            while rows
+                .next_if(|(p, _)| p.as_slice() < rels[i].as_slice())
+                .is_some()
+            {}
+            if let Some((_, k)) = rows.next_if(|(p, _)| p == &rels[i]) {
+                out[i] = Some(k);
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn known_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Known> {

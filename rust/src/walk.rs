@@ -269,6 +269,8 @@ impl<'a> Walker<'a> {
             Err(e) => return self.unreadable_folder(rel, &dir, &e),
         };
         let mut found = Vec::new();
+        // `(name, path, via a link)` of the folders to enter, once the listing is done.
+        let mut folders: Vec<(Vec<u8>, PathBuf, bool)> = Vec::new();
         for (i, entry) in entries.enumerate() {
             // One folder can hold a million files: a stop is seen within it too.
             if i % 1024 == 1023 && self.stopped() {
@@ -294,13 +296,13 @@ impl<'a> Walker<'a> {
                 continue;
             };
             if kind.is_dir() {
-                self.enter(scope, &dir, entry.path(), child(&rel, name), false);
+                folders.push((name.to_vec(), entry.path(), false));
             } else if kind.is_symlink() {
                 let path = entry.path();
                 match fs::metadata(&path) {
                     Ok(m) if m.is_dir() => {
                         if self.opts.follow_dir_links {
-                            self.enter(scope, &dir, path, child(&rel, name), true);
+                            folders.push((name.to_vec(), path, true));
                         }
                     }
                     Ok(m) if m.is_file() && is_image_name(name) => found.push(FileEntry {
@@ -343,6 +345,13 @@ impl<'a> Walker<'a> {
             }
         }
         self.flush(&mut found);
+        // Entered in name order (the pool runs a worker's own tasks last in, first out):
+        // files then come out of the walk roughly in path order, which is the order the
+        // store's path index takes new keys at least cost.
+        folders.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        for (name, path, via_link) in folders {
+            self.enter(scope, &dir, path, child(&rel, &name), via_link);
+        }
     }
 
     fn enter<'s>(
