@@ -34,6 +34,7 @@ from .errors import (
 )
 from .jobs import Job
 from .sample import Annotation, Sample
+from .watch import Watcher
 
 __version__: str = _core.__version__
 
@@ -94,6 +95,7 @@ __all__ = [
     "Sample",
     "SchemaVersionError",
     "StoreError",
+    "Watcher",
     "image_size",
     "list_datasets",
     "probe_image",

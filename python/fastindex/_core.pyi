@@ -4,6 +4,7 @@ Every call releases the GIL while it works. Calls on one `Store` take turns (one
 connection each); open one `Store` per thread that writes.
 """
 
+from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any, Final, final
@@ -14,6 +15,7 @@ __all__ = [
     "STATUSES",
     "StopFlag",
     "Store",
+    "Watcher",
     "__version__",
     "image_size",
     "probe_bytes",
@@ -358,3 +360,41 @@ class Store:
         """Read up to `len(ids)` embeddings stored after row `after`, in row order, straight
         into `ids` (writable int64) and `out` (writable bytes, `len(ids)` rows of float16);
         returns `(cursor, rows read)`. Pass the cursor back to read on."""
+
+@final
+class Watcher:
+    """Follows folders of a dataset (inotify, through the `notify` crate) and applies their
+    changes to the store in batches (one short transaction per folder and batch), on threads
+    of its own; a full sync of a folder when it starts (unless not `catch_up`) and whenever
+    events may have been lost (the kernel's queue, or this one of `queue` paths, overflowed).
+    Construction blocks while the watches are placed (a walk of the folders; GIL released).
+    Raises `PathNotFoundError`, `InvalidArgumentError` (not a folder, unknown dataset, too
+    many folders to watch), `StoreError`."""
+
+    def __new__(
+        cls,
+        db: str,
+        dataset_id: int,
+        roots: Sequence[str | bytes | PathLike[str] | PathLike[bytes]],
+        *,
+        queue: int = 65536,
+        quiet_ms: int = 50,
+        max_delay_ms: int = 250,
+        max_batch: int = 5000,
+        include_hidden: bool = False,
+        follow_links: bool = False,
+        catch_up: bool = True,
+    ) -> Watcher: ...
+    def stop(self) -> None:
+        """Stop and join the watcher's thread (within one batch or sync step). Idempotent."""
+
+    @property
+    def running(self) -> bool: ...
+    def wait_change(self, seen: int, timeout: float) -> int:
+        """Block (GIL released) until the generation (bumped by each batch or sync that
+        changed rows) differs from `seen`, the watcher stops, or `timeout` seconds pass;
+        returns the generation."""
+
+    def stats(self) -> dict[str, Any]:
+        """`{"running", "events", "dropped", "overflows", "batches", "full_syncs", "paths",
+        "changed", "errors", "generation", "last_error", "missing_roots", "last_sync"}`."""

@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     ix.add_argument("--serve", action="store_true", help="serve the web page while indexing")
     ix.add_argument(
+        "--watch",
+        action="store_true",
+        help="then keep following the folder (new, changed, deleted files) until Ctrl-C",
+    )
+    ix.add_argument(
         "--allow-root",
         action="append",
         default=[],
@@ -188,6 +193,13 @@ def cmd_index(args: argparse.Namespace) -> int:
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     if args.name is not None and _not_utf8(args.name):
         raise InvalidArgumentError(f"--name {safe_text(args.name)} is not valid UTF-8")
+    if args.watch and args.coco:
+        raise InvalidArgumentError("--watch follows a folder of images: not with --coco")
+    if args.watch and is_object_uri(args.path):
+        raise InvalidArgumentError(
+            "--watch follows a local folder (a bucket sends no change events): "
+            "index the prefix again to sync it"
+        )
     if is_object_uri(args.path):  # s3://bucket/photos/ -> "photos", s3://bucket -> "bucket"
         last = args.path.partition("://")[2].rstrip("/").rsplit("/", 1)[-1]
         name = args.name or last or "dataset"
@@ -198,6 +210,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     embed = _embed_arg(args)
     _use_engine(args)
     server = None
+    watcher = None
     try:
         ds = Dataset.load(name, db=args.db, resume=False)
         existed = True
@@ -237,6 +250,14 @@ def cmd_index(args: argparse.Namespace) -> int:
             server = starting.result()
             ds.resume()
             _start_embedding(ds, embed)
+        if args.watch:
+            # Placed now, so what changes while phases 2 and 3 run is followed too.
+            watcher = ds.watch(
+                args.path,
+                embed=False,
+                include_hidden=args.include_hidden,
+                follow_links=args.follow_links,
+            )
     except (FastIndexError, UnicodeEncodeError):
         if starting is not None:
             with contextlib.suppress(FastIndexError):
@@ -250,6 +271,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     _summary(console, ds, job, p, elapsed, scan_s, resumed)
     ok = p["status"] == "complete" and not p.get("error")
+    if watcher is not None:
+        _follow(console, ds, watcher, server, quiet=args.quiet)
+        return 0 if not p.get("error") else 1
     if server is not None:
         console.print(f"still serving {_m(server.url)} (Ctrl-C to stop)")
         try:
@@ -258,6 +282,40 @@ def cmd_index(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             server.stop()
     return 0 if ok else 1
+
+
+def _follow(console: Any, ds: Any, watcher: Any, server: Any, *, quiet: bool) -> None:
+    """`index --watch`: follow the folder until Ctrl-C, with the bars following the dataset
+    (their totals grow as files arrive). Ctrl-C here is the normal way to stop: exit code 0,
+    the rows still owed a phase are finished by the next run."""
+    where = f" (page {_m(server.url)})" if server is not None else ""
+    console.print(f"watching {_m(', '.join(watcher.roots))}{where}; Ctrl-C to stop")
+    pipeline = ds._pipeline
+
+    def loop(tick: Any) -> dict[str, Any]:
+        p: dict[str, Any] = ds.get_loading_progress()
+        try:
+            while True:
+                tick(p)
+                pipeline.wait_change(0.25)
+                p = ds.get_loading_progress()
+        except KeyboardInterrupt:
+            return p
+
+    try:
+        if quiet:
+            loop(lambda p: None)
+        else:
+            _watch(console, ds, None, 0.0, loop)
+    finally:
+        watcher.stop()
+        if server is not None:
+            server.stop()
+    s = watcher.stats()
+    console.print(
+        f"stopped watching: {s['batches']:,} batches, {s['full_syncs']:,} full syncs, "
+        f"{s['changed']:,} rows changed"
+    )
 
 
 def _start_embedding(ds: Any, embed: Any) -> None:
@@ -374,12 +432,13 @@ def _watch(console: Any, ds: Any, job: Any, scan_s: float, loop: Any) -> dict[st
         TimeElapsedColumn(),
         TextColumn("{task.fields[eta]}"),
     )
-    summary = job.summary
-    found = int(summary.get("found", summary.get("images", 0)))
     wants_embed = ds.has_embedding_model()
     with Progress(*cols, console=console, transient=False) as bar:
-        scan = bar.add_task("1 scan", total=max(found, 1), rate=f"{scan_s * 1000:.0f} ms", eta="")
-        bar.update(scan, completed=max(found, 1))
+        if job is not None:  # None: watching, where the bars follow the dataset only
+            summary = job.summary
+            found = max(int(summary.get("found", summary.get("images", 0))), 1)
+            scan = bar.add_task("1 scan", total=found, rate=f"{scan_s * 1000:.0f} ms", eta="")
+            bar.update(scan, completed=found)
         probe = bar.add_task("2 probe", total=None, rate="", eta="")
         embed = bar.add_task("3 embed", total=None, rate="", eta="", visible=wants_embed)
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
     from .embed import EmbeddingModel
     from .ray_engine import RayEngine
+    from .watch import Watcher
 
 DEFAULT_DB = "fastindex.db"
 #: Samples in one page of `Dataset.samples` (and `iter_samples`) when no `limit` is given.
@@ -302,6 +303,50 @@ class Dataset:
         model = _resolve_embed(embed)
         summary = self._store.ingest_coco(self.id, ann, images)
         return self._started(summary, model, engine)
+
+    def watch(
+        self,
+        path: str | bytes | os.PathLike[str] | os.PathLike[bytes],
+        *,
+        embed: EmbeddingModel | bool | None = None,
+        include_hidden: bool = False,
+        follow_links: bool = False,
+        queue_size: int | None = None,
+    ) -> Watcher:
+        """Follow the folder `path` live until `stop()` on the returned `Watcher` (or the end
+        of its `with` block): a file copied, moved or written in is `pending` within a
+        fraction of a second and goes through phases 2 and 3; a file changed in place goes
+        back to `pending`; a deleted one becomes `missing` (the sync rules of
+        `add_images_from_path`, applied in batches of events, one short transaction each).
+
+        A folder new to the dataset is added first (phase 1; this call blocks for it, as
+        `add_images_from_path` does); then the watcher syncs the whole folder once in the
+        background, catching up with what changed while nobody watched, and again whenever
+        events may have been lost.
+
+        Args:
+            path: the folder to follow.
+            embed: as for `add_images_from_path`.
+            include_hidden: also take names starting with `.`.
+            follow_links: enter symlinked folders (as `add_images_from_path` does).
+            queue_size: events held between two batches before they are dropped and a full
+                sync catches up (default 65,536, or `FASTINDEX_WATCH_QUEUE`).
+
+        Raises:
+            PathNotFoundError: `path` does not exist.
+            InvalidArgumentError: `path` is not a folder, or the system's limit of watched
+                folders is reached (`fs.inotify.max_user_watches`).
+        """
+        from .watch import watch_folder
+
+        return watch_folder(
+            self,
+            _check_path_arg("path", path),
+            embed=embed,
+            include_hidden=bool(include_hidden),
+            follow_links=bool(follow_links),
+            queue_size=queue_size,
+        )
 
     def _started(
         self,

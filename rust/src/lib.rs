@@ -15,11 +15,13 @@ pub mod sync;
 pub mod throughput;
 pub mod vectors;
 pub mod walk;
+pub mod watch;
 
 mod leases;
 mod open;
 mod py;
 mod py_remote;
+mod py_watch;
 mod schema;
 
 use pyo3::prelude::*;
@@ -33,6 +35,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("IMAGE_EXTENSIONS", walk::IMAGE_EXTENSIONS.to_vec())?;
     m.add_class::<py::Store>()?;
     m.add_class::<py::StopFlag>()?;
+    m.add_class::<py_watch::Watcher>()?;
     m.add_function(wrap_pyfunction!(py::image_size, m)?)?;
     m.add_function(wrap_pyfunction!(py::probe_image, m)?)?;
     m.add_function(wrap_pyfunction!(py::probe_bytes, m)?)?;

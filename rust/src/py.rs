@@ -55,7 +55,7 @@ type Res<T> = PyResult<T>;
 /// A row of a worker batch as Python gets it: `(id, path, orientation, attempts)`.
 type BatchRow = (i64, std::ffi::OsString, i64, i64);
 
-fn r<T>(v: crate::error::Result<T>) -> Res<T> {
+pub(crate) fn r<T>(v: crate::error::Result<T>) -> Res<T> {
     v.map_err(to_py)
 }
 

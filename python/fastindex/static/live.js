@@ -1,10 +1,12 @@
 // Live progress of one dataset: a WebSocket while it works, polling every second when the
-// WebSocket fails, and a slow look every few seconds once complete (to notice new work).
+// WebSocket fails, and a look every second once complete (to notice new work: a watched
+// folder's new files can be pending and indexed between two looks).
 
 import { progress as fetchProgress } from "./api.js";
 
 const POLL_MS = 1000; // polling fallback
-const IDLE_MS = 3000; // after `complete`: is there new work?
+const IDLE_MS = 1000; // after `complete`: is there new work?
+const COUNTS = ["total", "pending", "indexed", "embedding", "ready", "failed", "missing"];
 const SILENCE_MS = 4500; // the server speaks at least every second while work runs
 
 export class ProgressFeed {
@@ -19,6 +21,7 @@ export class ProgressFeed {
     this.ws = null;
     this.timer = null;
     this.silence = null;
+    this.last = null; // the last progress shown
   }
 
   start() {
@@ -37,7 +40,9 @@ export class ProgressFeed {
   }
 
   #emit(p) {
-    if (!this.stopped) this.onProgress(p);
+    if (this.stopped) return;
+    this.last = p;
+    this.onProgress(p);
   }
 
   #mode(m) {
@@ -124,6 +129,8 @@ export class ProgressFeed {
           this.#live();
           return;
         }
+        // Still complete, but rows came, went or changed (a watched folder): show them.
+        if (COUNTS.some((k) => p[k] !== this.last?.[k])) this.#emit(p);
       } catch {
         // try again later
       }

@@ -299,6 +299,9 @@ impl Store {
             found,
             added,
             existing: found - added,
+            changed: 0,
+            removed: 0,
+            unchanged: found - added,
             errors: Vec::new(),
         })
     }
