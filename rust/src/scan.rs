@@ -37,7 +37,8 @@ pub const PROBE_BATCH: usize = 8192;
 
 /// The next rows of phase 2's queue. `status = 'pending'` is literal, so that SQLite walks the
 /// partial index of pending rows (`samples_pending`) and never the dataset.
-pub(crate) const PENDING_BATCH: &str = "SELECT id, job_id, root_id, path FROM samples
+pub(crate) const PENDING_BATCH: &str =
+    "SELECT id, job_id, root_id, path, size_bytes, mtime_ns FROM samples
      WHERE dataset_id = ?1 AND status = 'pending' AND id > ?2 ORDER BY id LIMIT ?3";
 
 #[derive(Debug, Clone, Default)]
@@ -372,13 +373,16 @@ impl Store {
                 id: r.get(0).store(&self.path)?,
                 job_id: r.get(1).store(&self.path)?,
                 path: root.join(walk::rel_as_path(rel)),
+                stamp: (r.get(4).store(&self.path)?, r.get(5).store(&self.path)?),
             });
         }
         Ok(out)
     }
 
     /// Write probe results in one transaction. Only rows still `pending` change, so two
-    /// probers racing on the same rows never count a row twice. With `lease_owner`, the
+    /// probers racing on the same rows never count a row twice, and only while the row's
+    /// size and mtime are those the batch was read with: a sync that found the file changed
+    /// meanwhile (a rewrite under `watch`) wins, and the row is probed again. With `lease_owner`, the
     /// results are written only while no other owner holds the dataset's `probe` lease
     /// (checked, and renewed or taken if free, in the same transaction), else `LeaseLost` and
     /// nothing is written.
@@ -414,11 +418,14 @@ impl Store {
                     "UPDATE samples SET status = 'indexed', width = ?2, height = ?3, format = ?4,
                          orientation = ?5, error = NULL,
                          size_mismatch = (coco_width IS NOT NULL AND (coco_width != ?2 OR coco_height != ?3))
-                     WHERE id = ?1 AND status = 'pending'",
+                     WHERE id = ?1 AND status = 'pending' AND size_bytes IS ?6 AND mtime_ns IS ?7",
                 )
                 .store(&path)?;
             let mut bad = tx
-                .prepare_cached("UPDATE samples SET status = 'failed', error = ?2 WHERE id = ?1 AND status = 'pending'")
+                .prepare_cached(
+                    "UPDATE samples SET status = 'failed', error = ?2
+                     WHERE id = ?1 AND status = 'pending' AND size_bytes IS ?3 AND mtime_ns IS ?4",
+                )
                 .store(&path)?;
             for p in results {
                 let (changed, counter) = match &p.result {
@@ -428,13 +435,16 @@ impl Store {
                             i.width,
                             i.height,
                             i.format.name(),
-                            i.orientation
+                            i.orientation,
+                            p.stamp.0,
+                            p.stamp.1
                         ])
                         .store(&path)?,
                         &mut indexed,
                     ),
                     Err(reason) => (
-                        bad.execute(params![p.id, reason]).store(&path)?,
+                        bad.execute(params![p.id, reason, p.stamp.0, p.stamp.1])
+                            .store(&path)?,
                         &mut failed,
                     ),
                 };
@@ -562,13 +572,19 @@ pub struct Pending {
     pub id: i64,
     pub job_id: i64,
     pub path: PathBuf,
+    pub stamp: Stamp,
 }
+
+/// A row's `(size_bytes, mtime_ns)` when its batch was read; a probe result is written only
+/// while the row still has it.
+pub type Stamp = (Option<i64>, Option<i64>);
 
 /// A probed row: its header, or the one-line reason it is not a readable image.
 #[derive(Debug, Clone)]
 pub struct Probed {
     pub id: i64,
     pub job_id: i64,
+    pub stamp: Stamp,
     pub result: std::result::Result<ImageInfo, String>,
 }
 
@@ -588,6 +604,7 @@ pub fn probe_files(batch: &[Pending], stops: &[&AtomicBool]) -> Option<Vec<Probe
                 Some(Probed {
                     id: p.id,
                     job_id: p.job_id,
+                    stamp: p.stamp,
                     result: header::probe_path(&p.path).map_err(|r| r.to_string()),
                 })
             })

@@ -867,7 +867,7 @@ mod tests {
 
     /// `(path, status)` of every row, sorted, and a check that the counters agree.
     fn state(s: &Store, d: i64) -> Vec<(Vec<u8>, String)> {
-        let rows = s.samples(d, &Default::default(), 0, i64::MAX, 0).unwrap();
+        let rows = s.samples(d, &Default::default(), i64::MAX, 0).unwrap();
         let p = s.progress(d, None).unwrap();
         for st in crate::db::STATUSES {
             let n = rows.iter().filter(|r| r.status == st).count() as i64;

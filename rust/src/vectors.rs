@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use rusqlite::params;
+use rusqlite::{params, OptionalExtension};
 
 use crate::db::{bump_moves, tally, Store, EMBEDDING, FAILED, INDEXED, READY};
 use crate::error::{Error, Result, StoreContext};
@@ -200,9 +200,15 @@ impl Store {
             let mut done = tx
                 .prepare_cached("UPDATE samples SET status = 'ready' WHERE id = ?1 AND status = 'embedding' RETURNING job_id")
                 .store(&path)?;
+            // A row that left `embedding` meanwhile (a sync found its file changed and put it
+            // back to `pending`) gets no vector: it would be the old file's.
             for (id, v) in ids.iter().zip(vectors.chunks_exact(row_bytes)) {
-                put.execute(params![model_id, id, v]).store(&path)?;
-                tally(&mut done.query([id]).store(&path)?, &mut ready).store(&path)?;
+                let job: Option<i64> =
+                    done.query_row([id], |r| r.get(0)).optional().store(&path)?;
+                if let Some(job) = job {
+                    *ready.entry(job).or_default() += 1;
+                    put.execute(params![model_id, id, v]).store(&path)?;
+                }
             }
             let mut fail = tx
                 .prepare_cached(

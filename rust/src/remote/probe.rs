@@ -165,6 +165,7 @@ pub fn probe_batch(batch: &[Pending], stops: &[&AtomicBool]) -> Result<Option<Ba
                 out.push(Probed {
                     id: p.id,
                     job_id: p.job_id,
+                    stamp: p.stamp,
                     result: Err(e.to_string()),
                 });
                 continue;
@@ -180,15 +181,20 @@ pub fn probe_batch(batch: &[Pending], stops: &[&AtomicBool]) -> Result<Option<Ba
                 c
             }
         };
-        work.push((p.id, p.job_id, uri, store));
+        work.push((p.id, p.job_id, p.stamp, uri, store));
     }
     let n = client::in_flight(IN_FLIGHT);
     let probed = async {
         let mut done = Vec::with_capacity(work.len());
         let mut results = stream::iter(work)
-            .map(|(id, job_id, uri, store)| async move {
+            .map(|(id, job_id, stamp, uri, store)| async move {
                 match probe_object(&store, &uri).await {
-                    Outcome::Done(result) => Ok(Probed { id, job_id, result }),
+                    Outcome::Done(result) => Ok(Probed {
+                        id,
+                        job_id,
+                        stamp,
+                        result,
+                    }),
                     Outcome::Stop(f, bucket) => Err(f.into_error(&bucket)),
                 }
             })
