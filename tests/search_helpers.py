@@ -14,27 +14,9 @@ from fastindex import testing
 from fastindex.search import VectorIndex
 
 
-def clustered(
-    n: int, dim: int, *, seed: int = 0, start: int = 0, clusters: int = 200
-) -> np.ndarray:
-    """Unit vectors around cluster centres that share a mean direction and live in a
-    low-rank subspace, with isotropic noise: random pairs score ~0.3, neighbours ~0.85."""
-    g = np.random.default_rng(seed)
-    rank = min(dim, 96)
-    basis = g.standard_normal((rank, dim)).astype(np.float32) / np.sqrt(rank)
-    mean = g.standard_normal(dim).astype(np.float32)
-    mean /= np.linalg.norm(mean)
-    centres = g.standard_normal((clusters, rank)).astype(np.float32) @ basis
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    centres += 0.8 * mean
-    spread = g.uniform(0.5, 1.2, clusters).astype(np.float32)
-    r = np.random.default_rng([seed, start])
-    label = r.integers(0, clusters, n)
-    x = r.standard_normal((n, dim), dtype=np.float32)
-    x *= (spread[label] * 0.68 / np.sqrt(dim))[:, None]
-    x += centres[label]
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x
+def clustered(n: int, dim: int, *, start: int = 0) -> np.ndarray:
+    """`testing.clustered` (200 clusters)."""
+    return np.asarray(testing.clustered(n, dim, start=start))
 
 
 def new_dataset(db: Path, name: str = "vec", dim: int = 64) -> tuple[fastindex.Dataset, int]:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from fastindex import testing
 
 Row = tuple[str, str, str, str]
 NAME = "vectors"
@@ -33,29 +34,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--search-queries", type=int, default=100, help="queries for recall")
 
 
-def clustered(
-    n: int, dim: int, *, seed: int = 0, start: int = 0, clusters: int = 2000
-) -> np.ndarray:
-    """Unit vectors clustered like CLIP's: centres in a low-rank subspace sharing a mean
-    direction, isotropic noise (random pairs score ~0.3, nearest neighbours ~0.85). Chunks
-    with different `start` come from the same clusters (tests/search_helpers.py has the same
-    generator, with fewer clusters for its smaller sets)."""
-    g = np.random.default_rng(seed)
-    rank = min(dim, 96)
-    basis = g.standard_normal((rank, dim)).astype(np.float32) / np.sqrt(rank)
-    mean = g.standard_normal(dim).astype(np.float32)
-    mean /= np.linalg.norm(mean)
-    centres = g.standard_normal((clusters, rank)).astype(np.float32) @ basis
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    centres += 0.8 * mean
-    spread = g.uniform(0.5, 1.2, clusters).astype(np.float32)
-    r = np.random.default_rng([seed, start])
-    label = r.integers(0, clusters, n)
-    x = r.standard_normal((n, dim), dtype=np.float32)
-    x *= (spread[label] * 0.68 / np.sqrt(dim))[:, None]
-    x += centres[label]
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x
+def clustered(n: int, dim: int, *, start: int = 0) -> np.ndarray:
+    """`testing.clustered` with the 2,000 clusters of a 10M set."""
+    return np.asarray(testing.clustered(n, dim, start=start, clusters=2000))
 
 
 def _fill(db: Path, n: int, dim: int) -> float:

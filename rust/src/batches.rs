@@ -114,21 +114,7 @@ impl Store {
         failed: &[(i64, String)],
         owner: &str,
     ) -> Result<u64> {
-        let dim: i64 = self
-            .conn
-            .query_row("SELECT dim FROM models WHERE id = ?1", [model_id], |r| {
-                r.get(0)
-            })
-            .store(&self.path)?;
-        let row_bytes = dim as usize * 2;
-        if vectors.len() != ids.len() * row_bytes {
-            return Err(Error::InvalidArgument(format!(
-                "{} vectors of dimension {dim} need {} bytes, got {}",
-                ids.len(),
-                ids.len() * row_bytes,
-                vectors.len()
-            )));
-        }
+        let row_bytes = self.vector_bytes(model_id, ids.len(), vectors.len())?;
         let path = self.path.clone();
         let tx = self.immediate()?;
         hold_lease(&tx, &path, dataset_id, EMBED_PHASE, owner)?;

@@ -168,21 +168,7 @@ impl Store {
         failed: &[(i64, String)],
         owner: Option<&str>,
     ) -> Result<()> {
-        let dim: i64 = self
-            .conn
-            .query_row("SELECT dim FROM models WHERE id = ?1", [model_id], |r| {
-                r.get(0)
-            })
-            .store(&self.path)?;
-        let row_bytes = dim as usize * 2;
-        if vectors.len() != ids.len() * row_bytes {
-            return Err(Error::InvalidArgument(format!(
-                "{} vectors of dimension {dim} need {} bytes, got {}",
-                ids.len(),
-                ids.len() * row_bytes,
-                vectors.len()
-            )));
-        }
+        let row_bytes = self.vector_bytes(model_id, ids.len(), vectors.len())?;
         let path = self.path.clone();
         let tx = self.immediate()?;
         if let Some(owner) = owner {
@@ -224,6 +210,25 @@ impl Store {
         let moved = ready.values().chain(bad.values()).sum();
         throughput::record(&tx, dataset_id, throughput::EMBED, moved).store(&path)?;
         tx.commit().store(&path)
+    }
+
+    /// The bytes of one float16 vector of `model_id`, checked against `n` vectors given in
+    /// `len` bytes.
+    pub(crate) fn vector_bytes(&self, model_id: i64, n: usize, len: usize) -> Result<usize> {
+        let dim: i64 = self
+            .conn
+            .query_row("SELECT dim FROM models WHERE id = ?1", [model_id], |r| {
+                r.get(0)
+            })
+            .store(&self.path)?;
+        let row_bytes = dim as usize * 2;
+        if len != n * row_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "{n} vectors of dimension {dim} need {} bytes, got {len}",
+                n * row_bytes
+            )));
+        }
+        Ok(row_bytes)
     }
 
     /// Put `embedding` rows back to `indexed` (after a crash or a cancel): all of the
