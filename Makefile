@@ -114,6 +114,12 @@ bench: ## every CPU benchmark (each prints a table; data is generated under benc
 	$(PYTHON) benches/bench_embed_cpu.py
 	$(PYTHON) benches/bench_server.py
 	$(PYTHON) benches/bench_default_path.py
+	$(PYTHON) benches/bench_ray.py
+	$(PYTHON) benches/bench_s3.py
+
+.PHONY: bench-scale
+bench-scale: ## 10M images on one machine: phase 1, re-index, watch, paging, search (hours, ~20 GB RAM)
+	$(PYTHON) benches/bench_scale.py
 
 .PHONY: bench-gpu
 bench-gpu: ## phase 3 on a CUDA machine: model ceiling, naive loop, fastindex end to end
