@@ -287,9 +287,14 @@ fn apply_files(
             }
         }
     }
-    let rows = new
-        .iter()
-        .map(|&i| (files[i].0.as_slice(), files[i].1, files[i].2, files[i].3.as_deref()));
+    let rows = new.iter().map(|&i| {
+        (
+            files[i].0.as_slice(),
+            files[i].1,
+            files[i].2,
+            files[i].3.as_deref(),
+        )
+    });
     t.counts.added += insert_pending(tx, dataset_id, job_id, root_id, rows)?;
     Ok(())
 }
@@ -810,10 +815,7 @@ fn known_in_order(
         }
         let mut rows = rows.into_iter().peekable();
         for &i in &mine {
-            while rows
-                .next_if(|(p, _)| p.as_slice() < rels[i])
-                .is_some()
-            {}
+            while rows.next_if(|(p, _)| p.as_slice() < rels[i]).is_some() {}
             if let Some((_, k)) = rows.next_if(|(p, _)| p.as_slice() == rels[i]) {
                 out[i] = Some(k);
             }
@@ -893,7 +895,7 @@ mod tests {
 
     /// `(path, status)` of every row, sorted, and a check that the counters agree.
     fn state(s: &Store, d: i64) -> Vec<(Vec<u8>, String)> {
-        let rows = s.samples(d, &Default::default(), 0, i64::MAX, 0).unwrap();
+        let rows = s.samples(d, &Default::default(), i64::MAX, 0).unwrap();
         let p = s.progress(d, None).unwrap();
         for st in crate::db::STATUSES {
             let n = rows.iter().filter(|r| r.status == st).count() as i64;
@@ -1008,6 +1010,33 @@ mod tests {
 
     fn status_of(st: &[(Vec<u8>, String)], p: &[u8]) -> String {
         st.iter().find(|(q, _)| q == p).unwrap().1.clone()
+    }
+
+    #[test]
+    fn an_object_is_compared_by_etag_and_size_a_file_by_mtime_and_size() {
+        let k = Known {
+            id: 1,
+            job_id: 1,
+            status: "indexed".into(),
+            size: Some(10),
+            mtime: Some(5),
+            format: None,
+            etag: Some("\"a\"".into()),
+        };
+        // a new last-modified with the same bytes is no change; new bytes of the same size are
+        assert!(unchanged(&k, 10, 99, Some("\"a\"")));
+        assert!(!unchanged(&k, 10, 5, Some("\"b\"")));
+        assert!(!unchanged(&k, 11, 5, Some("\"a\"")));
+        let file = Known {
+            etag: None,
+            ..k.clone()
+        };
+        assert!(unchanged(&file, 10, 5, None) && !unchanged(&file, 10, 6, None));
+        let gone = Known {
+            status: MISSING.into(),
+            ..k
+        };
+        assert!(!unchanged(&gone, 10, 5, Some("\"a\"")));
     }
 
     #[test]
