@@ -4,6 +4,7 @@ a missing bucket, no server, and a server stopped and started again mid-phase.""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import threading
@@ -23,7 +24,7 @@ from s3_support import (
     moto_server,  # noqa: F401  (fixture)
     random_image,
 )
-from testkit import sql, status_counts, table_counts
+from testkit import AUDIT_SAMPLES, progress_counts, sql, status_counts, table_counts
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -414,3 +415,121 @@ def test_read_object_and_objects_return_the_exact_bytes(
     assert got[len(uris)] == f"not found (404): s3://{bucket}/r/nope.png"
     assert got[-2:] == list(objects.values())[:2]
     assert _core.read_objects([]) == []
+
+
+# -- adding a prefix again: a sync by ETag and size ----------------------------------------------
+def audited(db: Path) -> set[tuple[str, int]]:
+    (rows,) = sql(db, ("SELECT op, id FROM audit", []))
+    return {(op, i) for op, i in rows}
+
+
+def test_adding_a_prefix_again_syncs_by_etag_and_size(
+    moto_server: MotoServer,  # noqa: F811
+    bucket: str,  # noqa: F811
+    db: Path,
+) -> None:
+    images = generated_images(10, prefix="p/", subfolders=2, seed=11, max_side=32)
+    # 8x3 and 4x6 BMPs have the same byte size: only the ETag tells them apart
+    before, after = random_image((8, 3), "BMP", 1), random_image((4, 6), "BMP", 2)
+    assert len(before) == len(after) and before != after
+    images["p/d0/same-size.bmp"] = before
+    moto_server.put(bucket, images)
+    uri = f"s3://{bucket}/p/"
+    ds = fastindex.Dataset.create("b", db=db)
+    add(ds, uri)
+    assert status_counts(db, ds.id)["indexed"] == len(images)
+    ids = {p: s.id for p, s in by_path(ds).items()}
+    sql(db, *AUDIT_SAMPLES, write=True)
+
+    moto_server.put(bucket, {"p/d1/new.png": random_image((5, 7), "PNG", 3)})
+    moto_server.put(bucket, {"p/d0/same-size.bmp": after})
+    gone = next(k for k in images if k.startswith("p/d1/"))
+    moto_server.delete(bucket, gone)
+    store = _core.Store(str(db))
+    s = store.scan(ds.id, uri)  # phase 1 only: the changed row waits for phase 2
+    n = len(images)
+    assert (s["found"], s["added"], s["changed"], s["removed"]) == (n, 1, 1, 1)
+    assert (s["unchanged"], s["existing"]) == (n - 2, n - 1)
+    got = by_path(ds)
+    changed = got["d0/same-size.bmp"]
+    assert (changed.status, changed.width, changed.height, changed.format) == (
+        "pending",
+        None,
+        None,
+        None,
+    )
+    assert got[gone.removeprefix("p/")].status == "missing"
+    assert got["d1/new.png"].status == "pending"
+    # only the three rows the sync had to write were written
+    new_id = got["d1/new.png"].id
+    assert audited(db) == {
+        ("u", ids["d0/same-size.bmp"]),
+        ("u", ids[gone.removeprefix("p/")]),
+        ("i", new_id),
+    }
+    assert progress_counts(ds.get_loading_progress()) == status_counts(db, ds.id)
+    ((etag,),) = sql(db, ("SELECT etag FROM samples WHERE id = ?", [changed.id]))[0]
+    assert etag == moto_server.client().head_object(Bucket=bucket, Key="p/d0/same-size.bmp")["ETag"]
+
+    store.probe_pending(ds.id)
+    changed = ds.sample(changed.id)
+    assert changed.status == "indexed"
+    assert (changed.width, changed.height, changed.size_bytes) == (4, 6, len(after))
+    assert ds.sample(new_id).status == "indexed"
+
+    # unchanged now: nothing written; the deleted key put back: pending again
+    sql(db, ("DELETE FROM audit", []), write=True)
+    s = store.scan(ds.id, uri)
+    assert (s["added"], s["changed"], s["removed"], s["unchanged"]) == (0, 0, 0, n)
+    assert audited(db) == set()
+    moto_server.put(bucket, {gone: images[gone]})
+    s = store.scan(ds.id, uri)
+    assert (s["added"], s["changed"], s["removed"], s["unchanged"]) == (0, 1, 0, n)
+    assert ds.sample(ids[gone.removeprefix("p/")]).status == "pending"
+    assert progress_counts(ds.get_loading_progress()) == status_counts(db, ds.id)
+
+
+@pytest.mark.parametrize("how", ["refused", "stopped"])
+def test_a_listing_that_fails_or_stops_marks_nothing_missing(
+    moto_server: MotoServer,  # noqa: F811
+    bucket: str,  # noqa: F811
+    db: Path,
+    how: str,
+) -> None:
+    keys = {f"m/d/k{i:05d}.jpg": b"x" for i in range(6000)}  # six pages
+    moto_server.put_direct(bucket, keys)
+    uri = f"s3://{bucket}/m/"
+    ds = fastindex.Dataset.create("b", db=db)
+    store = _core.Store(str(db))
+    store.scan(ds.id, uri)
+    for k in ["m/d/k00000.jpg", "m/d/k05999.jpg"]:
+        moto_server.delete(bucket, k)
+    lists = moto_server.requests.get("GET", 0)
+    stop = _core.StopFlag()
+    outcome: list[Any] = []
+
+    def scan() -> None:
+        try:
+            outcome.append(store.scan(ds.id, uri, stop=stop))
+        except fastindex.FastIndexError as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=scan)
+    with contextlib.ExitStack() as during:
+        t.start()
+        # the first check, the first level, a page of `m/d/`: then the rest fails
+        _wait_for(lambda: moto_server.requests.get("GET", 0) >= lists + 3)
+        if how == "refused":
+            during.enter_context(moto_server.auth_enforced())
+        else:
+            stop.set()
+        t.join(60)
+    assert not t.is_alive()
+    expected = fastindex.ObjectStoreError if how == "refused" else fastindex.CancelledError
+    assert isinstance(outcome[0], expected), outcome
+    assert status_counts(db, ds.id)["missing"] == 0
+    assert ds.get_loading_progress()["missing"] == 0
+    # a complete listing marks them
+    s = store.scan(ds.id, uri)
+    assert (s["removed"], s["unchanged"]) == (2, len(keys) - 2)
+    assert status_counts(db, ds.id)["missing"] == 2

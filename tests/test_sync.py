@@ -130,21 +130,7 @@ def test_sync_matches_a_clean_index(tmp_path: Path, new_dataset: Any, db: Path) 
     assert ds.facets()["format"] == dict(formats)
 
 
-AUDIT = [
-    ("CREATE TABLE audit (op TEXT)", []),
-    (
-        "CREATE TRIGGER audit_i AFTER INSERT ON samples BEGIN INSERT INTO audit VALUES ('i'); END",
-        [],
-    ),
-    (
-        "CREATE TRIGGER audit_u AFTER UPDATE ON samples BEGIN INSERT INTO audit VALUES ('u'); END",
-        [],
-    ),
-    (
-        "CREATE TRIGGER audit_d AFTER DELETE ON samples BEGIN INSERT INTO audit VALUES ('d'); END",
-        [],
-    ),
-]
+AUDIT = testkit.AUDIT_SAMPLES
 
 
 def test_an_unchanged_folder_writes_no_row(tmp_path: Path, new_dataset: Any) -> None:

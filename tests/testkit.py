@@ -336,6 +336,28 @@ def sql(db: os.PathLike[str] | str, *queries: Any, write: bool = False) -> list[
     return list(json.loads(done.stdout))
 
 
+# Every write to a sample row from the moment these run on leaves a row `(op, id)` in `audit`
+# (`op`: 'i', 'u' or 'd'): proof that a sync wrote nothing, or only the rows it had to.
+AUDIT_SAMPLES = [
+    ("CREATE TABLE audit (op TEXT, id INTEGER)", []),
+    (
+        "CREATE TRIGGER audit_i AFTER INSERT ON samples"
+        " BEGIN INSERT INTO audit VALUES ('i', NEW.id); END",
+        [],
+    ),
+    (
+        "CREATE TRIGGER audit_u AFTER UPDATE ON samples"
+        " BEGIN INSERT INTO audit VALUES ('u', NEW.id); END",
+        [],
+    ),
+    (
+        "CREATE TRIGGER audit_d AFTER DELETE ON samples"
+        " BEGIN INSERT INTO audit VALUES ('d', OLD.id); END",
+        [],
+    ),
+]
+
+
 def table_counts(db: os.PathLike[str] | str) -> dict[str, int]:
     """Rows per table (all of them: nothing written must show up anywhere), but `leases`,
     which background workers of earlier calls take and give back on their own time."""

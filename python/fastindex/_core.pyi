@@ -123,7 +123,9 @@ class Store:
         key relative to the prefix, with size, last-modified (`mtime_ns`) and ETag; the root
         is stored as the normalised URI with a trailing `/`. A bucket that cannot be listed
         (missing, credentials refused, unreachable) raises `ObjectStoreError` before
-        anything is written.
+        anything is written. A prefix listed before is synced by the rules above with
+        objects compared by ETag and size instead of mtime; keys gone become `missing` only
+        after a complete listing (one that fails or is stopped marks nothing).
 
         The work runs on a worker thread; this thread waits with the GIL released, renews the
         job's "still adding" mark, and checks for signals: Ctrl-C stops the walk and raises

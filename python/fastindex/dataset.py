@@ -221,7 +221,9 @@ class Dataset:
         rules, and phase 2 reads the first bytes of each object with ranged requests, many
         in flight. Credentials and endpoint come from the standard places (`AWS_*`
         variables, `AWS_ENDPOINT_URL` for MinIO/Ceph/R2, `AWS_PROFILE` from `~/.aws`,
-        instance metadata). Adding a bucket again adds only new keys.
+        instance metadata). Adding a prefix again syncs it as a folder is synced, with
+        objects compared by ETag and size: new keys added, rewritten ones back to `pending`,
+        deleted ones `missing` (only after a complete listing), unchanged rows not written.
 
         Args:
             path: the folder to walk, or the object-store URI to list.

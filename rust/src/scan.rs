@@ -289,7 +289,7 @@ impl Store {
             } else {
                 joined[i].as_slice()
             };
-            (rel, f.size, f.mtime_ns)
+            (rel, f.size, f.mtime_ns, None)
         });
         let added = insert_pending(&tx, dataset_id, job_id, root_id, rows).store(&path)?;
         tx.commit().store(&path)?;

@@ -25,7 +25,7 @@ use crate::walk::{self, FileEntry, WalkOptions};
 
 /// Rows marked `missing` (or read while looking for them) per transaction.
 const MISSING_BATCH: usize = 16_384;
-/// Sample rows bound into one INSERT statement (6 values each).
+/// Sample rows bound into one INSERT statement (7 values each).
 const ROWS_PER_INSERT: usize = 128;
 
 /// What a sync did, by row.
@@ -50,6 +50,10 @@ impl std::ops::AddAssign for SyncCounts {
     }
 }
 
+/// What the sync compares a row with: `(path in the root, size, mtime ns, ETag)`. An object
+/// in a bucket has an ETag; a file has none.
+pub(crate) type Entry = (Vec<u8>, u64, i64, Option<String>);
+
 /// A sample row as the sync compares it with its file.
 #[derive(Debug, Clone)]
 struct Known {
@@ -59,29 +63,27 @@ struct Known {
     size: Option<i64>,
     mtime: Option<i64>,
     format: Option<String>,
+    etag: Option<String>,
 }
 
 fn lookup(conn: &Connection, root_id: i64, rel: &[u8]) -> rusqlite::Result<Option<Known>> {
     conn.prepare_cached(
-        "SELECT id, job_id, status, size_bytes, mtime_ns, format FROM samples
+        "SELECT id, job_id, status, size_bytes, mtime_ns, format, etag FROM samples
          WHERE root_id = ?1 AND path = ?2",
     )?
-    .query_row(params![root_id, SqlPath(rel)], |r| {
-        Ok(Known {
-            id: r.get(0)?,
-            job_id: r.get(1)?,
-            status: r.get(2)?,
-            size: r.get(3)?,
-            mtime: r.get(4)?,
-            format: r.get(5)?,
-        })
-    })
+    .query_row(params![root_id, SqlPath(rel)], known_row)
     .optional()
 }
 
-/// True when the row says nothing has to be done for this file.
-fn unchanged(k: &Known, size: u64, mtime_ns: i64) -> bool {
-    k.status != MISSING && k.size == Some(size as i64) && k.mtime == Some(mtime_ns)
+/// True when the row says nothing has to be done for this file: the same size, and the same
+/// ETag where both have one (an object's last-modified says when it was uploaded, not
+/// whether its bytes changed), else the same mtime.
+fn unchanged(k: &Known, size: u64, mtime_ns: i64, etag: Option<&str>) -> bool {
+    let same = match (etag, k.etag.as_deref()) {
+        (Some(a), Some(b)) => a == b,
+        _ => k.mtime == Some(mtime_ns),
+    };
+    k.status != MISSING && k.size == Some(size as i64) && same
 }
 
 /// Ids of the rows a sync saw on disk, for the pass that marks the others `missing`: one bit
@@ -155,7 +157,7 @@ impl Tally {
 fn reset(
     tx: &Transaction<'_>,
     k: &Known,
-    file: Option<(u64, i64)>,
+    file: Option<(u64, i64, Option<&str>)>,
     job: Option<i64>,
     t: &mut Tally,
 ) -> rusqlite::Result<bool> {
@@ -163,7 +165,8 @@ fn reset(
     let n = tx
         .prepare_cached(
             "UPDATE samples SET status = 'pending', job_id = ?6, size_bytes = COALESCE(?3, size_bytes),
-                 mtime_ns = COALESCE(?4, mtime_ns), width = NULL, height = NULL, format = NULL,
+                 mtime_ns = COALESCE(?4, mtime_ns),
+                 etag = CASE WHEN ?3 IS NULL THEN etag ELSE ?7 END, width = NULL, height = NULL, format = NULL,
                  orientation = NULL, error = NULL, size_mismatch = 0
              WHERE id = ?1 AND status = ?2 AND format IS ?5",
         )?
@@ -173,7 +176,8 @@ fn reset(
             file.map(|f| f.0 as i64),
             file.map(|f| f.1),
             k.format,
-            job
+            job,
+            file.and_then(|f| f.2)
         ])?;
     if n == 0 {
         return Ok(false);
@@ -204,14 +208,14 @@ fn mark_missing(tx: &Transaction<'_>, k: &Known, t: &mut Tally) -> rusqlite::Res
     Ok(())
 }
 
-/// Insert `pending` rows (`(path, size, mtime)`, paths relative to the root); a path already
+/// Insert `pending` rows (`(path, size, mtime, ETag)`, paths relative to the root); a path already
 /// there is left alone. Returns how many were added.
 pub(crate) fn insert_pending<'a>(
     tx: &Transaction<'_>,
     dataset_id: i64,
     job_id: i64,
     root_id: i64,
-    files: impl ExactSizeIterator<Item = (&'a [u8], u64, i64)>,
+    files: impl ExactSizeIterator<Item = (&'a [u8], u64, i64, Option<&'a str>)>,
 ) -> rusqlite::Result<u64> {
     let columns = [
         "dataset_id",
@@ -220,11 +224,13 @@ pub(crate) fn insert_pending<'a>(
         "path",
         "size_bytes",
         "mtime_ns",
+        "etag",
     ];
     let mut added = 0;
     let mut files = files.peekable();
     while files.peek().is_some() {
-        let rows: Vec<(&[u8], u64, i64)> = files.by_ref().take(ROWS_PER_INSERT).collect();
+        let rows: Vec<(&[u8], u64, i64, Option<&str>)> =
+            files.by_ref().take(ROWS_PER_INSERT).collect();
         let sql = multi_row_insert(
             "samples",
             &columns,
@@ -233,8 +239,8 @@ pub(crate) fn insert_pending<'a>(
         );
         let mut st = tx.prepare_cached(&sql)?;
         // Bound by reference: no copy of the paths.
-        let mut values: Vec<ToSqlOutput<'_>> = Vec::with_capacity(rows.len() * 6);
-        for (rel, size, mtime) in &rows {
+        let mut values: Vec<ToSqlOutput<'_>> = Vec::with_capacity(rows.len() * 7);
+        for (rel, size, mtime, etag) in &rows {
             values.extend([
                 ToSqlOutput::from(dataset_id),
                 ToSqlOutput::from(job_id),
@@ -242,6 +248,10 @@ pub(crate) fn insert_pending<'a>(
                 ToSqlOutput::Borrowed(SqlPath(rel).value()),
                 ToSqlOutput::from(*size as i64),
                 ToSqlOutput::from(*mtime),
+                match etag {
+                    Some(t) => ToSqlOutput::from(*t),
+                    None => ToSqlOutput::Owned(rusqlite::types::Value::Null),
+                },
             ]);
         }
         // ON CONFLICT DO NOTHING: `changes` counts only the rows really added.
@@ -251,34 +261,40 @@ pub(crate) fn insert_pending<'a>(
     Ok(added)
 }
 
-/// Apply the sync rules to files seen on disk (`(path relative to the root, size, mtime)`)
+/// Apply the sync rules to files seen on disk or objects listed (paths relative to the root)
 /// inside `tx`, reading each row afresh. Marks every row it saw in `seen`.
 fn apply_files(
     tx: &Transaction<'_>,
     dataset_id: i64,
     job_id: i64,
     root_id: i64,
-    files: &[(Vec<u8>, u64, i64)],
+    files: &[Entry],
     seen: &mut dyn FnMut(i64),
     t: &mut Tally,
 ) -> rusqlite::Result<()> {
     let mut new: Vec<usize> = Vec::new();
-    for (i, (rel, size, mtime)) in files.iter().enumerate() {
+    for (i, (rel, size, mtime, etag)) in files.iter().enumerate() {
         match lookup(tx, root_id, rel)? {
             None => new.push(i),
             Some(k) => {
                 seen(k.id);
-                if unchanged(&k, *size, *mtime) {
+                let file = (*size, *mtime, etag.as_deref());
+                if unchanged(&k, file.0, file.1, file.2) {
                     t.counts.unchanged += 1;
-                } else if reset(tx, &k, Some((*size, *mtime)), Some(job_id), t)? {
+                } else if reset(tx, &k, Some(file), Some(job_id), t)? {
                     t.counts.changed += 1;
                 }
             }
         }
     }
-    let rows = new
-        .iter()
-        .map(|&i| (files[i].0.as_slice(), files[i].1, files[i].2));
+    let rows = new.iter().map(|&i| {
+        (
+            files[i].0.as_slice(),
+            files[i].1,
+            files[i].2,
+            files[i].3.as_deref(),
+        )
+    });
     t.counts.added += insert_pending(tx, dataset_id, job_id, root_id, rows)?;
     Ok(())
 }
@@ -338,9 +354,7 @@ fn rows_under(
 
 impl Store {
     /// The sync of one sorted chunk of a walk (paths relative to the walked folder, which is
-    /// `prefix` inside the root). Reads first with no transaction open; only rows to add or
-    /// change are written, in one short transaction, each read again there. Every row it saw
-    /// is marked in `seen`.
+    /// `prefix` inside the root): see [`Store::sync_entries`].
     pub(crate) fn sync_chunk(
         &mut self,
         dataset_id: i64,
@@ -350,21 +364,37 @@ impl Store {
         files: &[FileEntry],
         seen: &mut Seen,
     ) -> Result<SyncCounts> {
+        let entries: Vec<Entry> = files
+            .iter()
+            .map(|f| (join_rel(prefix, &f.rel_path), f.size, f.mtime_ns, None))
+            .collect();
+        self.sync_entries(dataset_id, job_id, root_id, entries, seen)
+    }
+
+    /// The sync of entries sorted by path (in the root): files of a walk, or objects of a
+    /// listing. Reads first with no transaction open; only rows to add or change are
+    /// written, in one short transaction, each read again there. Every row it saw is marked
+    /// in `seen`.
+    pub(crate) fn sync_entries(
+        &mut self,
+        dataset_id: i64,
+        job_id: i64,
+        root_id: i64,
+        entries: Vec<Entry>,
+        seen: &mut Seen,
+    ) -> Result<SyncCounts> {
         let path = self.path.clone();
         let mut counts = SyncCounts::default();
-        let mut todo: Vec<(Vec<u8>, u64, i64)> = Vec::new();
-        let rels: Vec<Vec<u8>> = files
-            .iter()
-            .map(|f| join_rel(prefix, &f.rel_path))
-            .collect();
+        let rels: Vec<&[u8]> = entries.iter().map(|e| e.0.as_slice()).collect();
         let known = known_in_order(&self.conn, root_id, &rels).store(&path)?;
-        for ((f, rel), k) in files.iter().zip(rels).zip(known) {
+        let mut todo: Vec<Entry> = Vec::new();
+        for (e, k) in entries.into_iter().zip(known) {
             match k {
-                Some(k) if unchanged(&k, f.size, f.mtime_ns) => {
+                Some(k) if unchanged(&k, e.1, e.2, e.3.as_deref()) => {
                     seen.set(k.id);
                     counts.unchanged += 1;
                 }
-                _ => todo.push((rel, f.size, f.mtime_ns)),
+                _ => todo.push(e),
             }
         }
         if todo.is_empty() {
@@ -581,9 +611,9 @@ impl Store {
         // The store: one short transaction.
         let path = self.path.clone();
         let in_root = |rel: &[u8]| join_rel(&prefix, rel);
-        let files: Vec<(Vec<u8>, u64, i64)> = files
+        let files: Vec<Entry> = files
             .into_iter()
-            .map(|(rel, s, m)| (in_root(&rel), s, m))
+            .map(|(rel, s, m)| (in_root(&rel), s, m, None))
             .collect();
         let problems: Vec<(Vec<u8>, String)> = problems
             .into_iter()
@@ -705,7 +735,7 @@ impl Store {
             let rows: Vec<Known> = {
                 let mut st = tx
                     .prepare_cached(
-                        "SELECT id, job_id, status, size_bytes, mtime_ns, format FROM samples
+                        "SELECT id, job_id, status, size_bytes, mtime_ns, format, etag FROM samples
                          WHERE dataset_id = ?1 AND status = 'failed' AND id > ?2 ORDER BY id LIMIT ?3",
                     )
                     .store(&path)?;
@@ -739,12 +769,12 @@ impl Store {
 fn known_in_order(
     conn: &Connection,
     root_id: i64,
-    rels: &[Vec<u8>],
+    rels: &[&[u8]],
 ) -> rusqlite::Result<Vec<Option<Known>>> {
     let mut out: Vec<Option<Known>> = vec![None; rels.len()];
     for blob in [false, true] {
         let mine: Vec<usize> = (0..rels.len())
-            .filter(|&i| std::str::from_utf8(&rels[i]).is_err() == blob)
+            .filter(|&i| std::str::from_utf8(rels[i]).is_err() == blob)
             .collect();
         let (Some(&first), Some(&last)) = (mine.first(), mine.last()) else {
             continue;
@@ -760,36 +790,33 @@ fn known_in_order(
         let mut rows: Vec<(Vec<u8>, Known)> = Vec::with_capacity(mine.len());
         {
             let mut st = conn.prepare_cached(
-                "SELECT id, job_id, status, size_bytes, mtime_ns, format, path FROM samples
+                "SELECT id, job_id, status, size_bytes, mtime_ns, format, etag, path FROM samples
                  WHERE root_id = ?1 AND path >= ?2 AND path <= ?3 ORDER BY path LIMIT ?4",
             )?;
             let mut q = st.query(params![
                 root_id,
-                bound(blob, &rels[first]),
-                bound(blob, &rels[last]),
+                bound(blob, rels[first]),
+                bound(blob, rels[last]),
                 limit as i64
             ])?;
             while let Some(r) = q.next()? {
-                let v = r.get_ref(6)?;
+                let v = r.get_ref(7)?;
                 let p = path_bytes(v).map_err(|e| {
-                    rusqlite::Error::FromSqlConversionFailure(6, v.data_type(), e.into())
+                    rusqlite::Error::FromSqlConversionFailure(7, v.data_type(), e.into())
                 })?;
                 rows.push((p.to_vec(), known_row(r)?));
             }
         }
         if rows.len() >= limit {
             for &i in &mine {
-                out[i] = lookup(conn, root_id, &rels[i])?;
+                out[i] = lookup(conn, root_id, rels[i])?;
             }
             continue;
         }
         let mut rows = rows.into_iter().peekable();
         for &i in &mine {
-            while rows
-                .next_if(|(p, _)| p.as_slice() < rels[i].as_slice())
-                .is_some()
-            {}
-            if let Some((_, k)) = rows.next_if(|(p, _)| p == &rels[i]) {
+            while rows.next_if(|(p, _)| p.as_slice() < rels[i]).is_some() {}
+            if let Some((_, k)) = rows.next_if(|(p, _)| p.as_slice() == rels[i]) {
                 out[i] = Some(k);
             }
         }
@@ -805,12 +832,13 @@ fn known_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Known> {
         size: r.get(3)?,
         mtime: r.get(4)?,
         format: r.get(5)?,
+        etag: r.get(6)?,
     })
 }
 
 fn known_by_id(conn: &Connection, id: i64) -> rusqlite::Result<Option<Known>> {
     conn.prepare_cached(
-        "SELECT id, job_id, status, size_bytes, mtime_ns, format FROM samples WHERE id = ?1",
+        "SELECT id, job_id, status, size_bytes, mtime_ns, format, etag FROM samples WHERE id = ?1",
     )?
     .query_row([id], known_row)
     .optional()
@@ -982,6 +1010,33 @@ mod tests {
 
     fn status_of(st: &[(Vec<u8>, String)], p: &[u8]) -> String {
         st.iter().find(|(q, _)| q == p).unwrap().1.clone()
+    }
+
+    #[test]
+    fn an_object_is_compared_by_etag_and_size_a_file_by_mtime_and_size() {
+        let k = Known {
+            id: 1,
+            job_id: 1,
+            status: "indexed".into(),
+            size: Some(10),
+            mtime: Some(5),
+            format: None,
+            etag: Some("\"a\"".into()),
+        };
+        // a new last-modified with the same bytes is no change; new bytes of the same size are
+        assert!(unchanged(&k, 10, 99, Some("\"a\"")));
+        assert!(!unchanged(&k, 10, 5, Some("\"b\"")));
+        assert!(!unchanged(&k, 11, 5, Some("\"a\"")));
+        let file = Known {
+            etag: None,
+            ..k.clone()
+        };
+        assert!(unchanged(&file, 10, 5, None) && !unchanged(&file, 10, 6, None));
+        let gone = Known {
+            status: MISSING.into(),
+            ..k
+        };
+        assert!(!unchanged(&gone, 10, 5, Some("\"a\"")));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Phase 1 for a bucket: list the keys under the prefix (pages of 1000, the common prefixes
 //! of the first level listed in parallel), keep image names as the walk does, and insert
 //! `pending` rows with size, last-modified and ETag in large transactions while the listing
-//! goes on.
+//! goes on. A prefix listed before is synced instead, by the rules of `sync.rs` with objects
+//! compared by ETag and size: new keys are added, changed ones go back to `pending`, and after
+//! a complete listing the keys no longer there become `missing`.
 
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -20,6 +22,7 @@ use crate::db::{bump, multi_row_insert, Store, PENDING};
 use crate::error::{Error, Result, StoreContext};
 use crate::paths::{join_rel, SqlPath};
 use crate::scan::ScanSummary;
+use crate::sync::{Entry, Seen, SyncCounts};
 use crate::walk::is_image_name;
 
 /// Rows per transaction (as for folders).
@@ -188,7 +191,8 @@ pub fn check_listable(
 
 impl Store {
     /// Phase 1 for an object-store root: list it and add a `pending` row for each new image
-    /// key. Returns once every row is committed. Nothing is written when the bucket cannot be
+    /// key; a prefix with rows already is synced (see the module's comment). Returns once
+    /// every row is committed. Nothing is written when the bucket cannot be
     /// listed (no bucket, credentials refused, unreachable): the error names the bucket.
     pub fn scan_objects(
         &mut self,
@@ -243,8 +247,11 @@ impl Store {
             keep(rel, include_hidden) && !nested.iter().any(|n| rel.starts_with(n.as_str()))
         };
         let store = client::client(uri, Patience::Patient)?;
+        // A prefix with no rows yet is only inserted into; one listed before is synced.
+        let fresh = !self.has_rows_under(root_id, &row_prefix)?;
+        let mut seen = Seen::upto(if fresh { 0 } else { self.max_sample_id()? });
         let mut found = 0u64;
-        let mut added = 0u64;
+        let mut counts = SyncCounts::default();
         let work = async {
             let top = first_level(&store, prefix.as_ref())
                 .await
@@ -280,7 +287,21 @@ impl Store {
                 let due = buf.len() >= INSERT_CHUNK || flushed.elapsed() >= FLUSH_EVERY;
                 if !buf.is_empty() && (ended || due) {
                     found += buf.len() as u64;
-                    added += self.insert_objects(dataset_id, job_id, root_id, &row_prefix, &buf)?;
+                    if fresh {
+                        let added =
+                            self.insert_objects(dataset_id, job_id, root_id, &row_prefix, &buf)?;
+                        counts.added += added;
+                        counts.unchanged += buf.len() as u64 - added;
+                    } else {
+                        counts += self.sync_objects(
+                            dataset_id,
+                            job_id,
+                            root_id,
+                            &row_prefix,
+                            &mut buf,
+                            &mut seen,
+                        )?;
+                    }
                     buf.clear();
                     flushed = Instant::now();
                 }
@@ -293,17 +314,50 @@ impl Store {
             None => return Err(Error::Cancelled),
             Some(r) => r?,
         }
-        self.finish_job(job_id, added, found - added, &[])?;
+        if !fresh {
+            // Only after a complete listing: one that failed or was stopped returned above.
+            counts.removed +=
+                self.mark_unseen_missing(dataset_id, root_id, &row_prefix, &seen, &[], stop)?;
+        }
+        let existing = counts.changed + counts.unchanged;
+        self.finish_job(job_id, counts.added, existing, &[])?;
         Ok(ScanSummary {
             job_id,
             found,
-            added,
-            existing: found - added,
-            changed: 0,
-            removed: 0,
-            unchanged: found - added,
+            added: counts.added,
+            existing,
+            changed: counts.changed,
+            removed: counts.removed,
+            unchanged: counts.unchanged,
             errors: Vec::new(),
         })
+    }
+
+    /// The sync of listed objects (keys relative to the listed prefix, which is `prefix` in
+    /// the root) in sorted chunks of `INSERT_CHUNK`, each in one short transaction.
+    fn sync_objects(
+        &mut self,
+        dataset_id: i64,
+        job_id: i64,
+        root_id: i64,
+        prefix: &[u8],
+        rows: &mut [ObjectEntry],
+        seen: &mut Seen,
+    ) -> Result<SyncCounts> {
+        rows.sort_unstable_by(|a, b| a.rel.cmp(&b.rel));
+        let mut counts = SyncCounts::default();
+        for chunk in rows.chunks(INSERT_CHUNK) {
+            let entries: Vec<Entry> = chunk
+                .iter()
+                .map(|e| {
+                    let size = i64::try_from(e.size).unwrap_or(i64::MAX) as u64;
+                    let rel = join_rel(prefix, e.rel.as_bytes());
+                    (rel, size, e.mtime_ns, e.etag.clone())
+                })
+                .collect();
+            counts += self.sync_entries(dataset_id, job_id, root_id, entries, seen)?;
+        }
+        Ok(counts)
     }
 
     /// Insert listed objects in one transaction per `INSERT_CHUNK` rows; a key already in the
