@@ -13,7 +13,7 @@ from fastindex.errors import InvalidArgumentError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_support import make_coco, make_images
-from testkit import finish, sql
+from testkit import UNDO_LATER_COLUMNS, finish, sql
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +206,7 @@ def test_a_version_2_store_is_migrated_with_counters_filled(tmp_path: Path, db: 
         ("DROP INDEX annotations_by_category", []),
         ("DROP TABLE format_counts", []),
         ("DROP TABLE category_counts", []),
+        *[(statement, []) for statement in UNDO_LATER_COLUMNS],
         ("UPDATE meta SET value = '2' WHERE key = 'schema_version'", []),
         write=True,
     )

@@ -32,7 +32,17 @@ from fastindex.server.media import ThumbnailCache, make_thumbnail
 from PIL import Image
 from server_support import make_coco, make_images, probe_held, wait_until
 
-CONTRACT = {"dataset_id", "total", "pending", "indexed", "embedding", "ready", "failed", "status"}
+CONTRACT = {
+    "dataset_id",
+    "total",
+    "pending",
+    "indexed",
+    "embedding",
+    "ready",
+    "failed",
+    "missing",
+    "status",
+}
 RATES = {"phases", "rate", "eta_s", "rate_phase"}
 
 
@@ -111,6 +121,7 @@ def test_post_answers_at_once_and_indexing_completes(api: Api) -> None:
         "embedding": 0,
         "ready": 0,
         "failed": 3,
+        "missing": 0,
         "status": "complete",
         "error": None,
     }

@@ -61,6 +61,7 @@ def _check_run(messages: list[dict[str, Any]], n: int) -> None:
             "embedding",
             "ready",
             "failed",
+            "missing",
             "status",
             "phases",
             "rate",

@@ -221,9 +221,12 @@ class _Pipeline:
         ids = [int(r[0]) for r in rows]
         meta = {int(s["id"]): s for s in self.store.samples_by_id(ids)}
         # An object's URI from its root and key (the claim's joined path is a file path: a
-        # `pathlib.Path` would fold `s3://` into `s3:/`).
+        # `pathlib.Path` would fold `s3://` into `s3:/`). A Ray worker's batch carries the
+        # joined path as a str already, and its rows have no root.
         paths = [
-            os.path.join(meta[i]["root"], meta[i]["path"]) if i in meta else os.fspath(r[1])
+            os.path.join(m["root"], m["path"])
+            if (m := meta.get(i)) is not None and "root" in m
+            else os.fspath(r[1])
             for i, r in zip(ids, rows, strict=True)
         ]
         orientation = [int(meta.get(i, {}).get("orientation") or 1) for i in ids]
