@@ -66,7 +66,7 @@ def _check_page(venv: Venv, url: str, tmp_path: Path) -> None:
     assert {"/static/app.js", "/static/style.css", "/static/api.js"} <= fetched.keys()
 
     status, _, body = get(url + "/api/datasets")
-    datasets = json.loads(body)
+    datasets = json.loads(body)["items"]
     assert [d["name"] for d in datasets] == ["photos"], datasets
     dataset_id = datasets[0]["id"]
     status, ctype, body = get(f"{url}/api/progress/{dataset_id}")
