@@ -45,6 +45,31 @@ def watched(
     assert not w.running
 
 
+@contextlib.contextmanager
+def store_write_held(db: str) -> Iterator[None]:
+    """Hold the store's write lock as another process's long transaction would. (Another
+    process: two SQLite libraries in one process, Python's and ours, would release each
+    other's POSIX locks.)"""
+    code = (
+        "import sqlite3, sys\n"
+        "con = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)\n"
+        "con.execute('BEGIN IMMEDIATE')\n"
+        "print('held', flush=True)\n"
+        "sys.stdin.read()\n"
+        "con.execute('ROLLBACK')\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", code, db], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as holder:
+        assert holder.stdin is not None and holder.stdout is not None
+        try:
+            assert holder.stdout.readline() == "held\n"
+            yield
+        finally:
+            holder.stdin.close()
+            assert holder.wait(30) == 0
+
+
 def complete(ds: fastindex.Dataset) -> None:
     """Wait until every row is through phase 2. (`ds.wait` returns False at once when no
     phase runs here and the dataset is not complete: during a watcher's full sync.)"""
@@ -173,9 +198,17 @@ def test_a_tiny_queue_overflows_and_a_full_sync_catches_up(
     ds = new_dataset()
     with ds.watch(photos, embed=False, queue_size=1) as w:
         wait_until(lambda: w.stats()["full_syncs"] >= 1)
-        for i in range(300):
-            (photos / f"b{i:03d}.png").write_bytes(PNG)
-        (photos / "a0.png").unlink()
+        # Another writer holds the store: the batch thread waits in its first batch's
+        # transaction while files keep coming, so the queue of one path must overflow
+        # (however fast the batch thread would otherwise take each event).
+        with store_write_held(ds.db):
+            before = w.stats()["batches"]
+            (photos / "b000.png").write_bytes(PNG)
+            wait_until(lambda: w.stats()["batches"] > before)
+            for i in range(1, 300):
+                (photos / f"b{i:03d}.png").write_bytes(PNG)
+            (photos / "a0.png").unlink()
+            wait_until(lambda: w.stats()["dropped"] > 0)
         wait_until(lambda: ds.get_loading_progress()["total"] == 303)
         wait_until(lambda: status_of(ds, "a0.png") == "missing")
         complete(ds)

@@ -355,11 +355,11 @@ class _Run:
         self.roots = [os.fsdecode(r) for r in self.store.roots(self.dataset_id)]
         e.first_result_s = None
         # Workers kept from an earlier run check this dataset's folders before their first
-        # lease, as new ones do.
+        # lease, as new ones do. A check still pending from that run asked about its folders:
+        # its answer (maybe an error about them) is dropped, never read by this run.
         for w in e._workers:
-            if w.ping is None:
-                w.state = "starting"
-                w.ping = w.actor.info.remote(self.roots)
+            w.state = "starting"
+            w.ping = w.actor.info.remote(self.roots)
         lost = False
         try:
             while True:
