@@ -20,6 +20,22 @@ CHROMIUM = os.environ.get("FASTINDEX_CHROMIUM", "/usr/bin/chromium")
 #: How long a browser test waits for anything on a page (ms).
 TIMEOUT_MS = 20_000
 
+#: The keys of every progress message (`progress()` over HTTP, WebSocket and SSE): the counts
+#: per status, the dataset's state, the store's rates and the last error.
+PROGRESS_COUNTS = {
+    "dataset_id",
+    "total",
+    "pending",
+    "indexed",
+    "embedding",
+    "ready",
+    "failed",
+    "missing",
+    "status",
+}
+PROGRESS_RATES = {"phases", "rate", "eta_s", "rate_phase"}
+PROGRESS_KEYS = PROGRESS_COUNTS | PROGRESS_RATES | {"error"}
+
 COLORS = [(239, 68, 68), (59, 130, 246), (16, 185, 129), (168, 85, 247), (245, 158, 11)]
 
 

@@ -9,6 +9,7 @@ import io
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +243,29 @@ def _wait_for(cond: Any, timeout: float = 30.0) -> None:
         time.sleep(0.005)
 
 
+def restarted_during(moto_server: MotoServer, call: Callable[[], Any], *, gets: int) -> Any:  # noqa: F811
+    """Run `call` in a thread; once the server has answered `gets` more GETs, stop it for a
+    second and start it again. Returns what `call` returned, or the error it raised."""
+    before = moto_server.requests.get("GET", 0)
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except fastindex.FastIndexError as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    _wait_for(lambda: moto_server.requests.get("GET", 0) >= before + gets)
+    moto_server.stop()
+    time.sleep(1.0)
+    moto_server.start()
+    t.join(60)
+    assert not t.is_alive()
+    return outcome[0]
+
+
 # With the client's retries the outage is absorbed; without them (0) the phase ends with an
 # ObjectStoreError, its rows stay pending, and the next run finishes them.
 @pytest.mark.parametrize("retries", ["10", "0"])
@@ -259,30 +283,14 @@ def test_server_restarted_mid_phase_2_loses_nothing(
     store = _core.Store(str(db))
     store.scan(ds.id, f"s3://{bucket}/r/")
     monkeypatch.setenv("FASTINDEX_OBJECT_REQUESTS", "4")  # slow enough to stop it part way
-    gets = moto_server.requests.get("GET", 0)
-    outcome: list[Any] = []
-
-    def probe() -> None:
-        try:
-            outcome.append(store.probe_pending(ds.id))
-        except fastindex.FastIndexError as e:
-            outcome.append(e)
-
-    t = threading.Thread(target=probe)
-    t.start()
-    _wait_for(lambda: moto_server.requests.get("GET", 0) >= gets + 40)
-    moto_server.stop()
-    time.sleep(1.0)
-    moto_server.start()
-    t.join(60)
-    assert not t.is_alive()
+    outcome = restarted_during(moto_server, lambda: store.probe_pending(ds.id), gets=40)
     if retries == "0":  # the phase stopped on the error, naming the bucket; run it again
-        assert isinstance(outcome[0], fastindex.ObjectStoreError), outcome
-        assert str(outcome[0]).startswith(f"s3://{bucket}: cannot reach the object store")
+        assert isinstance(outcome, fastindex.ObjectStoreError), outcome
+        assert str(outcome).startswith(f"s3://{bucket}: cannot reach the object store")
         assert 0 < status_counts(db, ds.id)["pending"] < len(images)
         store.probe_pending(ds.id)
     else:
-        assert outcome == [len(images)]
+        assert outcome == len(images)
     got = by_path(ds)
     assert len(got) == len(images)
     for key, data in images.items():
@@ -309,26 +317,12 @@ def test_server_restarted_mid_listing_loses_and_doubles_nothing(
     moto_server.put_direct(bucket, keys)
     ds = fastindex.Dataset.create("b", db=db)
     store = _core.Store(str(db))
-    lists = moto_server.requests.get("GET", 0)
-    outcome: list[Any] = []
-
-    def scan() -> None:
-        try:
-            outcome.append(store.scan(ds.id, f"s3://{bucket}/many/"))
-        except fastindex.FastIndexError as e:
-            outcome.append(e)
-
-    t = threading.Thread(target=scan)
-    t.start()
-    # the first check, the first level, a page of `many/d/` or more
-    _wait_for(lambda: moto_server.requests.get("GET", 0) >= lists + 3)
-    moto_server.stop()
-    time.sleep(1.0)
-    moto_server.start()
-    t.join(60)
-    assert not t.is_alive()
-    assert isinstance(outcome[0], dict), outcome
-    assert (outcome[0]["found"], outcome[0]["added"]) == (len(keys), len(keys))
+    # after the first check, the first level, a page of `many/d/` or more
+    outcome = restarted_during(
+        moto_server, lambda: store.scan(ds.id, f"s3://{bucket}/many/"), gets=3
+    )
+    assert isinstance(outcome, dict), outcome
+    assert (outcome["found"], outcome["added"]) == (len(keys), len(keys))
     ((n, distinct),) = sql(db, ("SELECT COUNT(*), COUNT(DISTINCT path) FROM samples", []))[0]
     assert n == distinct == len(keys)
     assert ds.get_loading_progress()["total"] == len(keys)

@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from fastindex.server import ServerHandle, create_app, start_server
 from fastindex.server.streams import ProgressHub
-from server_support import make_images, probe_held, wait_until
+from server_support import PROGRESS_KEYS, make_images, probe_held, wait_until
 from starlette.testclient import WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 from websockets.exceptions import ConnectionClosed
@@ -53,22 +53,7 @@ def _check_run(messages: list[dict[str, Any]], n: int) -> None:
     pending = [m["pending"] for m in messages]
     assert pending == sorted(pending, reverse=True)
     for m in messages:
-        assert set(m) == {
-            "dataset_id",
-            "total",
-            "pending",
-            "indexed",
-            "embedding",
-            "ready",
-            "failed",
-            "missing",
-            "status",
-            "phases",
-            "rate",
-            "eta_s",
-            "rate_phase",
-            "error",
-        }
+        assert set(m) == PROGRESS_KEYS
         # the store's rates ride along: phase 2's rows done, and a rate only while it runs
         probe = m["phases"]["probe"]
         assert (probe["done"], probe["total"]) == (m["total"] - m["pending"], m["total"])
