@@ -416,6 +416,23 @@ class Dataset:
 
         return index_for(self, model).snapshot()
 
+    def iter_embeddings(
+        self, model: EmbeddingModel | None = None, *, chunk: int = 65_536
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """`(ids, vectors)` chunks of at most `chunk` rows: the stored embeddings by `model`
+        (default: the dataset's), L2-normalised float32, in the order they were stored, read
+        from the store a chunk at a time (memory O(chunk) at any size, unlike `embeddings`).
+        Safe while embedding runs: no sample comes twice, and embeddings stored meanwhile
+        come in later chunks.
+
+        Raises:
+            NoEmbeddingsError: no model, or no embedding by it in this store.
+            InvalidArgumentError: `chunk` is not a positive integer.
+        """
+        from .vectors import iter_embeddings
+
+        return iter_embeddings(self, model, chunk=chunk)
+
     def search(
         self, text: str, *, k: int = 20, model: EmbeddingModel | None = None
     ) -> list[tuple[Sample, float]]:
@@ -564,12 +581,17 @@ class Dataset:
 
         return export_dataset(self, dest, format=format, **options)
 
-    def export_embeddings(self, dest: Any, *, format: str = "parquet") -> dict[str, Any]:
-        """Write the stored embeddings: "parquet" (columns `sample_id`, `embedding`) or
-        "npy" (`dest` gets the float32 matrix, `dest` with `.ids.npy` the sample ids)."""
-        from .export import export_embeddings
+    def export_embeddings(
+        self, dest: Any, *, format: str = "parquet", model: EmbeddingModel | None = None
+    ) -> dict[str, Any]:
+        """Write the stored embeddings (L2-normalised float32, by `model`, default the
+        dataset's): "parquet" (columns `sample_id`, `embedding`) or "npy" (`dest` gets the
+        float32 matrix, `dest` with `.ids.npy` the sample ids). Streamed a chunk at a time
+        (memory bounded at any size) into temporary files renamed at the end: a failed
+        export leaves nothing half-written."""
+        from .vectors import export_embeddings
 
-        return export_embeddings(self, dest, format=format)
+        return export_embeddings(self, dest, format=format, model=model)
 
     def sample(self, sample_id: int) -> Sample:
         """One sample by id. Raises `DatasetNotFoundError` (a `LookupError`) if absent."""

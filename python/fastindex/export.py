@@ -1,4 +1,5 @@
-"""Export a dataset: COCO JSON, CSV or Parquet of its samples, and its embeddings.
+"""Export a dataset: COCO JSON, CSV or Parquet of its samples (its embeddings:
+`fastindex.vectors`).
 
 Every writer is a generator of byte chunks that reads the store one page of samples at a time
 (keyset paging by id), so memory stays bounded at any dataset size, and the same code feeds a
@@ -25,7 +26,6 @@ from . import _core
 from .errors import InvalidArgumentError
 
 FORMATS = ("coco", "csv", "parquet")
-EMBEDDING_FORMATS = ("parquet", "npy")
 #: Samples read per store call.
 PAGE = 2000
 #: The columns of CSV and Parquet exports, in order.
@@ -52,7 +52,6 @@ __all__ = [
     "FORMATS",
     "content_type",
     "export_dataset",
-    "export_embeddings",
     "iter_export",
     "iter_samples",
 ]
@@ -303,37 +302,3 @@ def _drain(chunks: Iterator[bytes], f: IO[bytes]) -> int:
             f.write(c)
             n += len(c)
     return n
-
-
-def export_embeddings(
-    ds: Any, dest: str | os.PathLike[str], *, format: str = "parquet"
-) -> dict[str, Any]:
-    """`Dataset.export_embeddings`. "npy" writes `dest` (float32, one row per sample) and
-    the sample ids (int64) beside it as `<dest without .npy>.ids.npy`."""
-    import numpy as np
-
-    if format not in EMBEDDING_FORMATS:
-        raise InvalidArgumentError(f"unknown embeddings format {format!r}: expected parquet or npy")
-    ids, vectors = ds.embeddings()
-    path = os.fspath(dest)
-    if format == "npy":
-        base = path[:-4] if path.endswith(".npy") else path
-        np.save(path if path.endswith(".npy") else path + ".npy", np.asarray(vectors, np.float32))
-        np.save(base + ".ids.npy", np.asarray(ids, np.int64))
-        return {"format": "npy", "rows": len(ids), "ids": base + ".ids.npy"}
-    reason = parquet_missing()
-    if reason is not None:
-        raise InvalidArgumentError(reason)
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    dim = int(vectors.shape[1]) if len(vectors.shape) == 2 else 0
-    flat = pa.array(np.ascontiguousarray(vectors, np.float32).reshape(-1))
-    table = pa.table(
-        {
-            "sample_id": pa.array(np.asarray(ids, np.int64)),
-            "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
-        }
-    )
-    pq.write_table(table, path)
-    return {"format": "parquet", "rows": len(ids)}

@@ -40,6 +40,7 @@ import numpy as np
 from .ann import CHUNK, AnnIndex
 from .ann import ann_min as _ann_min
 from .errors import InvalidArgumentError, NoEmbeddingsError
+from .vectors import normalise, stored_model, to_f32
 
 if TYPE_CHECKING:
     from . import _core
@@ -51,18 +52,6 @@ if TYPE_CHECKING:
 BACKEND = os.environ.get("FASTINDEX_SEARCH", "auto")
 
 log = logging.getLogger("fastindex.search")
-
-
-def _to_f32(x16: np.ndarray) -> np.ndarray:
-    """float16 -> float32; torch's conversion is 10x numpy's where F16C has no AVX2."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch comes with the [embed] extra
-        return x16.astype(np.float32)
-    if not x16.flags.writeable or not x16.flags.c_contiguous:
-        x16 = x16.copy()  # torch warns about read-only memory (the store's bytes)
-    out: np.ndarray = torch.from_numpy(x16).float().numpy()
-    return out
 
 
 def _top(s: np.ndarray, k: int) -> np.ndarray:
@@ -127,7 +116,7 @@ class _Rows:
         """The `k` best `(scores, positions)`, unordered."""
         best_s, best_p = [np.empty(0, np.float32)], [np.empty(0, np.int64)]
         for start in range(0, self.n, CHUNK):
-            s = _to_f32(self.span(start, min(self.n, start + CHUNK))) @ q
+            s = to_f32(self.span(start, min(self.n, start + CHUNK))) @ q
             top = _top(s, k)
             best_s.append(s[top])
             best_p.append(top + start)
@@ -290,7 +279,7 @@ class VectorIndex:
             rows.commit(m)
             self._cursor = int(cursor)
             if self._ann is not None:
-                self._ann.add(_to_f32(tail[:m]))
+                self._ann.add(to_f32(tail[:m]))
             got += m
         return got
 
@@ -307,12 +296,12 @@ class VectorIndex:
         then, under it, add what came meanwhile and switch."""
         try:
             ann = AnnIndex(self.dim, n)
-            ann.build(n, self._rows.take, self._rows.span, _to_f32)
+            ann.build(n, self._rows.take, self._rows.span, to_f32)
             if self._before_switch is not None:
                 self._before_switch()
             with self._lock:
                 for start in range(ann.n, self._rows.n, CHUNK):
-                    ann.add(_to_f32(self._rows.span(start, min(self._rows.n, start + CHUNK))))
+                    ann.add(to_f32(self._rows.span(start, min(self._rows.n, start + CHUNK))))
                 self._ann = ann
                 self._ann_state = "ready"
             log.info("approximate index ready: %d vectors, %d lists", ann.n, ann.nlist)
@@ -331,11 +320,9 @@ class VectorIndex:
             ids = self._ids[:n].copy()
             v = np.empty((n, self.dim), np.float32)
             for start in range(0, n, CHUNK):
-                v[start : start + CHUNK] = _to_f32(self._rows.span(start, min(n, start + CHUNK)))
+                v[start : start + CHUNK] = to_f32(self._rows.span(start, min(n, start + CHUNK)))
         # Stored as float16: normalise again so that every norm is 1 to float32 precision.
-        norms = np.linalg.norm(v, axis=1, keepdims=True)
-        np.divide(v, norms, out=v, where=norms > 0)
-        return ids, v
+        return ids, normalise(v)
 
     def search_vector(self, query: np.ndarray, k: int = 20) -> list[tuple[int, float]]:
         """`[(sample id, score)]`, best first: the `k` stored vectors with the highest dot
@@ -354,7 +341,7 @@ class VectorIndex:
                 )
             if self._ann is not None:
                 pos = self._ann.candidates(q, min(n, max(4 * k, 64)))
-                scores = _to_f32(self._rows.take(pos)) @ q
+                scores = to_f32(self._rows.take(pos)) @ q
             else:
                 scores, pos = self._rows.scores(q, min(k, n))
             ids = self._ids[pos]
@@ -391,7 +378,7 @@ class VectorIndex:
 
     def _vector_of(self, pos: int) -> np.ndarray:
         with self._lock:
-            row: np.ndarray = _to_f32(self._rows.take(np.array([pos], np.int64)))[0]
+            row: np.ndarray = to_f32(self._rows.take(np.array([pos], np.int64)))[0]
         return row
 
     def _samples(self, hits: list[tuple[int, float]]) -> list[tuple[Sample, float]]:
@@ -425,28 +412,13 @@ def index_for(dataset: Dataset, model: EmbeddingModel | None = None) -> VectorIn
         NoEmbeddingsError: no model given and the dataset has none, or no embedding by that
             model was ever stored in this store.
     """
-    if model is None:
-        model = dataset.embedding_model()
-        if model is None:
-            raise NoEmbeddingsError(
-                f"dataset {dataset.name!r} has no embedding model: add images with embed=... "
-                "or call dataset.embed()"
-            )
+    model, model_id, model_dim = stored_model(dataset, model)
     model = _shared_model(model)
     key = (os.path.realpath(dataset.db), dataset.id, model.key_name, model.key_pretrained)
     with _cache_lock:
         index = _indexes.get(key)
     if index is not None:
         return index
-    model_id = None
-    for mid, name, pretrained, dim in dataset._store.models():
-        if (name, pretrained) == (model.key_name, model.key_pretrained):
-            model_id, model_dim = int(mid), int(dim)
-    if model_id is None:
-        raise NoEmbeddingsError(
-            f"dataset {dataset.name!r} has no embeddings by {model!r}: embed with it first "
-            "(dataset.embed(model))"
-        )
     with _cache_lock:
         return _indexes.setdefault(key, VectorIndex(dataset, model, model_id, model_dim))
 
