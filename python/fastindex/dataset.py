@@ -417,7 +417,7 @@ class Dataset:
         return index_for(self, model).snapshot()
 
     def iter_embeddings(
-        self, model: EmbeddingModel | None = None, *, chunk: int = 65_536
+        self, model: EmbeddingModel | None = None, *, chunk: int = 16_384
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """`(ids, vectors)` chunks of at most `chunk` rows: the stored embeddings by `model`
         (default: the dataset's), L2-normalised float32, in the order they were stored, read
