@@ -159,8 +159,8 @@ def _write_npy(
         fv.write(bytes(NPY_HEADER))
         fi.write(bytes(NPY_HEADER))
         for got, v in chunks:
-            fv.write(memoryview(np.ascontiguousarray(v, "<f4")))  # no bytes copy
-            fi.write(memoryview(np.ascontiguousarray(got, "<i8")))
+            fv.write(np.ascontiguousarray(v, "<f4").data)  # the array's memory, no bytes copy
+            fi.write(np.ascontiguousarray(got, "<i8").data)
             n += len(got)
         fv.seek(0)
         fv.write(npy_header("<f4", (n, dim)))
