@@ -1,9 +1,11 @@
-"""Phases 1+2 over a bucket: fastindex beside what users run today, against one moto server.
+"""Phases 1+2 over a bucket: fastindex beside what users run today, against one S3 server.
 
     python benches/bench_s3.py [--objects 100000] [--baseline-objects N] [--delay-ms 20]
+                               [--server moto|s3s-fs]
 
 One run, one server (benches/s3_harness.py: moto on 127.0.0.1 in its own process, the
-generated images put straight into its backend). Rows:
+generated images put straight into its backend; or with `--server s3s-fs` the same objects as
+files served by s3s-fs, a Rust S3 server whose CPU per request is far below moto's). Rows:
 
 * loopback: `add_images_from_path("s3://bench/photos/", embed=False)` until every row is
   probed, beside the baseline: s3fs lists the prefix, then 32 threads each open an object and
@@ -49,7 +51,10 @@ class Child:
         line = self.p.stdout.readline()
         if not line.startswith("READY"):
             raise SystemExit(f"s3_harness {args[0]} did not start: {line!r}")
-        self.port = int(line.split()[1])
+        words = line.split()
+        self.port = int(words[1])
+        #: The process that answers requests (a server the harness started, or itself).
+        self.server_pid = int(words[2]) if len(words) > 2 else self.p.pid
 
     def ask(self, command: str) -> str:
         assert self.p.stdin is not None and self.p.stdout is not None
@@ -129,7 +134,11 @@ def child_baseline(args: argparse.Namespace) -> dict[str, Any]:
         client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"], "region_name": "us-east-1"},
     )
     t0 = time.perf_counter()
-    keys = [k for k in fs.find(f"{BUCKET}/{PREFIX}") if k.lower().endswith(EXTENSIONS)]
+    if args.walk:  # folder by folder, one LIST each (see --server)
+        found = [f"{d}/{f}" for d, _, files in fs.walk(f"{BUCKET}/{PREFIX}") for f in files]
+    else:
+        found = fs.find(f"{BUCKET}/{PREFIX}")
+    keys = [k for k in found if k.lower().endswith(EXTENSIONS)]
     listed = time.perf_counter() - t0
     if args.limit:
         keys = keys[: args.limit]
@@ -163,9 +172,10 @@ def cpu_s(pid: int) -> float:
 
 def run(kind: str, port: int, servers: list[Child], *extra: str) -> dict[str, Any]:
     """One measured process against `port`, with the CPU the `servers` used meanwhile."""
-    before = [cpu_s(c.p.pid) for c in servers]
+    before = [cpu_s(c.server_pid) for c in servers]
     out = run_child(kind, port, *extra)
-    out["server_cpu_s"] = sum(cpu_s(c.p.pid) - b for c, b in zip(servers, before, strict=True))
+    after = [cpu_s(c.server_pid) for c in servers]
+    out["server_cpu_s"] = sum(a - b for a, b in zip(after, before, strict=True))
     return out
 
 
@@ -179,13 +189,31 @@ def main() -> None:
     p.add_argument("--baseline-objects", type=int, default=0, help="0: all of them")
     p.add_argument("--delay-ms", type=float, default=20.0)
     p.add_argument("--tmp", default=os.environ.get("FASTINDEX_BENCH_DATA", tempfile.gettempdir()))
+    p.add_argument(
+        "--server",
+        choices=("moto", "s3s-fs"),
+        default="moto",
+        help="moto (the issue's server) or s3s-fs (a Rust S3 server over a folder: the files"
+        " are kept under --tmp for reruns; needs `cargo install s3s-fs --version 0.14.1"
+        " --features binary`)",
+    )
+    p.add_argument("--s3s-fs-bin", default="s3s-fs", help="the s3s-fs binary")
     args = p.parse_args()
     os.makedirs(args.tmp, exist_ok=True)
     load = os.getloadavg()
     t = time.perf_counter()
-    moto = Child("serve", "--objects", str(args.objects), "--bucket", BUCKET, "--prefix", PREFIX)
+    where = ("--objects", str(args.objects), "--bucket", BUCKET, "--prefix", PREFIX)
+    if args.server == "moto":
+        moto = Child("serve", *where)
+    else:
+        root = os.path.join(args.tmp, "s3s-fs-root")
+        moto = Child("serve-fs", *where, "--root", root, "--bin", args.s3s_fs_bin)
     gen_s = time.perf_counter() - t
     limit = ("--limit", str(args.baseline_objects or 0))
+    if args.server == "s3s-fs":
+        # s3fs's `find` takes s3s-fs's answer for a folder's name for an object and lists
+        # nothing under it; `walk` (a LIST per folder, as os.walk) lists every key.
+        limit += ("--walk",)
     try:
         fi = run("fastindex", moto.port, [moto], "--tmp", args.tmp)
         base = run("baseline", moto.port, [moto], *limit)
@@ -235,7 +263,7 @@ def main() -> None:
         f"mean {fi_bytes['mean_in_flight']:.0f} / {base_bytes['mean_in_flight']:.0f}",
     )
     rows = [
-        ("objects (generated into moto)", f"{n:,}", "100,000", f"{gen_s:.0f} s to generate"),
+        (f"objects (generated into {args.server})", f"{n:,}", "100,000", f"{gen_s:.0f} s set-up"),
         fi_row("loopback", fi, ""),
         base_row("loopback", base),
         ("speed-up, loopback", ratio(fi, base), ">= 20x", ""),
@@ -258,8 +286,8 @@ def main() -> None:
         ("requests in flight, fastindex / baseline", flight[0], ">= 70", flight[1]),
         ("client CPU per object, fastindex", ms(fi["cpu_s"], n), "", "loopback run"),
         ("client CPU per object, baseline", ms(base["cpu_s"], nb), "", "loopback run"),
-        ("moto CPU per object, fastindex", ms(fi["server_cpu_s"], n), "", "LIST included"),
-        ("moto CPU per object, baseline", ms(base["server_cpu_s"], nb), "", "LIST included"),
+        (f"{args.server} CPU per object, fastindex", ms(fi["server_cpu_s"], n), "", "LIST in"),
+        (f"{args.server} CPU per object, baseline", ms(base["server_cpu_s"], nb), "", "LIST in"),
     ]
     print(
         f"\nbench_s3: {os.cpu_count()} CPUs, load average before {load[0]:.2f} "
@@ -277,6 +305,7 @@ if __name__ == "__main__":
         cp = argparse.ArgumentParser()
         cp.add_argument("--tmp", default=tempfile.gettempdir())
         cp.add_argument("--limit", type=int, default=0)
+        cp.add_argument("--walk", action="store_true")
         a = cp.parse_args(sys.argv[2:])
         res = child_fastindex(a) if kind == "fastindex" else child_baseline(a)
         print(json.dumps(res))

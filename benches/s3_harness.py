@@ -5,6 +5,12 @@ competes for the measured process's GIL):
         moto's S3 server on a free 127.0.0.1 port, `N` generated images put straight into
         its backend (seconds, not the minutes N PUTs over HTTP take); prints `READY <port>`
         and serves until stdin closes.
+    python benches/s3_harness.py serve-fs --objects N --root DIR [--bin s3s-fs]
+        the same objects as files under DIR/<bucket>/<prefix>, served by s3s-fs (an S3 server
+        in Rust over a folder, from crates.io: `cargo install s3s-fs --version 0.14.1
+        --features binary`) on a free 127.0.0.1 port: a server whose CPU per request is
+        small, to see what the clients do when the server is not the bottleneck; prints
+        `READY <port> <server pid>`.
     python benches/s3_harness.py proxy --upstream PORT [--delay-ms 20]
         a TCP proxy in front of it that holds each request for `delay` before passing it on
         (the time to first byte of a real S3 request, 10-50 ms) and counts the bytes of each
@@ -162,6 +168,44 @@ def serve(args: argparse.Namespace) -> None:
     server.shutdown()
 
 
+def serve_fs(args: argparse.Namespace) -> None:
+    import socket
+    import subprocess
+    from pathlib import Path
+
+    root = Path(args.root)
+    done = root / f".written-{args.bucket}-{args.objects}"
+    if not done.exists():
+        pool = image_pool()
+        for key, k in object_names(args.objects, args.prefix):
+            data, ext = pool[k]
+            path = root / args.bucket / f"{key}.{ext}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        done.touch()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    keys = ["--access-key", "bench", "--secret-key", "bench"]
+    cmd = [args.bin, "--host", "127.0.0.1", "--port", str(port), *keys, str(root)]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"{args.bin} did not start (exit {server.poll()})") from None
+                time.sleep(0.05)
+        print(f"READY {port} {server.pid}", flush=True)
+        sys.stdin.read()  # until the bench closes it
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 class _Proxy:
     def __init__(self, upstream: int, delay: float) -> None:
         self.upstream = upstream
@@ -257,12 +301,20 @@ def main() -> None:
     s.add_argument("--objects", type=int, default=1000)
     s.add_argument("--bucket", default="bench")
     s.add_argument("--prefix", default="photos/")
+    f = sub.add_parser("serve-fs")
+    f.add_argument("--objects", type=int, default=1000)
+    f.add_argument("--bucket", default="bench")
+    f.add_argument("--prefix", default="photos/")
+    f.add_argument("--root", required=True)
+    f.add_argument("--bin", default="s3s-fs")
     x = sub.add_parser("proxy")
     x.add_argument("--upstream", type=int, required=True)
     x.add_argument("--delay-ms", type=float, default=20.0)
     args = p.parse_args()
     if args.cmd == "serve":
         serve(args)
+    elif args.cmd == "serve-fs":
+        serve_fs(args)
     else:
         asyncio.run(_Proxy(args.upstream, args.delay_ms / 1000).main())
 
