@@ -60,7 +60,7 @@ def test_chunks_are_the_stored_rows_in_order_once(tmp_path: Path) -> None:
 def test_bad_arguments_and_missing_models_write_nothing(tmp_path: Path) -> None:
     ds = fastindex.Dataset.create("none", db=tmp_path / "a.db")
     with pytest.raises(NoEmbeddingsError, match="no embedding model"):
-        next(ds.iter_embeddings())
+        ds.iter_embeddings()  # at the call, not at the first chunk
     with pytest.raises(NoEmbeddingsError, match="no embedding model"):
         ds.export_embeddings(tmp_path / "e.npy", format="npy")
     with pytest.raises(NoEmbeddingsError, match="no embeddings by"):
@@ -70,7 +70,7 @@ def test_bad_arguments_and_missing_models_write_nothing(tmp_path: Path) -> None:
     insert_vectors(ds2, model_id, clustered(3, m.dim).astype("<f2"))
     for bad in (0, -1, True, 2.5):
         with pytest.raises(InvalidArgumentError, match="chunk"):
-            next(ds2.iter_embeddings(chunk=bad))  # type: ignore[arg-type]
+            ds2.iter_embeddings(chunk=bad)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError, match="embeddings format"):
         ds2.export_embeddings(tmp_path / "e.h5", format="hdf5")
     assert (

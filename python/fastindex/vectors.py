@@ -79,9 +79,16 @@ def iter_embeddings(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """`Dataset.iter_embeddings`: `(ids, vectors)` chunks in the order the vectors were
     stored, each read after the last one's key (an embedding stored meanwhile comes in a
-    later chunk; none is read twice)."""
+    later chunk; none is read twice). The arguments and the model are checked here, before
+    the first chunk is asked for."""
     check_chunk(chunk)
     _, model_id, dim = stored_model(dataset, model)
+    return _chunks(dataset, model_id, dim, chunk)
+
+
+def _chunks(
+    dataset: Dataset, model_id: int, dim: int, chunk: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     store, ds = dataset._store, dataset.id
     ids = np.empty(chunk, np.int64)
     x16 = np.empty((chunk, dim), np.float16)
