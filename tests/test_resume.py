@@ -140,9 +140,13 @@ def interrupt_mid_probe(tree: Path, db: Path, sig: signal.Signals) -> list[dict[
             check_reading(p, readings[-1] if readings else None)
             readings.append(p)
             done = p["indexed"] + p["failed"]
-            if p["total"] == N_FILES and 0 < done < N_FILES:
+            # Half or more left: a SIGINT is handled between batches, so a signal sent near
+            # the end could land after the last one.
+            if p["total"] == N_FILES and 0 < done < N_FILES // 2:
                 child.send_signal(sig)
                 child.communicate(timeout=60)
+                if status_counts(db, p["dataset_id"])["pending"] == 0:
+                    raise TimeoutError(f"phase 2 finished before {sig.name} took effect")
                 return readings
         raise TimeoutError(f"the child finished before it could be interrupted: {readings[-1:]}")
     finally:
