@@ -40,7 +40,7 @@ import numpy as np
 from .ann import CHUNK, AnnIndex
 from .ann import ann_min as _ann_min
 from .errors import InvalidArgumentError, NoEmbeddingsError
-from .vectors import normalise, stored_model, to_f32
+from .vectors import dataset_model, normalise, stored_model, to_f32
 
 if TYPE_CHECKING:
     from . import _core
@@ -412,13 +412,13 @@ def index_for(dataset: Dataset, model: EmbeddingModel | None = None) -> VectorIn
         NoEmbeddingsError: no model given and the dataset has none, or no embedding by that
             model was ever stored in this store.
     """
-    model, model_id, model_dim = stored_model(dataset, model)
-    model = _shared_model(model)
+    model = _shared_model(dataset_model(dataset, model))
     key = (os.path.realpath(dataset.db), dataset.id, model.key_name, model.key_pretrained)
     with _cache_lock:
         index = _indexes.get(key)
     if index is not None:
-        return index
+        return index  # the store's model table is read once per index, not per query
+    model_id, model_dim = stored_model(dataset, model)
     with _cache_lock:
         return _indexes.setdefault(key, VectorIndex(dataset, model, model_id, model_dim))
 

@@ -42,26 +42,32 @@ def normalise(v: np.ndarray) -> np.ndarray:
     return v
 
 
-def stored_model(
-    dataset: Dataset, model: EmbeddingModel | None = None
-) -> tuple[EmbeddingModel, int, int]:
-    """`(model, model id, dim)` of `dataset`'s embeddings by `model` (default: the dataset's
-    model).
+def dataset_model(dataset: Dataset, model: EmbeddingModel | None = None) -> EmbeddingModel:
+    """`model`, or the dataset's embedding model when it is None.
 
     Raises:
-        NoEmbeddingsError: no model given and the dataset has none, or no embedding by that
-            model was ever stored in this store.
+        NoEmbeddingsError: no model given and the dataset has none.
     """
-    if model is None:
-        model = dataset.embedding_model()
-        if model is None:
-            raise NoEmbeddingsError(
-                f"dataset {dataset.name!r} has no embedding model: add images with embed=... "
-                "or call dataset.embed()"
-            )
+    if model is not None:
+        return model
+    found = dataset.embedding_model()
+    if found is None:
+        raise NoEmbeddingsError(
+            f"dataset {dataset.name!r} has no embedding model: add images with embed=... "
+            "or call dataset.embed()"
+        )
+    return found
+
+
+def stored_model(dataset: Dataset, model: EmbeddingModel) -> tuple[int, int]:
+    """`(model id, dim)` of `model`'s embeddings in `dataset`'s store.
+
+    Raises:
+        NoEmbeddingsError: no embedding by that model was ever stored in this store.
+    """
     for mid, name, pretrained, dim in dataset._store.models():
         if (name, pretrained) == (model.key_name, model.key_pretrained):
-            return model, int(mid), int(dim)
+            return int(mid), int(dim)
     raise NoEmbeddingsError(
         f"dataset {dataset.name!r} has no embeddings by {model!r}: embed with it first "
         "(dataset.embed(model))"
@@ -82,8 +88,7 @@ def iter_embeddings(
     later chunk; none is read twice). The arguments and the model are checked here, before
     the first chunk is asked for."""
     check_chunk(chunk)
-    _, model_id, dim = stored_model(dataset, model)
-    return _chunks(dataset, model_id, dim, chunk)
+    return _chunks(dataset, *stored_model(dataset, dataset_model(dataset, model)), chunk)
 
 
 def _chunks(
@@ -132,8 +137,9 @@ def export_embeddings(
         reason = parquet_missing()
         if reason is not None:
             raise InvalidArgumentError(reason)
-    _, _, dim = stored_model(dataset, model)
-    chunks = iter_embeddings(dataset, model, chunk=chunk)
+    check_chunk(chunk)
+    model_id, dim = stored_model(dataset, dataset_model(dataset, model))
+    chunks = _chunks(dataset, model_id, dim, chunk)
     path = os.fspath(dest)
     if format == "npy":
         base = path[:-4] if path.endswith(".npy") else path
